@@ -1,0 +1,91 @@
+"""
+Sampler benchmark: model.generate against transformers' generate, same random Qwen2-0.5B-shaped weights, one run.
+
+    python benchmarks/bench_sampler.py            # fp32 on CPU, the numbers in the README
+    python benchmarks/bench_sampler.py --small    # a seconds-long smoke run
+
+Reports tokens/s (new tokens over wall time, prefill included) at batch 1 and batch 8 (64-token prompts), and for
+8 samples of one 512-token prompt (ours prefills the prompt once; transformers uses num_return_sequences=8), the
+ratio to transformers, and the fraction of the memory-bandwidth roofline: each decode step must stream every
+weight byte once, so tokens/s can be at most rows * bandwidth / weight bytes (bandwidth measured here, in the same
+run, as a streaming read of a 1 GiB tensor).
+"""
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import ModelConfig, Transformer, generate, init_weights, save  # noqa: E402
+
+
+def best_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_bandwidth(nbytes=2**30, repeats=5):
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    return nbytes / best_time(lambda: x.sum(), repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="a tiny model, for a smoke run")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.small:
+        cfg = ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+    else:  # Qwen2-0.5B's shape
+        cfg = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    ours = init_weights(Transformer(cfg)).eval()
+    from transformers import Qwen2ForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        save(ours, d)
+        theirs = Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights counted once
+    bandwidth = read_bandwidth()
+    n = args.new_tokens
+
+    def hf_generate(prompts, **kw):
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            pad_token_id=0, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        ("batch 1, greedy", [torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist()], 1, {}, {}),
+        ("batch 8, greedy", [torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist() for _ in range(8)], 1, {}, {}),
+        ("8 samples of 512", [torch.randint(0, cfg.vocab_size, (512,), generator=g).tolist()], 8,
+         {"temperature": 1.0, "top_p": 0.9}, {"do_sample": True, "top_p": 0.9, "num_return_sequences": 8}),
+    ]
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"model {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M params fp32; "
+          f"{n} new tokens; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"| case | ours tok/s | transformers tok/s | ratio | ours % of roofline |")
+    print(f"|---|---|---|---|---|")
+    for name, prompts, samples, ours_kw, hf_kw in cases:
+        rows = len(prompts) * samples
+        t_ours = best_time(lambda: generate(ours, prompts, n, num_samples=samples, **ours_kw), args.repeats)
+        t_hf = best_time(lambda: hf_generate(prompts, **hf_kw), args.repeats)
+        roofline = rows * bandwidth / weight_bytes
+        ours_tps, hf_tps = rows * n / t_ours, rows * n / t_hf
+        print(f"| {name} | {ours_tps:.1f} | {hf_tps:.1f} | {ours_tps / hf_tps:.2f}x | {100 * ours_tps / roofline:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,490 @@
+"""
+model.py: the Qwen2 / Qwen2.5 decoder in plain PyTorch, its Hugging Face checkpoint format, and a KV-cached sampler.
+
+Everything else in MedCritical-ref stands on this file: Stage 1 (sft.py) and Stage 2 (dpo.py) train this model,
+selfplay.py and eval_cmexam.py sample from it. Qwen2 (Yang et al. 2024, arXiv 2407.10671) is a pre-norm decoder:
+RMSNorm, grouped-query attention with biases on q/k/v (none on o_proj), rotate-half RoPE, a SwiGLU MLP, and an
+untied LM head on 7B (tied on 0.5B-3B). Parameter names are Hugging Face's, so checkpoints load verbatim.
+
+    from model import load, load_tokenizer, generate
+    model = load("Qwen2.5-7B-Instruct", dtype=torch.bfloat16, device="cuda")
+    tok = load_tokenizer("Qwen2.5-7B-Instruct")
+    out = generate(model, [tok.encode(text).ids], max_new_tokens=512, stop_ids=(151645, 151643))
+
+Run `python model.py --help` for a quick sampling command (a checkpoint folder, or a small random model).
+Multi-GPU training wraps this model with `shard_model` (FSDP2, one unit per decoder block, then the root).
+"""
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: the fields of a Hugging Face Qwen2 config.json that change the computation.
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Read a config.json dict. Qwen releases put rope_theta at the top level; transformers 5 writes
+        rope_parameters = {"rope_type": "default", "rope_theta": ...}. Features we do not implement are errors,
+        not silent differences."""
+        if hf.get("model_type") not in (None, "qwen2"):
+            raise ValueError(f"model_type {hf.get('model_type')!r} is not qwen2")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"RoPE scaling {rope} is not supported (only the default rotary embedding)")
+        if hf.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported (Qwen2.5 checkpoints ship it false)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in known}
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        cfg = cls(**kwargs)
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(f"inconsistent head counts in {cfg}")
+        if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}")
+        return cfg
+
+    def to_hf(self, dtype: torch.dtype) -> dict:
+        """The config.json that transformers' Qwen2ForCausalLM (and so vLLM) reads back unchanged."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            **asdict(self),
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers,
+            "rope_scaling": None,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The architecture. Module names mirror Hugging Face's (model.layers.0.self_attn.q_proj, ...), so a checkpoint's
+# tensor name is "model." + our parameter name (lm_head.weight excepted), with no reshaping or permutation.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even under bf16: the mean of squares loses precision otherwise. The product with the
+        # weight happens in the input dtype, exactly as Qwen2RMSNorm does, so bf16 logits match transformers'.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [B, T, head_dim] for integer positions [B, T]. Computed in fp32 from scratch on every forward (a
+    few thousand flops): no buffers to materialise after meta-device construction, and no precision lost to a
+    bf16 table at long positions."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: the two halves share frequencies
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, H, T, D]; Qwen2 rotates the first half against the second half (not interleaved pairs).
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, start=0, kv_len=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # Write this step's keys/values in place into the preallocated cache [B, H_kv, max_len, D] and attend
+            # over its first kv_len slots; `mask` hides left padding (and, in prefill, the future).
+            k_cache, v_cache = cache
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        # enable_gqa lets SDPA share each KV head across n_heads / n_kv_heads query heads without copying.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, start=0, kv_len=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, kv_len, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False
+
+    def forward(self, tokens, positions=None, cache=None, start=0, kv_len=None, mask=None, last_only=False):
+        """tokens [B, T] -> logits [B, T, V] (or [B, V] with last_only).
+
+        Called plainly it is the full causal forward used in training. The sampler passes per-row `positions`
+        (left-padded prompts start at position 0 after their padding), a KV `cache` (one (k, v) pair per layer)
+        written at slots [start, start + T), the number of slots `kv_len` to attend over, and a boolean `mask`
+        [B, 1, T, kv_len] (True = attend)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.config, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            if self.activation_checkpointing and self.training:
+                # Recompute each block in the backward pass: activations drop from O(layers) to O(1) blocks.
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, layer_cache, start, kv_len, mask)
+        if last_only:
+            x = x[:, -1]  # prefill needs one row of logits, not [B, T, 152k]
+        return self.lm_head(self.norm(x))
+
+
+def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
+    """Random init for models trained from scratch (tests, the miniature). Checkpoints overwrite all of this."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: the Hugging Face folder layout (config.json + model.safetensors, or shards + an index).
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def checkpoint_names(model: Transformer) -> dict:
+    """{hf tensor name: our parameter}, the full list a checkpoint must hold. A tied model's file omits
+    lm_head.weight (it is the embedding), as Hugging Face writes and expects it."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head.weight")
+    return {hf_name(n): p for n, p in params.items()}
+
+
+def load(path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Load a Hugging Face Qwen2 folder. The model is built on the meta device and each tensor is assigned as it
+    is read (converted to `dtype` on `device`), so peak memory is one copy of the weights, not two."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face Qwen2 checkpoint folder)")
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    if (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    elif (path / "model.safetensors").is_file():
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            weight_map = {name: "model.safetensors" for name in f.keys()}
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor {INDEX_FILE}")
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {name: tuple(p.shape) for name, p in checkpoint_names(model).items()}
+    missing = sorted(set(expected) - set(weight_map))
+    unexpected = sorted(set(weight_map) - set(expected) - {"lm_head.weight"})
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    if unexpected:
+        raise KeyError(f"{path}: unexpected tensors {[(n, weight_map[n]) for n in unexpected[:5]]}")
+
+    state = {}
+    for file in sorted(set(weight_map.values())):
+        if not (path / file).is_file():
+            raise FileNotFoundError(f"{path / file}: shard named in {INDEX_FILE} is missing")
+        with safe_open(path / file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name not in expected:
+                    continue  # a tied checkpoint that still stores lm_head.weight: the embedding is used
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise ValueError(f"{path / file}: tensor {name} has shape {shape}, config implies {expected[name]}")
+                state[name.removeprefix("model.")] = f.get_tensor(name).to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the Parameter; re-tie
+    return model.eval()
+
+
+def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30):
+    """Write the Hugging Face layout: config.json and safetensors in the parameters' dtype, split into
+    model-0000i-of-0000n.safetensors plus an index when larger than max_shard_bytes. Under FSDP pass the gathered
+    full `state_dict` (our parameter names) on rank 0."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {}
+    for name in checkpoint_names(model):
+        tensors[name] = state[name.removeprefix("model.")].detach().to("cpu").contiguous()
+    dtype = next(iter(tensors.values())).dtype
+    (path / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": model.config.bos_token_id, "eos_token_id": [151645, 151643]}, indent=2) + "\n")
+
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        old.unlink(missing_ok=True)  # never leave a stale shard beside a new index
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_tokenizer(path):
+    """The tokenizers-library tokenizer from a checkpoint folder (or a tokenizer.json path)."""
+    from tokenizers import Tokenizer
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no tokenizer.json")
+    return Tokenizer.from_file(str(file))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling. Prompts are left-padded to a common length P so that every row writes the same cache slot at each
+# step (one in-place write, no gather); each row's RoPE positions start at 0 after its padding, and the mask hides
+# the padding slots. With num_samples > 1 each prompt is prefilled once and its cache rows are then repeated.
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """One token id per row from logits [N, V]: greedy at temperature 0, else top-k then top-p (nucleus) filtering.
+    Sampling uses the exponential race (argmax p / E, E ~ Exp(1)), which draws from p without a host sync."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it is >= top_p.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def make_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
+             num_samples=1, seed=0, check_every=8):
+    """Sample continuations of token-id prompts (lists of different lengths) in one batch.
+
+    Returns len(prompts) * num_samples lists of new token ids, samples of prompt i at [i*num_samples, ...), each
+    up to and including its first stop id (or max_new_tokens long). Every row stops at its own stop id; the loop
+    ends when all rows have stopped (checked every `check_every` steps, the only host sync in the loop). The same
+    seed and inputs give the same samples."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    cfg, device = model.config, model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    P, B, N = int(lengths.max()), len(prompts), len(prompts) * num_samples
+    max_len = P + max_new_tokens
+    if max_len > cfg.max_position_embeddings:
+        raise ValueError(f"longest prompt {P} + max_new_tokens {max_new_tokens} exceeds the context "
+                         f"{cfg.max_position_embeddings}; truncate or drop the prompt first")
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    pad = P - lengths  # left padding per prompt
+    tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p, device=device)
+    slots = torch.arange(max_len, device=device)
+    valid = slots[None, :] >= pad[:, None]  # [B, max_len]: cache slots holding real tokens
+    positions = (slots[None, :P] - pad[:, None]).clamp(min=0)
+
+    # Prefill. Each query attends causally to real keys; a padding query attends to itself so no row is all -inf.
+    causal = slots[:P, None] >= slots[None, :P]
+    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    cache = make_cache(cfg, B, max_len, dtype, device)
+    logits = model(tokens, positions, cache, 0, P, mask[:, None], last_only=True)
+    if num_samples > 1:
+        cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
+        logits, lengths, valid = (t.repeat_interleave(num_samples, 0) for t in (logits, lengths, valid))
+    decode_mask = None if bool((pad == 0).all()) else valid[:, None, None, :]
+
+    out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
+        out[:, t] = next_token
+        steps = t + 1
+        done |= torch.isin(next_token, stop)
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
+            break
+        kv_len = P + t + 1
+        mask = None if decode_mask is None else decode_mask[..., :kv_len]
+        logits = model(next_token[:, None], (lengths + t)[:, None], cache, P + t, kv_len, mask, last_only=True)
+
+    results = []
+    stop_set = set(stop_ids)
+    for row in out[:, :steps].tolist():
+        end = next((i + 1 for i, tok in enumerate(row) if tok in stop_set), len(row))
+        results.append(row[:end])
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-GPU training: FSDP2's manual wrap, shared by sft.py and dpo.py.
+
+
+def shard_model(model: Transformer, mesh=None, mixed_precision: bool = False):
+    """Shard each decoder block as its own FSDP2 unit, then the root (embedding, final norm, head). Each block's
+    parameters are all-gathered just before it runs and freed after, so a rank holds 1/world of the model plus one
+    block. With mixed_precision (GPU), parameters are gathered and computed in bf16 while the sharded master copy,
+    gradients' reduce-scatter and the optimizer stay in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kwargs = {"mesh": mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A small command line: sample from a checkpoint (or a random model) to check that a download works.
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", help="Hugging Face Qwen2 folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", default="患者，男，45岁，胸痛3小时。最可能的诊断是什么？")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    if args.model is None:
+        print("no --model given: sampling 16 tokens from a small random Qwen2-shaped model")
+        cfg = ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        model = init_weights(Transformer(cfg)).eval()
+        print(generate(model, [[1, 2, 3], [4, 5]], 16, temperature=1.0, num_samples=2))
+        return
+    model = load(args.model, dtype=dtype, device=args.device)
+    tok = load_tokenizer(args.model)
+    ids = tok.encode(f"<|im_start|>user\n{args.prompt}<|im_end|>\n<|im_start|>assistant\n").ids
+    [new] = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     stop_ids=(151645, 151643))
+    print(tok.decode(new))
+
+
+if __name__ == "__main__":
+    main()
