@@ -6,6 +6,7 @@ question as the student sees it; Stage 1's high-level template (the reasoning st
 worked long chain of thought) that guide the teacher; Stage 2's self-critique prompt; answer extraction, which
 decides every accuracy number; and an OpenAI-compatible teacher client (standard library only) with the `distill`
 command that turns CMExam questions into graded SFT data (only trajectories that reach the gold answer are kept).
+Standard library only (tqdm for distill's progress bar); tokenizer arguments are `tokenizers.Tokenizer` objects.
 
     python templates.py distill --data train.csv --out sft.jsonl --base-url http://127.0.0.1:8000 --model QwQ-32B
     python templates.py show --data val.csv --index 0      # print every prompt built for one question
@@ -137,13 +138,8 @@ def _read_records(path):
                 line = reader.line_num + 1
         return records, columns
     if path.suffix.lower() == ".jsonl":
-        records = []
-        for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if text.strip():
-                try:
-                    records.append((f"line {i}", json.loads(text)))
-                except json.JSONDecodeError:
-                    records.append((f"line {i}", None))
+        lines = enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        records = [(f"line {i}", _json_or_none(text)) for i, text in lines if text.strip()]
     else:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):
@@ -151,6 +147,13 @@ def _read_records(path):
         records = [(f"item {i}", record) for i, record in enumerate(data)]
     columns = {k for _, record in records if isinstance(record, dict) for k in record}
     return records, sorted(columns)
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def _take(record, key):
@@ -161,7 +164,7 @@ def _take(record, key):
 
 def _make_row(record, index):
     if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError("invalid JSON" if record is None else "not a JSON object")
     record = dict(record)
     question = str(_take(record, "question") or "").strip()
     options, answer = _take(record, "options"), _take(record, "answer")
@@ -181,7 +184,8 @@ def load_cmexam(path, return_skipped=False):
     if not path.is_file():
         raise FileNotFoundError(f"CMExam file not found: {path}")
     records, columns = _read_records(path)
-    missing = [official for ours, official in REQUIRED_COLUMNS.items() if ours not in columns and official not in columns]
+    missing = [official for ours, official in REQUIRED_COLUMNS.items()
+               if ours not in columns and official not in columns]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; it has {columns}")
     rows, skipped = [], []
@@ -189,8 +193,8 @@ def load_cmexam(path, return_skipped=False):
         try:
             rows.append(_make_row(record, index))
         except ValueError as e:
-            skipped.append((where, "invalid JSON" if record is None else str(e)))
-            log.warning("%s %s: skipped, %s", path, where, skipped[-1][1])
+            skipped.append((where, str(e)))
+            log.warning("%s %s: skipped, %s", path, where, e)
     if skipped:
         log.warning("%s: %d of %d rows skipped", path, len(skipped), len(records))
     return (rows, skipped) if return_skipped else rows
@@ -223,7 +227,8 @@ def extract_answer(text) -> str:
     for m in _ANSWER.finditer(text):
         letters = re.sub(r"\s+and\s+", "、", m["letters"])
         if not letters.isupper():  # lower case only as separate letters, never a word ("is bad", "is a good")
-            if any(len(run) > 1 for run in re.findall(r"[A-Ea-e]+", letters)) or re.match(r"\s+[A-Za-z]", text[m.end():]):
+            words = any(len(run) > 1 for run in re.findall(r"[A-Ea-e]+", letters))
+            if words or re.match(r"\s+[A-Za-z]", text[m.end():]):
                 continue
         answer = "".join(sorted(set(re.sub(r"[^A-E]", "", letters.upper()))))
     return answer
@@ -341,7 +346,7 @@ class TeacherConfig:
     temperature: float = 0.5  # the authors' sampling for QwQ-32B
     top_p: float = 0.9
     max_tokens: int = 8192  # long chains of thought; a truncated one has no answer and is graded wrong
-    timeout: float = 600.0  # seconds without a byte from the server (per socket operation)
+    timeout: float = 600.0  # per socket operation; not streamed, so a whole generation must fit in it
     max_retries: int = 5
     concurrency: int = 8  # requests in flight
     backoff_base: float = 2.0  # retry k waits about backoff_base * 2**k seconds, x0.5-1.5 jitter
@@ -355,12 +360,9 @@ class TeacherError(Exception):
         self.kind, self.retry_after = kind, retry_after
 
 
-def _retryable(kind):
-    return kind in ("http_429", "timeout", "connection", "bad_response") or kind.startswith("http_5")
-
-
 def _request_once(cfg, messages):
-    url = cfg.base_url.rstrip("/") + ("" if cfg.base_url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
+    base = cfg.base_url.rstrip("/")
+    url = base + ("" if base.endswith("/v1") else "/v1") + "/chat/completions"
     body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
             "max_tokens": cfg.max_tokens}
     headers = {"Content-Type": "application/json"}
@@ -405,7 +407,8 @@ def chat_completion(cfg, messages, stats=None) -> str:
             return _request_once(cfg, messages)
         except TeacherError as e:
             stats[e.kind] += 1
-            if not _retryable(e.kind) or attempt == cfg.max_retries:
+            retryable = e.kind in ("http_429", "timeout", "connection", "bad_response") or e.kind.startswith("http_5")
+            if not retryable or attempt == cfg.max_retries:
                 raise
             delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.5)
             time.sleep(min(cfg.backoff_max, max(delay, e.retry_after or 0)))
@@ -467,7 +470,9 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
     failed_path = out.with_name(out.name.removesuffix(".jsonl") + ".failed.jsonl")
     done = _done_ids(out) | _done_ids(failed_path)
     pending = [row for row in rows if row["id"] not in done]
-    summary, stats = Counter(questions=len(rows), already_done=len(rows) - len(pending)), Counter()
+    summary = {"questions": len(rows), "already_done": len(rows) - len(pending), "kept": 0, "kept_with_hint": 0,
+               "failed": 0, "errored": 0}
+    stats = Counter()
     with open(out, "a", encoding="utf-8") as kept_file, open(failed_path, "a", encoding="utf-8") as failed_file, \
             ThreadPoolExecutor(cfg.concurrency) as pool:
         futures = [pool.submit(_distill_one, cfg, row, tries, hint_fallback) for row in pending]
@@ -484,11 +489,9 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    summary["teacher_requests"], summary["malformed"] = stats.pop("requests", 0), stats.pop("malformed", 0)
-    result = {**{k: summary[k] for k in ("questions", "already_done", "kept", "kept_with_hint", "failed",
-                                        "errored", "teacher_requests", "malformed")}, "errors": dict(stats)}
-    print(json.dumps(result, ensure_ascii=False))
-    return result
+    summary.update(teacher_requests=stats.pop("requests", 0), malformed=stats.pop("malformed", 0), errors=dict(stats))
+    print(json.dumps(summary))
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,9 +501,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     d = commands.add_parser("distill", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                            help="ask a teacher, keep its correct trajectories as SFT data (resumable)",
-                            description="Stage 1 data: for each question ask the teacher with the templates, keep "
-                            "only trajectories that reach the gold answer, append each result to --out as it arrives.")
+                            help="Stage 1 data: ask the teacher, keep trajectories that reach the gold answer")
     d.add_argument("--data", required=True, help="CMExam .csv, .json or .jsonl")
     d.add_argument("--out", required=True, help="SFT JSONL (appended to; a rerun skips questions already in it)")
     d.add_argument("--tries", type=int, default=4, help="teacher attempts per question")
@@ -517,9 +518,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "show":
         row = load_cmexam(args.data)[args.index]
-        wrong = f"<think>\n……\n</think>\n答案：{'A' if row['answer'] != 'A' else 'B'}"
         for name, messages in [("student", student_messages(row)), ("teacher", teacher_messages(row)),
-                               ("critique", critique_messages(row, wrong))]:
+                               ("critique", critique_messages(row, "<think>\n（模型的错误解答）\n</think>\n答案：？"))]:
             print(f"==== {name} ====\n{chat(messages)}")
         return
     cfg = TeacherConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherConfig)})

@@ -1,0 +1,306 @@
+"""templates.py teacher client and `distill`, against a stub OpenAI-compatible server on 127.0.0.1."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import templates as T
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CSV = ROOT / "tests" / "data" / "cmexam_sample.csv"
+ROWS = T.load_cmexam(SAMPLE_CSV)
+IDS = sorted(row["id"] for row in ROWS)
+
+
+def trajectory(letters):
+    return f"<think>\n审题……逐项分析……自我检查……\n</think>\n依据如上。\n答案：{letters}"
+
+
+def wrong(row):
+    return next(letter for letter in row["options"] if letter not in row["answer"])
+
+
+def ok(text):
+    return 200, {"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}, 0
+
+
+class Stub:
+    """/v1/chat/completions whose reply is `behave(row, hinted, n)`: row is the CMExam row the prompt asks
+    about (None if none), hinted whether the gold answer is shown, n the 1-based call count for that row.
+    behave returns (status, JSON-able or raw bytes body, seconds to wait before answering)."""
+
+    def __init__(self, behave):
+        self.behave, self.requests, self.calls, self.lock = behave, [], Counter(), threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                row = next((r for r in ROWS if T.format_question(r) in prompt), None)
+                with stub.lock:
+                    stub.requests.append((self.path, dict(self.headers), body))
+                    stub.calls[row["id"] if row else None] += 1
+                    n = stub.calls[row["id"] if row else None]
+                status, payload, delay = stub.behave(row, "本题的正确答案是" in prompt, n)
+                time.sleep(delay)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+
+@pytest.fixture
+def stub():
+    servers = []
+
+    def start(behave):
+        servers.append(Stub(behave))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.server.shutdown()
+        s.server.server_close()
+
+
+def config(url, **kw):
+    return T.TeacherConfig(**{"base_url": url, "model": "stub", "timeout": 2.0, "max_retries": 5,
+                              "backoff_base": 0.01, "backoff_max": 0.05, "concurrency": 4, **kw})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()] if Path(path).exists() else []
+
+
+def assert_each_question_once(out):
+    """No lost or duplicated record: kept + failed ids are all the questions, each exactly once."""
+    records = read_jsonl(out) + read_jsonl(Path(str(out).replace(".jsonl", ".failed.jsonl")))
+    assert sorted(r["id"] for r in records) == IDS
+    return records
+
+
+MESSAGES = [{"role": "user", "content": "你好"}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chat_completion
+
+def test_survives_500_429_garbage_and_missing_choices(stub):
+    failures = [(500, {"error": "boom"}, 0), (429, {"error": "slow down"}, 0), (200, b"<html>not json", 0),
+                (200, {"choices": []}, 0), (200, {"object": "error", "message": "no choices"}, 0)]
+    server = stub(lambda row, hinted, n: failures[n - 1] if n <= len(failures) else ok("好"))
+    stats = Counter()
+    assert T.chat_completion(config(server.url + "/v1/"), MESSAGES, stats) == "好"
+    assert stats == {"requests": 6, "http_500": 1, "http_429": 1, "bad_response": 3}
+    path, headers, body = server.requests[-1]
+    assert path == "/v1/chat/completions" and body["model"] == "stub" and body["messages"] == MESSAGES
+    assert (body["temperature"], body["top_p"]) == (0.5, 0.9)
+
+
+def test_timeout_is_retried(stub):
+    server = stub(lambda row, hinted, n: (200, ok("迟到")[1], 1.0 if n == 1 else 0))
+    stats = Counter()
+    start = time.monotonic()
+    assert T.chat_completion(config(server.url, timeout=0.3), MESSAGES, stats) == "迟到"
+    assert stats == {"requests": 2, "timeout": 1} and time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("status", [400, 401, 404])
+def test_other_4xx_fail_at_once(stub, status):
+    server = stub(lambda row, hinted, n: (status, {"error": "no"}, 0))
+    with pytest.raises(T.TeacherError) as e:
+        T.chat_completion(config(server.url), MESSAGES)
+    assert e.value.kind == f"http_{status}" and len(server.requests) == 1
+
+
+def test_retries_run_out(stub):
+    server = stub(lambda row, hinted, n: (503, {"error": "down"}, 0))
+    stats = Counter()
+    with pytest.raises(T.TeacherError, match="http_503"):
+        T.chat_completion(config(server.url, max_retries=2), MESSAGES, stats)
+    assert len(server.requests) == 3 and stats == {"requests": 3, "http_503": 3}
+
+
+def test_connection_refused_is_retried_then_raised():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stats = Counter()
+    with pytest.raises(T.TeacherError, match="connection"):
+        T.chat_completion(config(f"http://127.0.0.1:{port}", max_retries=2), MESSAGES, stats)
+    assert stats == {"requests": 3, "connection": 3}
+
+
+def test_separate_reasoning_is_put_back_into_think_tags(stub):
+    replies = [({"content": "答案：A", "reasoning_content": "想一想"}, "<think>\n想一想\n</think>\n\n答案：A"),  # vLLM parser
+               ({"content": "想一想\n</think>\n答案：A"}, "<think>\n想一想\n</think>\n答案：A")]  # QwQ opens <think> in the prompt
+    server = stub(lambda row, hinted, n: (200, {"choices": [{"message": replies[n - 1][0]}]}, 0))
+    for _, expected in replies:
+        assert T.chat_completion(config(server.url), MESSAGES) == expected
+
+
+def test_api_key_is_sent_and_never_written(stub, tmp_path, monkeypatch, capsys, caplog):
+    key = "sk-test-5f2e9c1b7a"
+    monkeypatch.setenv("MEDCRITICAL_TEST_KEY", key)
+    server = stub(lambda row, hinted, n: ok(trajectory(row["answer"] if row else "A")) if n > 1 else (500, {}, 0))
+    T.distill(config(server.url, api_key_env="MEDCRITICAL_TEST_KEY"), SAMPLE_CSV, tmp_path / "sft.jsonl", limit=3)
+    assert {headers.get("Authorization") for _, headers, _ in server.requests} == {f"Bearer {key}"}
+    captured = capsys.readouterr()
+    written = "".join(p.read_text(encoding="utf-8") for p in tmp_path.iterdir())
+    assert key not in captured.out + captured.err + caplog.text + written
+    monkeypatch.delenv("MEDCRITICAL_TEST_KEY")
+    T.chat_completion(config(server.url, api_key_env="MEDCRITICAL_TEST_KEY"), MESSAGES)
+    assert "Authorization" not in server.requests[-1][1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distill
+
+def mixed(row, hinted, n):
+    """Per question: always wrong, right on the 3rd try, a 500 first, malformed first, or right at once."""
+    kind = row["id"] % 5
+    if kind == 0 or (kind == 1 and n < 3):
+        return ok(trajectory(wrong(row)))
+    if kind == 2 and n == 1:
+        return 500, {"error": "overloaded"}, 0
+    if kind == 3 and n == 1:
+        return ok(f"答案：{row['answer']}")  # right letters, but no <think>: not SFT material
+    return ok(trajectory(row["answer"]))
+
+
+def test_distill_keeps_only_correct_trajectories(stub, tmp_path):
+    server = stub(mixed)
+    out = tmp_path / "sft.jsonl"
+    summary = T.distill(config(server.url), SAMPLE_CSV, out, tries=4)
+    n_wrong = sum(r["id"] % 5 == 0 for r in ROWS)
+    assert summary == {"questions": 29, "already_done": 0, "kept": 29 - n_wrong, "kept_with_hint": 0,
+                       "failed": n_wrong, "errored": 0, "teacher_requests": len(server.requests),
+                       "malformed": sum(r["id"] % 5 == 3 for r in ROWS), "errors": {"http_500": 6}}
+    rows = {row["id"]: row for row in ROWS}
+    for record in read_jsonl(out):
+        row = rows[record["id"]]
+        assert set(record) == {"messages", "id", "answer", "predicted", "hint", "tries", "kept", "teacher"}
+        # the user turn is the plain student prompt, not the teacher prompt with its templates
+        assert record["messages"] == T.student_messages(row) + [{"role": "assistant", "content": trajectory(row["answer"])}]
+        assert record["answer"] == record["predicted"] == row["answer"] and record["hint"] is False
+        assert record["tries"] == {1: 3, 2: 1, 3: 2, 4: 1}[row["id"] % 5] and record["kept"] is True
+    for record in read_jsonl(tmp_path / "sft.failed.jsonl"):
+        assert record["kept"] is False and record["tries"] == 4 and "messages" not in record
+        assert record["predicted"] == [wrong(rows[record["id"]])] * 4
+    assert_each_question_once(out)
+    assert not any("本题的正确答案是" in body["messages"][-1]["content"] for _, _, body in server.requests)
+
+
+def test_hint_is_an_explicit_recorded_fallback(stub, tmp_path):
+    server = stub(lambda row, hinted, n: ok(trajectory(row["answer"] if hinted else wrong(row))))
+    summary = T.distill(config(server.url), SAMPLE_CSV, tmp_path / "plain.jsonl", tries=2, limit=5)
+    assert (summary["kept"], summary["failed"]) == (0, 5) and len(server.requests) == 10
+    summary = T.distill(config(server.url), SAMPLE_CSV, tmp_path / "hinted.jsonl", tries=2, hint_fallback=True, limit=5)
+    assert (summary["kept"], summary["kept_with_hint"], summary["failed"]) == (5, 5, 0)
+    for record in read_jsonl(tmp_path / "hinted.jsonl"):
+        assert record["hint"] is True and record["tries"] == 3
+        assert "提示" not in record["messages"][0]["content"]  # the student never sees the hint
+
+
+def test_teacher_errors_leave_the_question_for_the_next_run(stub, tmp_path):
+    down = stub(lambda row, hinted, n: (502, b"bad gateway", 0))
+    out = tmp_path / "sft.jsonl"
+    summary = T.distill(config(down.url, max_retries=1), SAMPLE_CSV, out)
+    assert summary["errored"] == 29 and summary["errors"] == {"http_502": 58} and read_jsonl(out) == []
+    up = stub(lambda row, hinted, n: ok(trajectory(row["answer"])))
+    summary = T.distill(config(up.url), SAMPLE_CSV, out)
+    assert summary["kept"] == 29 and summary["errors"] == {}
+    assert_each_question_once(out)
+
+
+def test_garbage_and_hangs_inside_a_run(stub, tmp_path):
+    def flaky(row, hinted, n):
+        if n == 1:
+            return (200, b"{\"choices\": [", 0) if row["id"] % 2 else (200, ok("")[1], 0.6)
+        return ok(trajectory(row["answer"]))
+    server = stub(flaky)
+    summary = T.distill(config(server.url, timeout=0.3, concurrency=8), SAMPLE_CSV, tmp_path / "sft.jsonl", limit=8)
+    assert summary["kept"] == 8 and summary["errors"] == {"bad_response": 4, "timeout": 4}
+
+
+def test_killed_run_resumes_with_nothing_lost_or_duplicated(stub, tmp_path, monkeypatch):
+    server = stub(mixed)
+    out = tmp_path / "sft.jsonl"
+    real_append, writes = T._append_jsonl, []
+
+    def dying_append(f, record):
+        if len(writes) == 7:
+            raise KeyboardInterrupt  # killed between two writes
+        writes.append(record["id"])
+        real_append(f, record)
+    monkeypatch.setattr(T, "_append_jsonl", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        T.distill(config(server.url), SAMPLE_CSV, out)
+    monkeypatch.setattr(T, "_append_jsonl", real_append)
+    with open(out, "a", encoding="utf-8") as f:  # and killed in the middle of a write
+        f.write('{"messages": [{"role": "user", "content": "半')
+    summary = T.distill(config(server.url), SAMPLE_CSV, out)
+    assert summary["already_done"] == 7 and summary["kept"] + summary["failed"] == 22
+    assert_each_question_once(out)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"id": 1, "question": "q", "options": {"A": "a"}, "answer": "A"}\n' * 2, encoding="utf-8")
+    with pytest.raises(ValueError, match="not unique"):
+        T.distill(config("http://127.0.0.1:9"), path, tmp_path / "out.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line, in a subprocess
+
+def run_cli(*args, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "templates.py"), *map(str, args)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, **kw)
+
+
+def test_help():
+    for args in (["--help"], ["distill", "--help"]):
+        out, _ = run_cli(*args).communicate(timeout=30)
+        assert "distill" in out and ("--hint-fallback" in out or args == ["--help"])
+
+
+def test_cli_killed_midway_resumes(stub, tmp_path):
+    server = stub(lambda row, hinted, n: (*ok(trajectory(row["answer"]))[:2], 0.05))
+    out = tmp_path / "sft.jsonl"
+    args = ["distill", "--data", SAMPLE_CSV, "--out", out, "--base-url", server.url, "--model", "stub",
+            "--concurrency", "2", "--backoff-base", "0.01"]
+    proc = run_cli(*args)
+    deadline = time.monotonic() + 30
+    while len(read_jsonl(out)) < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    n_before = len(read_jsonl(out))
+    assert 5 <= n_before < 29
+    stdout, stderr = run_cli(*args).communicate(timeout=60)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["already_done"] == n_before and summary["kept"] == 29 - n_before, stderr
+    assert all(r["kept"] for r in assert_each_question_once(out))
+    assert os.path.getsize(tmp_path / "sft.failed.jsonl") == 0
