@@ -1,0 +1,221 @@
+"""model.py against transformers' Qwen2ForCausalLM (the oracle), on small random Qwen2-shaped configs."""
+import json
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import model as M
+
+SMALL = dict(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+             bos_token_id=1, eos_token_id=2)
+
+
+def hf_reference(tmp_path, tied, seed=0):
+    """A transformers model with its own random init, saved by transformers: independent of our code."""
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=tied, attn_implementation="eager")).eval()
+    with torch.no_grad():  # transformers zero-inits biases; random ones make the q/k/v bias path count
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+            layer.input_layernorm.weight.normal_(1, 0.2)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def pair(request, tmp_path):
+    hf = hf_reference(tmp_path, tied=request.param)
+    return hf, M.load(tmp_path)
+
+
+def test_logits_match_transformers(pair):
+    hf, ours = pair
+    tokens = torch.randint(0, SMALL["vocab_size"], (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == hf.config.tie_word_embeddings
+
+
+def test_config_both_rope_forms():
+    base = {"model_type": "qwen2", **SMALL}
+    top = M.ModelConfig.from_hf({**base, "rope_theta": 123.0})
+    nested = M.ModelConfig.from_hf({**{k: v for k, v in base.items() if k != "rope_theta"},
+                                    "rope_parameters": {"rope_type": "default", "rope_theta": 123.0}})
+    assert top.rope_theta == nested.rope_theta == 123.0
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        M.ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_cached_decoding_equals_full_forward(pair):
+    _, ours = pair
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours(tokens)
+        cache = M.make_cache(ours.config, 2, 20, torch.float32, "cpu")
+        steps = [ours(tokens[:, :12], None, cache, 0, 12, torch.ones(12, 12, dtype=torch.bool).tril())]
+        for t in range(12, 20):
+            pos = torch.full((2, 1), t)
+            steps.append(ours(tokens[:, t:t + 1], pos, cache, t, t + 1))
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+PROMPTS = [[5, 9, 17, 33, 2, 8, 100], [250, 3], [7, 7, 7, 7], [42]]
+
+
+def test_ragged_batch_greedy_equals_alone_and_transformers(pair):
+    hf, ours = pair
+    batch = M.generate(ours, PROMPTS, 12)
+    alone = [M.generate(ours, [p], 12)[0] for p in PROMPTS]
+    assert batch == alone
+    for prompt, new in zip(PROMPTS, batch):
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert new == out[0, len(prompt):].tolist()
+    # transformers' own left-padded batch gives the same tokens too
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert batch == out[:, width:].tolist()
+
+
+def test_each_row_stops_at_its_own_stop_id(pair):
+    _, ours = pair
+    free = M.generate(ours, PROMPTS, 10)
+    stop = free[0][3]  # a token row 0 emits at step 3 (ties with earlier steps are fine: first one counts)
+    stopped = M.generate(ours, PROMPTS, 10, stop_ids=(stop,))
+    for row, full in zip(stopped, free):
+        end = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:end]
+    assert len(stopped[0]) <= 4
+
+
+def test_num_samples_prefills_once_and_greedy_repeats(pair):
+    _, ours = pair
+    single = M.generate(ours, PROMPTS, 8)
+    multi = M.generate(ours, PROMPTS, 8, num_samples=3)
+    assert multi == [row for row in single for _ in range(3)]
+
+
+def test_seed_reproduces_samples(pair):
+    _, ours = pair
+    kw = dict(temperature=1.0, top_p=0.95, num_samples=4)
+    a = M.generate(ours, PROMPTS, 10, seed=7, **kw)
+    assert a == M.generate(ours, PROMPTS, 10, seed=7, **kw)
+    assert a != M.generate(ours, PROMPTS, 10, seed=8, **kw)
+
+
+def test_top_k_top_p_stay_in_allowed_set():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    draws = torch.stack([M.sample_next(logits, 1.0, 5, 1.0, gen) for _ in range(500)], 1)
+    top5 = logits.topk(5, dim=-1).indices
+    assert all(set(draws[r].tolist()) <= set(top5[r].tolist()) for r in range(4))
+    # nucleus: the smallest set of most likely tokens whose mass reaches p, written out by hand
+    p = 0.7
+    draws = torch.stack([M.sample_next(logits, 1.0, 0, p, gen) for _ in range(500)], 1)
+    for r in range(4):
+        probs = logits[r].double().softmax(-1)
+        allowed, mass = set(), 0.0
+        for i in probs.argsort(descending=True).tolist():
+            allowed.add(i)
+            mass += probs[i].item()
+            if mass >= p:
+                break
+        assert set(draws[r].tolist()) <= allowed
+        assert len(allowed) == 1 or len(set(draws[r].tolist())) > 1  # it does sample, not argmax
+    assert sum(len(set(d.tolist())) for d in draws) > 8
+
+
+def test_sampling_follows_the_distribution():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    n = 20000
+    draws = torch.cat([M.sample_next(logits.expand(1000, 4), 1.0, 0, 1.0, gen) for _ in range(n // 1000)])
+    freq = torch.bincount(draws, minlength=4).double() / n
+    expected = logits[0].double().softmax(-1)
+    assert (freq - expected).abs().max().item() < 0.015  # ~4 binomial standard errors
+
+
+def test_save_then_transformers_loads_identically(tmp_path):
+    torch.manual_seed(0)
+    ours = M.init_weights(M.Transformer(M.ModelConfig(**SMALL, tie_word_embeddings=False)), std=0.1)
+    M.save(ours, tmp_path)
+    hf = Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+    assert hf.config.rope_parameters["rope_theta"] == SMALL["rope_theta"]
+
+
+def test_save_preserves_dtype_and_shards(tmp_path):
+    ours = M.init_weights(M.Transformer(M.ModelConfig(**SMALL, tie_word_embeddings=True))).to(torch.bfloat16)
+    M.save(ours, tmp_path, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / M.INDEX_FILE).read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and "lm_head.weight" not in index["weight_map"]
+    assert index["metadata"]["total_size"] == sum(p.numel() * 2 for p in ours.parameters())
+    back = M.load(tmp_path, dtype=torch.bfloat16)
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    hf = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), hf(tokens).logits)
+
+
+def test_transformers_sharded_checkpoint_loads(tmp_path):
+    hf = hf_reference(tmp_path, tied=False)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / M.INDEX_FILE).is_file()
+    ours = M.load(tmp_path / "sharded")
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 10))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+def _rewrite(path, edit):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_bad_checkpoints_name_the_tensor(tmp_path):
+    hf_reference(tmp_path, tied=False)
+    name = "model.layers.1.mlp.up_proj.weight"
+    _rewrite(tmp_path, lambda t: t.pop(name))
+    with pytest.raises(KeyError, match="up_proj"):
+        M.load(tmp_path)
+    hf_reference(tmp_path, tied=False)
+    _rewrite(tmp_path, lambda t: t.__setitem__(name, torch.zeros(3, 3)))
+    with pytest.raises(ValueError, match=rf"{name}.*\(3, 3\)"):
+        M.load(tmp_path)
+    hf_reference(tmp_path, tied=False)
+    _rewrite(tmp_path, lambda t: t.__setitem__("model.layers.9.extra", torch.zeros(1)))
+    with pytest.raises(KeyError, match="layers.9.extra"):
+        M.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.load(tmp_path / "nowhere")
+
+
+def test_context_overflow_is_a_clear_error(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="exceeds the context"):
+        M.generate(ours, [[1] * 250], 10)
+
+
+def test_bf16_close_to_transformers_bf16(tmp_path):
+    hf_reference(tmp_path, tied=False)
+    hf = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    ours = M.load(tmp_path, dtype=torch.bfloat16)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 24))
+    with torch.no_grad():
+        a, b = ours(tokens).float(), hf(tokens).logits.float()
+    assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
