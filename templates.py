@@ -215,7 +215,7 @@ _PREFIX = "|".join([
 ])
 _ANSWER = re.compile(
     rf"(?:{_PREFIX})\**\s*:?\s*[(\[【\"“'*]*\s*"
-    r"(?P<letters>[A-Ea-e](?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]"  # AC, A、C, A和C, A C, A and C
+    r"(?P<letters>[A-Ea-e]项?(?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]项?"  # AC, A、C, A项和C项, A and C
     r"|\s*,\s*[A-Ea-e](?!\s*(?:选?项|[是为错对正不均都也可的])))*)"  # "A,C" yet not "C,D项错误"
     r"(?![A-Za-z])(?!\s*[吗?])")  # not the start of an English word; not a question
 

@@ -89,11 +89,17 @@ def test_chat_equals_jinja_file():
             assert T.chat(messages, gen) == template.render(messages=messages, add_generation_prompt=gen)
 
 
-def test_special_ids(qwen_tokenizer, mini_tokenizer):
+def test_special_ids(qwen_tokenizer):
     assert T.special_ids(qwen_tokenizer) == {"im_start": T.IM_START_ID, "im_end": T.IM_END_ID,
                                              "endoftext": T.ENDOFTEXT_ID}
     assert set(T.STOP_IDS) == {151645, 151643}
+
+
+def test_special_ids_are_looked_up_not_assumed(mini_tokenizer):
     assert T.special_ids(mini_tokenizer) == {"endoftext": 0, "im_start": 1, "im_end": 2}
+    from tokenizers import Tokenizer, models
+    with pytest.raises(ValueError, match="special tokens"):
+        T.special_ids(Tokenizer(models.BPE()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +250,8 @@ EXTRACTION_CASES = [
     ("答案：Ａ", "A"), ("答案：ｂ", "B"), ("答案：（Ｄ）", "D"), ("答案：A、C、E", "ACE"), ("答案：A，C", "AC"),
     ("答案：A,C", "AC"), ("答案：A和C", "AC"), ("答案：A及D", "AD"), ("答案：A C", "AC"), ("Answer: A and C", "AC"),
     ("答案：CA", "AC"), ("答案：ABCDE", "ABCDE"), ("正确选项为E", "E"), ("答案为选项B", "B"), ("答案：E 晶状体", "E"),
-    ("答案：B。解析：A项错误。", "B"),
+    ("答案：B。解析：A项错误。", "B"), ("答案为A项和C项", "AC"), ("正确答案是B项", "B"), ("因此，正确答案是B和D。", "BD"),
+    ("最终答案：$\\boxed{C}$", "C"), ("答案：B（急性前壁心肌梗死）", "B"), ("正确的是C", "C"), ("答案：b和d", "BD"),
     # a revised answer overrides an earlier one
     ("初步判断答案是D。\n等等，D项忽略了年龄，再检查一遍……应该是C。\n答案：C", "C"),
     ("<think>\n所以答案是A。不对，A项是禁忌证。\n</think>\n答案：B", "B"),
