@@ -73,12 +73,14 @@ def special_ids(tokenizer) -> dict:
 
 def encode_chat(tokenizer, messages):
     """Token ids of chat(messages, add_generation_prompt=False) and a same-length list of bools, True exactly on
-    the tokens of every assistant message's content and its closing <|im_end|> (the SFT/DPO labels).
+    the tokens of every assistant message's content and its closing <|im_end|> (the SFT/DPO labels: mask[i]
+    says whether ids[i] is a target, predicted from ids[:i]; the caller shifts).
 
     `tokenizer` is a tokenizers.Tokenizer. The text is tokenized piece by piece (template / assistant output) so
     the mask is exact. The prompt part is tokenized alone, exactly as at inference, where the reply is generated
     after the tokens of chat(prompt); the result equals tokenizing the whole text in one go except when a reply
-    starts with a newline, which Qwen's pre-tokenizer would merge with the "\\n" after "assistant"."""
+    begins with a line break (after optional spaces): Qwen's pre-tokenizer would merge it with the "\\n" after
+    "assistant" into a token the model can never produce after the prompt."""
     ids, mask = [], []
     for trained, group in itertools.groupby(_chat_pieces(messages, False), key=lambda piece: piece[1]):
         piece_ids = tokenizer.encode("".join(text for text, _ in group), add_special_tokens=False).ids
