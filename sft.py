@@ -1,0 +1,548 @@
+"""
+sft.py: Stage 1 of MedCritical (Su et al., arXiv 2509.23368): supervised fine-tuning of the student on the teacher's
+verified template-guided long chain-of-thought answers, and the training machinery that dpo.py (Stage 2) shares.
+
+The loss is the mean next-token cross-entropy over the trained tokens of an optimizer step,
+
+    L = sum_{examples e in the global batch} sum_{t : mask_e[t+1]} -log p(x_e[t+1] | x_e[<=t]) / N,
+
+with N the number of trained tokens in the WHOLE step (all micro-batches, all ranks), so gradient accumulation and
+the number of GPUs leave the objective unchanged. Trained tokens are each assistant reply and its <|im_end|>
+(templates.encode_chat); records {"text": ...} train on every token (pretraining the miniature from scratch).
+
+    python sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft
+    torchrun --nproc-per-node 8 sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft \\
+        --activation-checkpointing
+    torchrun --nproc-per-node 8 sft.py ... --resume      # continue from the last complete checkpoint in --out
+    python sft.py --init-config tiny.json --tokenizer tok/ --data text.jsonl --out runs/pre   # random init
+
+One code path for 1 or N processes, CPU (gloo) or GPU (nccl): FSDP2 shards each decoder block then the root,
+fp32 master weights, bf16 compute on GPU. Checkpoints are Hugging Face folders (load with model.load, vLLM,
+transformers) plus the optimizer (sharded, torch.distributed.checkpoint), step and RNG states.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from tqdm import tqdm
+
+from model import ModelConfig, Transformer, init_weights, load, load_tokenizer, save, shard_model
+from templates import encode_chat, special_ids
+
+# DCP saves/loads fine in one process without a process group; it just says so on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+IGNORE = -100  # label of a position that is not trained (prompt, padding): F.cross_entropy's ignore_index
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) every rank runs this file; alone it is one process.
+
+
+def init_distributed():
+    """-> (rank, world_size, device). nccl on CUDA, gloo on CPU; a plain single process without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def autocast(device, dtype):
+    """bf16 autocast where the device has bf16 matmuls (GPU); on CPU training stays fp32 (exact, and CPU bf16 is
+    slow). Under FSDP mixed precision the gathered weights are already bf16; autocast covers the rest."""
+    enabled = device.type == "cuda" and dtype == torch.bfloat16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: loaded once (rank 0), sharded, filled from rank 0. The 7B path never holds two full copies per rank.
+
+
+def load_model(path=None, init_config=None, seed=0) -> Transformer:
+    """The model as prepare_model wants it: real weights on CPU on rank 0 (from a Hugging Face folder, or random
+    from a config.json), an empty meta-device model on every other rank (no memory; filled in prepare_model)."""
+    if (path is None) == (init_config is None):
+        raise ValueError("give exactly one of a checkpoint folder (--model) or a config.json (--init-config)")
+    hf = json.loads(Path(init_config or Path(path) / "config.json").read_text())
+    cfg = ModelConfig.from_hf(hf)
+    if get_rank() != 0:
+        with torch.device("meta"):
+            return Transformer(cfg)
+    if init_config:
+        return init_weights(Transformer(cfg), seed=seed)
+    # Read in the stored dtype (bf16 for Qwen releases: 15 GB, not 30, of host memory on rank 0).
+    return load(path, dtype=getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32"), device="cpu")
+
+
+def load_full_state(model, full_state):
+    """Copy a full state dict held by rank 0 (`{}` elsewhere) into `model`, sharded or not."""
+    if dist.is_initialized():
+        # Rank 0 broadcasts each tensor, every rank keeps its shard. (The call converts full_state in place.)
+        set_model_state_dict(model, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model.load_state_dict(full_state)
+
+
+def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precision=False,
+                  activation_checkpointing=False) -> Transformer:
+    """The model ready to train on `device`: parameters in `dtype` (fp32 master weights for a trained model),
+    per-block FSDP2 sharding when world_size > 1 (bf16 gather/compute, fp32 gradient reduction with
+    mixed_precision), optional activation checkpointing. Returns the model to use (a new object when sharded)."""
+    if world_size == 1:
+        model = model.to(device=device, dtype=dtype)
+    else:
+        # Shard an empty meta-device copy (so no rank allocates the full model), allocate only the local shards,
+        # then fill them from rank 0's weights. to_empty keeps tied embeddings tied (load_state_dict(assign=True)
+        # would not), and FSDP2 must see the tie when it shards the root.
+        full_state = model.state_dict() if get_rank() == 0 else {}
+        with torch.device("meta"):
+            model = Transformer(model.config).to(dtype)
+        shard_model(model, mixed_precision=mixed_precision)
+        model.to_empty(device=device)
+        load_full_state(model, full_state)
+    model.activation_checkpointing = activation_checkpointing
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
+    """AdamW over the trainable parameters, built AFTER sharding (it must hold the local shards). No weight decay
+    on 1-D parameters: biases and RMSNorm weights (decaying a norm's gain toward 0 shrinks the activations)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr_ratio=0.1):
+    """Learning rate of 0-based `step`: linear warmup to peak_lr over warmup_steps (the first step is not lr 0),
+    then cosine decay to peak_lr * min_lr_ratio at the last step."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: out/step-000100/ = a Hugging Face model folder + optimizer/ (DCP shards) + rng-rank{r}.pt +
+# trainer_state.json. Written to out/.tmp-step-000100/ and renamed when complete, so a kill mid-save leaves only a
+# .tmp folder that resume ignores (and the next save of that step replaces).
+
+CHECKPOINT = re.compile(r"step-(\d+)")
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2):
+    """Save everything needed to continue after optimizer step `step` (collective: every rank calls it)."""
+    out_dir, rank = Path(out_dir), get_rank()
+    final, tmp = out_dir / f"step-{step:06d}", out_dir / f".tmp-step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    # The full fp32 weights, gathered to rank 0's CPU one tensor at a time (never a full copy on a GPU).
+    full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        save(model, tmp, state_dict=full_state)
+    del full_state
+    # The optimizer stays sharded: each rank writes its own AdamW moments; DCP can reload them on another world size.
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world_size,
+                                                            **(extra or {})}, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)  # an identical step saved by an earlier, interrupted run
+        os.replace(tmp, final)  # atomic: the folder name appears only when everything is written
+        for old in sorted(latest_checkpoints(out_dir))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def latest_checkpoints(out_dir):
+    """Complete checkpoints in out_dir, oldest first."""
+    found = [p for p in Path(out_dir).glob("step-*") if CHECKPOINT.fullmatch(p.name)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+
+
+def load_checkpoint(path, model, optimizer):
+    """Restore the optimizer and this rank's RNG states from a checkpoint folder; returns its trainer state
+    (step, data position, ...). The weights are the folder itself: load them with load_model(path) first."""
+    path = Path(path)
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path / "optimizer")
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    rng_file = path / f"rng-rank{get_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: numpy/python states are pickled
+    else:
+        print(f"warning: {rng_file} missing (resumed on more ranks than saved); this rank's RNG is not restored")
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: one JSON line per step (rank 0), and a progress bar.
+
+
+class MetricsLog:
+    """Append-only JSONL. On resume, records after the checkpoint's step (written by the killed run and about to
+    be redone) are dropped, so the file holds each step once."""
+
+    def __init__(self, path, resume_step=None, enabled=True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", -1) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **record):
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step, shared with dpo.py. A loss function returns the SUM of its per-unit losses (units: trained
+# tokens for SFT, preference pairs for DPO) over a micro-batch; the step divides by the units of the whole step.
+
+
+def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, dtype=torch.float32):
+    """Accumulate gradients over this rank's micro-batches, clip, step. Each micro-batch is a dict with "units"
+    (trained tokens / pairs) and "n_tokens" (real input tokens), plus whatever loss_fn(model, batch) reads;
+    loss_fn returns (summed loss, {name: summed metric}). Returns the step's metrics, averaged over all units."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    counts = torch.tensor([sum(b["units"] for b in micro_batches), sum(b["n_tokens"] for b in micro_batches)],
+                          dtype=torch.float64, device=device)
+    total_units, total_tokens = all_reduce_sum(counts).tolist()
+    # We want grad = d/dw [sum over all ranks' unit losses] / total_units. FSDP's reduce-scatter (like DDP's
+    # all-reduce) AVERAGES gradients over ranks, i.e. divides the sum of the ranks' gradients by world_size; so each
+    # rank back-propagates world_size * (its loss sum) / total_units, and the average restores the exact global
+    # mean however unevenly the units fall across micro-batches and ranks. (1 rank: plain sum / total_units.)
+    scale = world_size / total_units
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums = None
+    for batch in micro_batches:
+        with autocast(device, dtype):
+            loss_sum, metric_sums = loss_fn(model, batch)
+        (loss_sum * scale).backward()
+        step_sums = torch.stack([loss_sum.detach().float(), *(m.detach().float() for m in metric_sums.values())])
+        sums = step_sums if sums is None else sums + step_sums
+    # clip_grad_norm_ on FSDP2's DTensor gradients computes the global norm across shards.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:  # a nan/inf gradient would poison the weights and AdamW's moments for good: skip this update
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = (all_reduce_sum(sums.double()) / total_units).tolist()
+    names = ["loss", *metric_sums]
+    return {**dict(zip(names, sums)), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
+            "units": int(total_units), "tokens": int(total_tokens)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order: one infinite stream of per-epoch seeded permutations, cut into global batches. Step s uses stream
+# positions [s*B, (s+1)*B): every batch is full, no example is dropped, and the position is just the step number.
+# Rank r takes the r-th contiguous slice of each global batch, so 1 and N processes train on the same batches.
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n_examples):
+    return np.random.default_rng([seed, epoch]).permutation(n_examples)
+
+
+def batch_indices(step, n_examples, batch_size, seed, rank=0, world_size=1):
+    """Indices of the examples rank `rank` trains on in step `step` (batch_size is the global batch)."""
+    out = [int(epoch_order(seed, pos // n_examples, n_examples)[pos % n_examples])
+           for pos in range(step * batch_size, (step + 1) * batch_size)]
+    per_rank = batch_size // world_size
+    return out[rank * per_rank:(rank + 1) * per_rank]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop, shared with dpo.py: batches in the order above, schedule, metrics, checkpoints, resume.
+
+
+def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_every=50):
+    """The flags sft.py and dpo.py share (each with its own defaults)."""
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--out", required=True, help="run folder: checkpoints step-NNNNNN/ and metrics.jsonl")
+    parser.add_argument("--epochs", type=float, default=epochs, help="passes over the data (unless --steps)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch, summed over ranks")
+    parser.add_argument("--micro-batch-size", type=int, default=micro_batch_size, help="per rank per forward")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * this (cosine decay)")
+    parser.add_argument("--warmup", type=float, default=0.05, help="linear warmup, as a fraction of the steps")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: no clipping)")
+    parser.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps and at the end")
+    parser.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (0: all)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"],
+                        help="compute dtype (master weights and optimizer are always fp32)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+
+
+def total_steps(args, n_examples):
+    return args.steps if args.steps else math.ceil(args.epochs * n_examples / args.batch_size)
+
+
+def check_batch_sizes(args, world_size):
+    if args.batch_size % (world_size * args.micro_batch_size):
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of world size {world_size} x "
+                         f"--micro-batch-size {args.micro_batch_size} (every rank runs the same micro-batches)")
+
+
+def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0, desc="train", info=None):
+    """Train from start_step to the last step; checkpoints every args.save_every steps and at the end. `info`
+    (e.g. data counts) goes into the metrics file's start record."""
+    rank, world_size = get_rank(), dist.get_world_size() if dist.is_initialized() else 1
+    steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
+    warmup_steps = round(args.warmup * steps)
+    # Saved with each checkpoint and checked on resume: the data position (= step) only means something for the
+    # same examples, batch size and seed.
+    data_state = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed, "steps": steps}
+    metrics = MetricsLog(Path(args.out) / "metrics.jsonl", start_step if args.resume else None, rank == 0)
+    metrics.write(event="start", step=start_step, world_size=world_size, **data_state, **(info or {}))
+    bar = tqdm(total=steps, initial=start_step, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    stats, clock = {}, time.perf_counter()
+    for step in range(start_step, steps):
+        idx = batch_indices(step, len(examples), args.batch_size, args.seed, rank, world_size)
+        mb = args.micro_batch_size
+        micro_batches = [collate([examples[i] for i in idx[j:j + mb]]) for j in range(0, len(idx), mb)]
+        lr = lr_at(step, steps, warmup_steps, args.lr, args.min_lr_ratio)
+        stats = train_step(model, optimizer, micro_batches, loss_fn, lr, args.grad_clip, device, dtype)
+        seconds = time.perf_counter() - clock
+        stats.update(step=step + 1, epoch=(step + 1) * args.batch_size / len(examples),
+                     tokens_per_s=stats["tokens"] / seconds)
+        metrics.write(**stats)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}",
+                        gnorm=f"{stats['grad_norm']:.2f}")
+        bar.update()
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+            path = save_checkpoint(args.out, step + 1, model, optimizer, data_state, keep=args.keep)
+            bar.write(f"saved {path}") if rank == 0 else None
+        clock = time.perf_counter()
+    bar.close()
+    return stats
+
+
+def resume_point(args, examples):
+    """(checkpoint folder, step) to resume from, or (None, 0). Refuses a checkpoint made on other data."""
+    found = latest_checkpoints(args.out) if args.resume else []
+    if not found:
+        if args.resume and get_rank() == 0:
+            print(f"--resume: no complete checkpoint in {args.out}; starting from step 0")
+        return None, 0
+    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    now = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed}
+    if any(state.get(k) != v for k, v in now.items()):
+        raise ValueError(f"{found[-1]} was made with {({k: state.get(k) for k in now})}, this run has {now}: "
+                         "the saved data position would not match")
+    return found[-1], state["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT data: JSONL of {"messages": [...]} (the `templates.py distill` output; TRL's conversational format), of
+# {"prompt": [...], "completion": [...]} (TRL's prompt-completion, conversational), or of {"text": "..."}.
+
+
+def tokenize_records(path, tokenizer, max_len, show_progress=True):
+    """-> (examples [(ids, mask)], counts). A chat longer than max_len loses prompt tokens from the LEFT (the answer
+    is what we train on); one whose answer alone does not fit is skipped. Text longer than max_len is cut into
+    windows overlapping by one token, so every token is still a target exactly once. Bad records are skipped,
+    counted, and the first few reported by line."""
+    eos = special_ids(tokenizer)["endoftext"]
+    examples, counts = [], Counter()
+
+    def skip(lineno, reason):
+        counts["skipped: " + reason] += 1
+        if sum(v for k, v in counts.items() if k.startswith("skipped")) <= 5:
+            print(f"{path}:{lineno}: skipped ({reason})")
+
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(tqdm(lines, desc="tokenize", disable=not show_progress), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skip(lineno, "not JSON")
+            continue
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            ids = tokenizer.encode(record["text"], add_special_tokens=False).ids + [eos]
+            for start in range(0, max(1, len(ids) - 1), max_len - 1):
+                window = ids[start:start + max_len]
+                examples.append((window, [True] * len(window)))
+                counts["text windows"] += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("prompt"), list) \
+                and isinstance(record.get("completion"), list):
+            messages = record["prompt"] + record["completion"]
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            messages = record["messages"]
+        else:
+            skip(lineno, "no messages, prompt/completion lists or text")
+            continue
+        try:
+            ids, mask = encode_chat(tokenizer, messages)
+        except (ValueError, KeyError, TypeError) as e:
+            skip(lineno, f"bad messages: {type(e).__name__}")
+            continue
+        if not any(mask):
+            skip(lineno, "no assistant message")
+            continue
+        if len(ids) > max_len:
+            if len(ids) - mask.index(True) > max_len - 1:  # keep >= 1 prompt token to predict the first answer token
+                skip(lineno, "answer longer than max_len")
+                continue
+            ids, mask = ids[len(ids) - max_len:], mask[len(ids) - max_len:]
+            counts["prompt truncated (left)"] += 1
+        examples.append((ids, mask))
+        counts["chats"] += 1
+    return examples, dict(counts)
+
+
+def collate_sft(examples, pad_id, device):
+    """Right-padded inputs ids[:-1] and labels ids[1:], labels IGNORE where the target is not trained. No attention
+    mask is needed: padding comes after every real token, so causal attention never lets a real token see it."""
+    width = max(len(ids) for ids, _ in examples) - 1
+    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, (ids, mask) in enumerate(examples):
+        target = torch.tensor(ids[1:])
+        tokens[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        labels[row, :len(ids) - 1] = target.masked_fill(~torch.tensor(mask[1:]), IGNORE)
+    return {"tokens": tokens.to(device), "labels": labels.to(device), "units": int((labels != IGNORE).sum()),
+            "n_tokens": sum(len(ids) - 1 for ids, _ in examples)}
+
+
+def sft_loss(model, batch):
+    """Summed next-token cross-entropy over the trained positions of a micro-batch (log-softmax in fp32)."""
+    logits = model(batch["tokens"])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="Hugging Face Qwen2 folder to fine-tune")
+    parser.add_argument("--init-config", help="config.json of a model to train from random init (instead of --model)")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
+    parser.add_argument("--data", required=True, help="JSONL of {messages}, {prompt, completion} or {text}")
+    parser.add_argument("--max-len", type=int, default=8192, help="max tokens per example (prompt + answer)")
+    add_training_args(parser, lr=1e-5, batch_size=32, epochs=3)
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.init_config is None):
+        parser.error("give exactly one of --model or --init-config")
+    if args.tokenizer is None and args.model is None:
+        parser.error("--init-config needs --tokenizer")
+
+    rank, world_size, device = init_distributed()
+    check_batch_sizes(args, world_size)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    examples, counts = tokenize_records(args.data, tokenizer, args.max_len, show_progress=rank == 0)
+    if not examples:
+        raise ValueError(f"{args.data}: no usable example ({counts})")
+    if rank == 0:
+        print(f"{args.data}: {len(examples)} examples, {json.dumps(counts)}")
+    checkpoint, start_step = resume_point(args, examples)
+    torch.manual_seed(args.seed + rank), np.random.seed(args.seed + rank), random.seed(args.seed + rank)
+
+    model = load_model(checkpoint or args.model, None if checkpoint else args.init_config, seed=args.seed)
+    vocab = model.config.vocab_size
+    if max(max(ids) for ids, _ in examples) >= vocab:
+        raise ValueError(f"token ids reach {max(max(ids) for ids, _ in examples)} but the model's vocab is {vocab}")
+    dtype = getattr(torch, args.dtype)
+    model = prepare_model(model, device, world_size, mixed_precision=device.type == "cuda" and dtype == torch.bfloat16,
+                          activation_checkpointing=args.activation_checkpointing)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    if checkpoint:
+        load_checkpoint(checkpoint, model, optimizer)
+        if rank == 0:
+            print(f"resumed from {checkpoint} (step {start_step})")
+    pad_id = special_ids(tokenizer)["endoftext"]
+    collate = functools.partial(collate_sft, pad_id=pad_id, device=device)
+    fit(args, model, optimizer, examples, collate, sft_loss, device, start_step, desc="sft", info=counts)
+    teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
