@@ -289,6 +289,9 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
                 if shape != expected[name]:
                     raise ValueError(f"{path / file}: tensor {name} has shape {shape}, config implies {expected[name]}")
                 state[name.removeprefix("model.")] = f.get_tensor(name).to(dtype)
+    absent = sorted(name for name in expected if name.removeprefix("model.") not in state)
+    if absent:  # the index promised them, the shard did not hold them
+        raise KeyError(f"{path}: tensors missing from their shard files: {[(n, weight_map[n]) for n in absent[:5]]}")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the Parameter; re-tie
@@ -382,8 +385,9 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
 
     Returns len(prompts) * num_samples lists of new token ids, samples of prompt i at [i*num_samples, ...), each
     up to and including its first stop id (or max_new_tokens long). Every row stops at its own stop id; the loop
-    ends when all rows have stopped (checked every `check_every` steps, the only host sync in the loop). The same
-    seed and inputs give the same samples."""
+    ends when all rows have stopped, and rows that have stopped leave the batch once they are half of it (both
+    checked every `check_every` steps, the only host sync in the loop). The same seed and inputs give the same
+    samples."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     cfg, device = model.config, model.embed_tokens.weight.device
@@ -417,14 +421,26 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
     out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
+    rows = torch.arange(N, device=device)  # which output row each live cache row belongs to
     steps = 0
     for t in range(max_new_tokens):
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
-        out[:, t] = next_token
+        out[rows, t] = next_token
         steps = t + 1
         done |= torch.isin(next_token, stop)
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
+        if t == max_new_tokens - 1:
             break
+        if (t + 1) % check_every == 0:
+            n_done = int(done.sum())
+            if n_done == len(rows):
+                break
+            if 2 * n_done >= len(rows):
+                # Half the rows have stopped (long chains of thought vary a lot in length): drop them from the
+                # batch. One copy of the live cache rows, at most log2(N) times per call.
+                live = (~done).nonzero().squeeze(1)
+                cache = [(k[live], v[live]) for k, v in cache]
+                rows, lengths, next_token, done = rows[live], lengths[live], next_token[live], done[live]
+                decode_mask = None if decode_mask is None else decode_mask[live]
         kv_len = P + t + 1
         mask = None if decode_mask is None else decode_mask[..., :kv_len]
         logits = model(next_token[:, None], (lengths + t)[:, None], cache, P + t, kv_len, mask, last_only=True)
