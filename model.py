@@ -378,6 +378,39 @@ def make_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, device):
             for _ in range(cfg.num_hidden_layers)]
 
 
+def prefill(model: Transformer, prompts, max_len):
+    """Run token-id prompts of different lengths through the model in one batch, left-padded to the longest (P),
+    into a fresh KV cache of max_len slots. Returns (next-token logits [B, V], cache, valid [B, max_len]: the slots
+    that hold real tokens, lengths [B])."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("need at least one prompt, and no empty prompt")
+    cfg, device, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    P = int(lengths.max())
+    if max_len > cfg.max_position_embeddings:
+        raise ValueError(f"longest prompt {P} + new tokens {max_len - P} exceeds the context "
+                         f"{cfg.max_position_embeddings}; truncate or drop the prompt first")
+    pad = P - lengths
+    tokens = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p, device=device)
+    slots = torch.arange(max_len, device=device)
+    valid = slots[None, :] >= pad[:, None]
+    positions = (slots[None, :P] - pad[:, None]).clamp(min=0)
+    # Each query attends causally to real keys; a padding query attends to itself so that no row is all -inf.
+    causal = slots[:P, None] >= slots[None, :P]
+    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    cache = make_cache(cfg, len(prompts), max_len, dtype, device)
+    logits = model(tokens, positions, cache, 0, P, mask[:, None], last_only=True)
+    return logits, cache, valid, lengths
+
+
+@torch.inference_mode()
+def next_token_logits(model: Transformer, prompts):
+    """Logits [B, V] of the token after each prompt (scoring without generation, e.g. answer letters)."""
+    return prefill(model, prompts, max(map(len, prompts)))[0]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
              num_samples=1, seed=0, check_every=8):
@@ -388,35 +421,13 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
     ends when all rows have stopped, and rows that have stopped leave the batch once they are half of it (both
     checked every `check_every` steps, the only host sync in the loop). The same seed and inputs give the same
     samples."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and no empty prompt")
-    cfg, device = model.config, model.embed_tokens.weight.device
-    dtype = model.embed_tokens.weight.dtype
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    P, B, N = int(lengths.max()), len(prompts), len(prompts) * num_samples
-    max_len = P + max_new_tokens
-    if max_len > cfg.max_position_embeddings:
-        raise ValueError(f"longest prompt {P} + max_new_tokens {max_new_tokens} exceeds the context "
-                         f"{cfg.max_position_embeddings}; truncate or drop the prompt first")
+    P, N, device = max(map(len, prompts or [[]])), len(prompts) * num_samples, model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-
-    pad = P - lengths  # left padding per prompt
-    tokens = torch.zeros(B, P, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.tensor(p, device=device)
-    slots = torch.arange(max_len, device=device)
-    valid = slots[None, :] >= pad[:, None]  # [B, max_len]: cache slots holding real tokens
-    positions = (slots[None, :P] - pad[:, None]).clamp(min=0)
-
-    # Prefill. Each query attends causally to real keys; a padding query attends to itself so no row is all -inf.
-    causal = slots[:P, None] >= slots[None, :P]
-    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-    cache = make_cache(cfg, B, max_len, dtype, device)
-    logits = model(tokens, positions, cache, 0, P, mask[:, None], last_only=True)
-    if num_samples > 1:
+    logits, cache, valid, lengths = prefill(model, prompts, P + max_new_tokens)
+    if num_samples > 1:  # each prompt was prefilled once; its cache rows are copied once for its samples
         cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
         logits, lengths, valid = (t.repeat_interleave(num_samples, 0) for t in (logits, lengths, valid))
-    decode_mask = None if bool((pad == 0).all()) else valid[:, None, None, :]
+    decode_mask = None if bool(valid.all()) else valid[:, None, None, :]
 
     out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)

@@ -88,6 +88,15 @@ def test_ragged_batch_greedy_equals_alone_and_transformers(pair):
     assert batch == out[:, width:].tolist()
 
 
+def test_next_token_logits_of_ragged_prompts_match_transformers(pair):
+    hf, ours = pair
+    got = M.next_token_logits(ours, PROMPTS)
+    for row, prompt in zip(got, PROMPTS):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0, -1]
+        assert (row - expected).abs().max().item() <= 1e-4
+
+
 def test_each_row_stops_at_its_own_stop_id(pair):
     _, ours = pair
     free = M.generate(ours, PROMPTS, 10)
