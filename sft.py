@@ -31,7 +31,6 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +91,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def seed_all(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def autocast(device, dtype):
     """bf16 autocast where the device has bf16 matmuls (GPU); on CPU training stays fp32 (exact, and CPU bf16 is
     slow). Under FSDP mixed precision the gathered weights are already bf16; autocast covers the rest."""
@@ -116,17 +121,8 @@ def load_model(path=None, init_config=None, seed=0) -> Transformer:
     if init_config:
         return init_weights(Transformer(cfg), seed=seed)
     # Read in the stored dtype (bf16 for Qwen releases: 15 GB, not 30, of host memory on rank 0).
-    return load(path, dtype=getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32"), device="cpu")
-
-
-def load_full_state(model, full_state):
-    """Copy a full state dict held by rank 0 (`{}` elsewhere) into `model`, sharded or not."""
-    if dist.is_initialized():
-        # Rank 0 broadcasts each tensor, every rank keeps its shard. (The call converts full_state in place.)
-        set_model_state_dict(model, full_state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        model.load_state_dict(full_state)
+    stored = hf.get("torch_dtype") or hf.get("dtype")
+    return load(path, dtype=getattr(torch, stored) if stored in ("bfloat16", "float16") else torch.float32)
 
 
 def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precision=False,
@@ -140,12 +136,14 @@ def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precisio
         # Shard an empty meta-device copy (so no rank allocates the full model), allocate only the local shards,
         # then fill them from rank 0's weights. to_empty keeps tied embeddings tied (load_state_dict(assign=True)
         # would not), and FSDP2 must see the tie when it shards the root.
-        full_state = model.state_dict() if get_rank() == 0 else {}
+        full_state, training = (model.state_dict() if get_rank() == 0 else {}), model.training
         with torch.device("meta"):
-            model = Transformer(model.config).to(dtype)
+            model = Transformer(model.config).to(dtype).train(training)
         shard_model(model, mixed_precision=mixed_precision)
         model.to_empty(device=device)
-        load_full_state(model, full_state)
+        # Rank 0 broadcasts each full tensor, every rank keeps its shard (full_state is converted in place).
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=True))
     model.activation_checkpointing = activation_checkpointing
     return model
 
@@ -219,7 +217,7 @@ def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2):
         if final.exists():
             shutil.rmtree(final)  # an identical step saved by an earlier, interrupted run
         os.replace(tmp, final)  # atomic: the folder name appears only when everything is written
-        for old in sorted(latest_checkpoints(out_dir))[:-keep] if keep > 0 else []:
+        for old in latest_checkpoints(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     barrier()
     return final
@@ -252,14 +250,14 @@ def load_checkpoint(path, model, optimizer):
 
 
 class MetricsLog:
-    """Append-only JSONL. On resume, records after the checkpoint's step (written by the killed run and about to
-    be redone) are dropped, so the file holds each step once."""
+    """Append-only JSONL, one record per step. A run starting at step k > 0 (a resume) keeps the records up to k and
+    drops later ones (written by the killed run, about to be redone); a run starting at 0 starts a new file."""
 
-    def __init__(self, path, resume_step=None, enabled=True):
+    def __init__(self, path, start_step=0, enabled=True):
         self.path, self.enabled = Path(path), enabled
-        if enabled and resume_step is not None and self.path.is_file():
+        if enabled and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) <= resume_step]
+                    if start_step and line.strip() and json.loads(line).get("step", -1) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, **record):
@@ -294,7 +292,7 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, 
         with autocast(device, dtype):
             loss_sum, metric_sums = loss_fn(model, batch)
         (loss_sum * scale).backward()
-        step_sums = torch.stack([loss_sum.detach().float(), *(m.detach().float() for m in metric_sums.values())])
+        step_sums = torch.stack([loss_sum.detach(), *metric_sums.values()]).double()
         sums = step_sums if sums is None else sums + step_sums
     # clip_grad_norm_ on FSDP2's DTensor gradients computes the global norm across shards.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -303,7 +301,7 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, 
     if finite:  # a nan/inf gradient would poison the weights and AdamW's moments for good: skip this update
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = (all_reduce_sum(sums.double()) / total_units).tolist()
+    sums = (all_reduce_sum(sums) / total_units).tolist()
     names = ["loss", *metric_sums]
     return {**dict(zip(names, sums)), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
             "units": int(total_units), "tokens": int(total_tokens)}
@@ -369,11 +367,16 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
     (e.g. data counts) goes into the metrics file's start record."""
     rank, world_size = get_rank(), dist.get_world_size() if dist.is_initialized() else 1
     steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
+    if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
+        sizes = torch.tensor([len(examples), -len(examples)], device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        if sizes.tolist() != [len(examples), -len(examples)]:
+            raise RuntimeError(f"ranks hold between {-sizes[1]} and {sizes[0]} examples; they must agree")
     warmup_steps = round(args.warmup * steps)
     # Saved with each checkpoint and checked on resume: the data position (= step) only means something for the
     # same examples, batch size and seed.
     data_state = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed, "steps": steps}
-    metrics = MetricsLog(Path(args.out) / "metrics.jsonl", start_step if args.resume else None, rank == 0)
+    metrics = MetricsLog(Path(args.out) / "metrics.jsonl", start_step, rank == 0)
     metrics.write(event="start", step=start_step, world_size=world_size, **data_state, **(info or {}))
     bar = tqdm(total=steps, initial=start_step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     model.train()
@@ -393,15 +396,20 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
         bar.update()
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
             path = save_checkpoint(args.out, step + 1, model, optimizer, data_state, keep=args.keep)
-            bar.write(f"saved {path}") if rank == 0 else None
+            if rank == 0:
+                bar.write(f"saved {path}")
         clock = time.perf_counter()
     bar.close()
     return stats
 
 
 def resume_point(args, examples):
-    """(checkpoint folder, step) to resume from, or (None, 0). Refuses a checkpoint made on other data."""
-    found = latest_checkpoints(args.out) if args.resume else []
+    """(checkpoint folder, step) to resume from, or (None, 0). Refuses a checkpoint made on other data, and a fresh
+    run into a folder that holds checkpoints (it would mix two runs)."""
+    found = latest_checkpoints(args.out)
+    if found and not args.resume:
+        raise FileExistsError(f"{args.out} holds checkpoints (last: {found[-1].name}): pass --resume to continue "
+                              "that run, or choose another --out")
     if not found:
         if args.resume and get_rank() == 0:
             print(f"--resume: no complete checkpoint in {args.out}; starting from step 0")
@@ -442,6 +450,9 @@ def tokenize_records(path, tokenizer, max_len, show_progress=True):
             skip(lineno, "not JSON")
             continue
         if isinstance(record, dict) and isinstance(record.get("text"), str):
+            if not record["text"]:
+                skip(lineno, "empty text")
+                continue
             ids = tokenizer.encode(record["text"], add_special_tokens=False).ids + [eos]
             for start in range(0, max(1, len(ids) - 1), max_len - 1):
                 window = ids[start:start + max_len]
@@ -524,7 +535,7 @@ def main(argv=None):
     if rank == 0:
         print(f"{args.data}: {len(examples)} examples, {json.dumps(counts)}")
     checkpoint, start_step = resume_point(args, examples)
-    torch.manual_seed(args.seed + rank), np.random.seed(args.seed + rank), random.seed(args.seed + rank)
+    seed_all(args.seed + rank)
 
     model = load_model(checkpoint or args.model, None if checkpoint else args.init_config, seed=args.seed)
     vocab = model.config.vocab_size

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import sft
@@ -294,3 +293,13 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     assert a.keys() == b.keys() and "lm_head.weight" not in a
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_resume_refuses_other_data_and_fresh_runs_refuse_a_used_folder(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat_record(q, a) for q, a in QUESTIONS])
+    run_sft(tiny, data, tmp_path / "run", "--steps", "1")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_sft(tiny, data, tmp_path / "run", "--steps", "2")
+    fewer = write_jsonl(tmp_path / "e.jsonl", [chat_record(q, a) for q, a in QUESTIONS[:6]])
+    with pytest.raises(ValueError, match="data position"):
+        run_sft(tiny, fewer, tmp_path / "run", "--steps", "2", "--resume")
