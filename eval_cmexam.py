@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 import templates as T
-from model import generate, load, load_tokenizer
+from model import generate, load, load_tokenizer, next_token_logits
 
 ANNOTATION_COLUMNS = ("Disease Group", "Area of Competency", "Clinical Department", "Medical Discipline",
                       "Difficulty level")
@@ -140,20 +140,6 @@ def choose_letters(probs: dict, multiple: bool) -> str:
     return "".join(sorted(chosen))
 
 
-@torch.inference_mode()
-def next_token_probs(model, prompts):
-    """Next-token probabilities [B, V] (fp32) after each prompt. Prompts are right-padded: in a causal forward a
-    position never sees the padding after it, so the plain training forward is exact. The price is the full
-    [B, T, V] logits tensor (B=16, T=400 on Qwen's 152k vocab: 1.9 GB in bf16), hence the modest batch."""
-    device = model.embed_tokens.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p, device=device)
-    logits = model(tokens)[torch.arange(len(prompts), device=device), lengths - 1]
-    return logits.float().softmax(-1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Predictions. One JSON record per question, written (and fsynced) the moment it exists: id, mode, prompt_hash,
 # gold, output (raw text), extracted (letters), correct, skipped (None or a reason) and per-mode details.
@@ -177,7 +163,8 @@ def record(row, mode, prompt, **fields):
 
 
 def predict_direct(model, tokenizer, batch, prompts, candidates):
-    probs = next_token_probs(model, [prompts[row["id"]][1] for row in batch]).cpu()
+    logits = next_token_logits(model, [prompts[row["id"]][1] for row in batch])  # left-padded, last position only
+    probs = logits.float().softmax(-1).cpu()
     records = []
     for row, p in zip(batch, probs):
         allowed = {s: p[i].item() for s, i in candidates.items() if set(s) <= set(row["options"])}
@@ -390,8 +377,7 @@ def main(argv=None):
     pick.add_argument("--limit", type=int, help="only the first N questions of the file")
     pick.add_argument("--sample", type=int, help="a random N questions (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0, help="for --sample and for sampling at --temperature > 0")
-    parser.add_argument("--batch-size", type=int, help="questions per generate call (default 32) or direct-mode "
-                        "forward pass (default 8: it holds the [B, T, vocab] logits)")
+    parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call / forward pass")
     parser.add_argument("--max-new-tokens", type=int, default=2048, help="long chains of thought need ~2k")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -402,7 +388,6 @@ def main(argv=None):
                             help=f"judge mode: TeacherConfig.{field.name}")
     args = parser.parse_args(argv)
 
-    args.batch_size = args.batch_size or (8 if args.mode == "direct" else 32)
     rows = select_rows(args.data, args.limit, args.sample, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

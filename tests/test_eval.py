@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 import eval_cmexam as E
 import templates as T
 from conftest import SHARED
-from model import ModelConfig, Transformer, init_weights, save
+from model import ModelConfig, Transformer, init_weights, load, save
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CSV = ROOT / "tests" / "data" / "cmexam_sample.csv"
@@ -96,7 +96,8 @@ def test_each_mode_writes_one_wellformed_record_per_question(mode, random_ckpt, 
     data = annotated_csv(tmp_path / "test_with_annotations.csv")
     report = run(random_ckpt, tmp_path / "out", "--mode", mode, "--max-new-tokens", 5, "--batch-size", 8, data=data)
     records = read(tmp_path / "out" / f"{mode}.predictions.jsonl")
-    assert sorted(r["id"] for r in records) == IDS
+    records_by_id = {r["id"]: r for r in records}
+    assert sorted(records_by_id) == IDS and len(records) == len(IDS)
     rows = {row["id"]: row for row in T.load_cmexam(data)}
     for r in records:
         row = rows[r["id"]]
@@ -112,6 +113,14 @@ def test_each_mode_writes_one_wellformed_record_per_question(mode, random_ckpt, 
             assert set(r["probs"]) == set(row["options"])  # no multi-letter tokens in a byte tokenizer
             assert len(r["extracted"]) == 1 if len(row["answer"]) == 1 else len(r["extracted"]) >= 2
             assert math.isclose(r["answer_mass"], sum(r["probs"].values()), abs_tol=1e-5)
+    if mode == "direct":  # batched, padded scoring == the plain causal forward of each prompt alone
+        model = load(random_ckpt)
+        for row in sorted(rows.values(), key=lambda row: len(E.prompt_text(row, mode)))[::14]:
+            ids = TOK.encode(E.prompt_text(row, mode), add_special_tokens=False).ids
+            with torch.no_grad():
+                p = model(torch.tensor([ids]))[0, -1].double().softmax(-1)
+            for letter, q in records_by_id[row["id"]]["probs"].items():
+                assert math.isclose(q, p[TOK.token_to_id(letter)].item(), rel_tol=1e-4)
     saved = json.loads((tmp_path / "out" / f"{mode}.report.json").read_text(encoding="utf-8"))
     assert saved["protocol"] == mode and saved["scored"] == len(IDS) == saved["overall"]["n"]
     assert saved["overall"]["correct"] == sum(r["correct"] for r in records) == report["overall"]["correct"]
