@@ -80,6 +80,10 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -211,8 +215,7 @@ def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2):
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     barrier()
     if rank == 0:
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world_size,
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": get_world_size(),
                                                             **(extra or {})}, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)  # an identical step saved by an earlier, interrupted run
@@ -275,8 +278,9 @@ class MetricsLog:
 def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, dtype=torch.float32):
     """Accumulate gradients over this rank's micro-batches, clip, step. Each micro-batch is a dict with "units"
     (trained tokens / pairs) and "n_tokens" (real input tokens), plus whatever loss_fn(model, batch) reads;
-    loss_fn returns (summed loss, {name: summed metric}). Returns the step's metrics, averaged over all units."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    loss_fn returns (summed loss, {name: summed metric}), 0-d tensors. Returns the step's metrics, each summed over
+    all ranks and divided by the step's units."""
+    world_size = get_world_size()
     counts = torch.tensor([sum(b["units"] for b in micro_batches), sum(b["n_tokens"] for b in micro_batches)],
                           dtype=torch.float64, device=device)
     total_units, total_tokens = all_reduce_sum(counts).tolist()
@@ -292,7 +296,7 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, 
         with autocast(device, dtype):
             loss_sum, metric_sums = loss_fn(model, batch)
         (loss_sum * scale).backward()
-        step_sums = torch.stack([loss_sum.detach(), *metric_sums.values()]).double()
+        step_sums = torch.stack([loss_sum, *metric_sums.values()]).detach().double()
         sums = step_sums if sums is None else sums + step_sums
     # clip_grad_norm_ on FSDP2's DTensor gradients computes the global norm across shards.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -332,7 +336,7 @@ def batch_indices(step, n_examples, batch_size, seed, rank=0, world_size=1):
 
 def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_every=50):
     """The flags sft.py and dpo.py share (each with its own defaults)."""
-    cuda = torch.cuda.is_available()
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     parser.add_argument("--out", required=True, help="run folder: checkpoints step-NNNNNN/ and metrics.jsonl")
     parser.add_argument("--epochs", type=float, default=epochs, help="passes over the data (unless --steps)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -347,8 +351,8 @@ def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_e
     parser.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (0: all)")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
-    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"],
-                        help="compute dtype (master weights and optimizer are always fp32)")
+    parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
+                        help="compute dtype on GPU (CPU computes in fp32; weights and AdamW are always fp32)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
 
 
@@ -363,9 +367,9 @@ def check_batch_sizes(args, world_size):
 
 
 def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0, desc="train", info=None):
-    """Train from start_step to the last step; checkpoints every args.save_every steps and at the end. `info`
-    (e.g. data counts) goes into the metrics file's start record."""
-    rank, world_size = get_rank(), dist.get_world_size() if dist.is_initialized() else 1
+    """Train from start_step to the last step; checkpoints every args.save_every steps and at the end, and points
+    out/final at the last one. `info` (e.g. data counts) goes into the metrics file's start record."""
+    rank, world_size = get_rank(), get_world_size()
     steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
     if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
         sizes = torch.tensor([len(examples), -len(examples)], device=device)
@@ -400,6 +404,14 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
                 bar.write(f"saved {path}")
         clock = time.perf_counter()
     bar.close()
+    final, link = Path(args.out) / "final", Path(args.out) / ".final-link"
+    if rank == 0 and final.is_dir() and not final.is_symlink():
+        print(f"warning: {final} is a folder, not our link; the last checkpoint is step-{steps:06d}")
+    elif rank == 0:  # out/final -> the last checkpoint, a stable name for the next stage (swapped atomically)
+        link.unlink(missing_ok=True)
+        link.symlink_to(f"step-{steps:06d}", target_is_directory=True)
+        os.replace(link, final)
+    barrier()
     return stats
 
 

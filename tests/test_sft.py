@@ -251,7 +251,7 @@ def test_resumed_run_ends_with_the_same_weights(tiny, tmp_path):
     uninterrupted = run_sft(tiny, data, full, "--steps", "6", "--save-every", "3", "--lr", "3e-3")
     # The interrupted run: everything after step 3 is gone, and a kill in the middle of saving step 6 left a
     # half-written temporary folder, which resume must ignore.
-    shutil.copytree(full, cut)
+    shutil.copytree(full, cut, symlinks=True)
     shutil.rmtree(cut / "step-000006")
     (cut / ".tmp-step-000006").mkdir()
     (cut / ".tmp-step-000006" / "config.json").write_text("{}")
@@ -261,6 +261,7 @@ def test_resumed_run_ends_with_the_same_weights(tiny, tmp_path):
     assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in uninterrupted if "loss" in r]
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 4-6 once each
     assert not (cut / ".tmp-step-000006").exists()
+    assert (cut / "final").resolve() == (cut / "step-000006").resolve()
 
 
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
