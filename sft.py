@@ -177,23 +177,22 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr_ratio=0.1):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: out/step-000100/ = a Hugging Face model folder + optimizer/ (DCP shards) + rng-rank{r}.pt +
 # trainer_state.json. Written to out/.tmp-step-000100/ and renamed when complete, so a kill mid-save leaves only a
-# .tmp folder that resume ignores (and the next save of that step replaces).
+# .tmp folder that resume ignores (and the next save of that step replaces). Every rank writes into the one folder:
+# on several nodes, --out must be on a shared filesystem.
 
 CHECKPOINT = re.compile(r"step-(\d+)")
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -439,21 +438,21 @@ def resume_point(args, examples):
 # {"prompt": [...], "completion": [...]} (TRL's prompt-completion, conversational), or of {"text": "..."}.
 
 
-def tokenize_records(path, tokenizer, max_len, show_progress=True):
+def tokenize_records(path, tokenizer, max_len, verbose=True):
     """-> (examples [(ids, mask)], counts). A chat longer than max_len loses prompt tokens from the LEFT (the answer
     is what we train on); one whose answer alone does not fit is skipped. Text longer than max_len is cut into
     windows overlapping by one token, so every token is still a target exactly once. Bad records are skipped,
-    counted, and the first few reported by line."""
+    counted, and the first few reported by line (if verbose: rank 0)."""
     eos = special_ids(tokenizer)["endoftext"]
     examples, counts = [], Counter()
 
     def skip(lineno, reason):
         counts["skipped: " + reason] += 1
-        if sum(v for k, v in counts.items() if k.startswith("skipped")) <= 5:
+        if verbose and sum(v for k, v in counts.items() if k.startswith("skipped")) <= 5:
             print(f"{path}:{lineno}: skipped ({reason})")
 
     lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(tqdm(lines, desc="tokenize", disable=not show_progress), 1):
+    for lineno, line in enumerate(tqdm(lines, desc="tokenize", disable=not verbose), 1):
         if not line.strip():
             continue
         try:
@@ -466,7 +465,7 @@ def tokenize_records(path, tokenizer, max_len, show_progress=True):
                 skip(lineno, "empty text")
                 continue
             ids = tokenizer.encode(record["text"], add_special_tokens=False).ids + [eos]
-            for start in range(0, max(1, len(ids) - 1), max_len - 1):
+            for start in range(0, len(ids) - 1, max_len - 1):
                 window = ids[start:start + max_len]
                 examples.append((window, [True] * len(window)))
                 counts["text windows"] += 1
@@ -541,7 +540,7 @@ def main(argv=None):
     rank, world_size, device = init_distributed()
     check_batch_sizes(args, world_size)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    examples, counts = tokenize_records(args.data, tokenizer, args.max_len, show_progress=rank == 0)
+    examples, counts = tokenize_records(args.data, tokenizer, args.max_len, verbose=rank == 0)
     if not examples:
         raise ValueError(f"{args.data}: no usable example ({counts})")
     if rank == 0:

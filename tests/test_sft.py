@@ -7,10 +7,12 @@ import copy
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,6 +22,7 @@ from conftest import ROOT, SHARED
 from model import ModelConfig, Transformer, init_weights, load_tokenizer
 from templates import chat, encode_chat
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY = {"model_type": "qwen2", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -134,7 +137,7 @@ def test_left_truncation_keeps_the_answer_and_counts(tiny, tmp_path, capsys):
                {"messages": [{"role": "robot", "content": "x"}]}]
     path = write_jsonl(tmp_path / "d.jsonl", records)
     max_len = 100  # the short chats take ~80 tiny-tokenizer tokens, the long prompt ~430, the long answer ~400
-    examples, counts = sft.tokenize_records(path, tok, max_len, show_progress=False)
+    examples, counts = sft.tokenize_records(path, tok, max_len, verbose=True)
     assert counts == {"chats": 3, "prompt truncated (left)": 1, "skipped: answer longer than max_len": 1,
                       "skipped: not JSON": 1, "skipped: no messages, prompt/completion lists or text": 1,
                       "skipped: no assistant message": 1, "skipped: bad messages: ValueError": 1}
@@ -262,6 +265,30 @@ def test_resumed_run_ends_with_the_same_weights(tiny, tmp_path):
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 4-6 once each
     assert not (cut / ".tmp-step-000006").exists()
     assert (cut / "final").resolve() == (cut / "step-000006").resolve()
+
+
+def test_checkpoint_restores_weights_optimizer_and_rng(tmp_path):
+    model = tiny_model()
+    optimizer = sft.build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    model(torch.tensor([[1, 2, 3]])).square().mean().backward()
+    optimizer.step()  # AdamW now holds moments and a step count
+    sft.seed_all(5)
+    path = sft.save_checkpoint(tmp_path, 7, model, optimizer, {"note": 1})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    sft.seed_all(123)
+
+    restored = sft.load_model(path)
+    restored_optimizer = sft.build_optimizer(restored, lr=1e-3, weight_decay=0.1)
+    assert sft.load_checkpoint(path, restored, restored_optimizer) == {"step": 7, "world_size": 1, "note": 1}
+    assert torch.equal(torch.rand(3), expected[0]) and (np.random.rand(3) == expected[1]).all()
+    assert random.random() == expected[2]
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b.float()), name
+    saved, loaded = optimizer.state_dict(), restored_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"] and saved["state"].keys() == loaded["state"].keys()
+    for i, state in saved["state"].items():
+        assert all(torch.equal(state[k], loaded["state"][i][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert [p.name for p in sft.latest_checkpoints(tmp_path)] == ["step-000007"]
 
 
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
