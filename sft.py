@@ -10,9 +10,8 @@ with N the number of trained tokens in the WHOLE step (all micro-batches, all ra
 the number of GPUs leave the objective unchanged. Trained tokens are each assistant reply and its <|im_end|>
 (templates.encode_chat); records {"text": ...} train on every token (pretraining the miniature from scratch).
 
-    python sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft
-    torchrun --nproc-per-node 8 sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft \\
-        --activation-checkpointing
+    python sft.py --model Qwen2.5-0.5B-Instruct --data sft.jsonl --out runs/sft-0.5b       # one process
+    torchrun --nproc-per-node 8 sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft
     torchrun --nproc-per-node 8 sft.py ... --resume      # continue from the last complete checkpoint in --out
     python sft.py --init-config tiny.json --tokenizer tok/ --data text.jsonl --out runs/pre   # random init
 
@@ -352,7 +351,9 @@ def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_e
     parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
     parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
                         help="compute dtype on GPU (CPU computes in fp32; weights and AdamW are always fp32)")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=torch.cuda.is_available(), help="recompute each block in the backward pass (a 7B "
+                        "model at 8k tokens needs it on 80 GB)")
 
 
 def total_steps(args, n_examples):
@@ -524,7 +525,7 @@ def sft_loss(model, batch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", help="Hugging Face Qwen2 folder to fine-tune")
     parser.add_argument("--init-config", help="config.json of a model to train from random init (instead of --model)")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
