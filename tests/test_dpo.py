@@ -1,0 +1,372 @@
+"""dpo.py: the loss against float64 math and TRL, sequence log-probs by hand, data, memory, and short training runs
+(1 vs 2 processes, resume, precomputed reference) on a tiny Qwen2-shaped model with a tiny byte-level BPE."""
+import collections
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpo
+from model import ModelConfig, Transformer, init_weights, load, save
+from templates import chat, encode_chat
+
+ROOT = Path(__file__).resolve().parents[1]
+FINDINGS = "发热咳嗽胸痛头痛腹泻皮疹黄疸水肿乏力心悸"
+DISEASES = "肺炎胃炎肝炎肾炎心衰贫血"
+
+
+def pair_record(i):
+    """A preference record in TRL's conversational form; the chosen reply names the right disease."""
+    f1, f2 = FINDINGS[i % 10], FINDINGS[(3 * i + 1) % 10]
+    right, wrong = DISEASES[2 * (i % 6):2 * (i % 6) + 2], DISEASES[2 * ((i + 2) % 6):2 * ((i + 2) % 6) + 2]
+    return {"prompt": [{"role": "user", "content": f"病例{i}：{f1}、{f2}。诊断？"}],
+            "chosen": [{"role": "assistant", "content": f"<think>\n{f1}{f2}提示{right}\n</think>\n答案：{right}"}],
+            "rejected": [{"role": "assistant", "content": f"答案：{wrong}"}],
+            "question_id": i, "round": 1}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A checkpoint folder (tiny model + tokenizer.json) and 24 pairs on disk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("dpo")
+    records = [pair_record(i) for i in range(24)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([chat(r["prompt"] + r[k], False) for r in records for k in ("chosen", "rejected")],
+                            trainer)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      bos_token_id=tok.token_to_id("<|endoftext|>"), eos_token_id=tok.token_to_id("<|im_end|>"))
+    model = init_weights(Transformer(cfg), std=0.1, seed=1)
+    save(model, d / "model")
+    tok.save(str(d / "model" / "tokenizer.json"))
+    data = d / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return types.SimpleNamespace(dir=d, model=d / "model", data=data, tok=tok, cfg=cfg, records=records,
+                                 pad_id=tok.token_to_id("<|endoftext|>"))
+
+
+def weights(path):
+    return load(path).state_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def logps(n, seed):
+    """Four [n] float64 tensors of sequence log-probs around -100, so that beta * z spans about -30..30."""
+    g = torch.Generator().manual_seed(seed)
+    return [-100 + 20 * torch.randn(n, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def log_sigmoid(x):  # float64, written out: log(1 / (1 + e^-x)), stable for either sign of x
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.3, 0.0), (0.5, 0.2)])
+def test_dpo_loss_matches_float64_math(beta, eps):
+    pc, pr, rc, rr = logps(64, seed=int(beta * 10))
+    losses, cr, rjr = dpo.dpo_loss(pc.float(), pr.float(), rc.float(), rr.float(), beta, eps)
+    for i in range(64):
+        z = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        expected = -(1 - eps) * log_sigmoid(beta * z) - eps * log_sigmoid(-beta * z)
+        assert losses[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert cr[i].item() == pytest.approx(beta * (pc[i].item() - rc[i].item()), rel=1e-5, abs=1e-5)
+        assert rjr[i].item() == pytest.approx(beta * (pr[i].item() - rr[i].item()), rel=1e-5, abs=1e-5)
+    ipo, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta, ipo=True)
+    z = (pc - rc) - (pr - rr)
+    assert torch.allclose(ipo, (z - 1 / (2 * beta)) ** 2)
+
+
+def test_dpo_loss_stays_finite_for_huge_gaps():
+    pc = torch.tensor([-10.0, -5000.0, -1.0], requires_grad=True)
+    pr = torch.tensor([-5000.0, -10.0, -1.0])
+    zero = torch.zeros(3)
+    for eps in (0.0, 0.1):
+        losses, _, _ = dpo.dpo_loss(pc, pr, zero, zero, beta=1.0, label_smoothing=eps)
+        assert torch.isfinite(losses).all()
+        # beta z = +4990: the clean term is ~0; beta z = -4990: it is ~4990 (log sigmoid(-x) = -x - log(1 + e^-x))
+        assert losses[0].item() == pytest.approx(eps * 4990, rel=1e-5, abs=1e-6)
+        assert losses[1].item() == pytest.approx((1 - eps) * 4990, rel=1e-5)
+        assert losses[2].item() == pytest.approx(math.log(2), rel=1e-6)
+        losses.sum().backward()
+        assert torch.isfinite(pc.grad).all() and pc.grad.abs().max() <= 1.0
+        pc.grad = None
+
+
+def trl_dpo_loss(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0, lengths=None):
+    """TRL 1.16's own DPOTrainer._compute_loss as an oracle. It is a method that runs the model itself, so it gets
+    the least it needs: a stand-in trainer (attributes the method reads), precomputed reference log-probs in the
+    inputs, and a stand-in model whose per-token log-probs sum to our sequence log-probs (all on the first
+    completion token, zeros after: TRL sums them over the sequence). `lengths` [2B] set the completion masks."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+    B = pc.shape[0]
+    lengths = torch.ones(2 * B, dtype=torch.long) if lengths is None else lengths
+    T = int(lengths.max()) + 1
+    pos = torch.arange(T)[None]
+    completion = ((pos >= 1) & (pos <= lengths[:, None])).long()
+    per_token = torch.zeros(2 * B, T - 1, dtype=pc.dtype)
+    per_token[:, 0] = torch.cat([pc, pr])
+    outputs = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
+                                    mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(completion[:, 1:]) > 0)
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        accelerator=types.SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x),
+        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta,
+        label_smoothing=label_smoothing, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
+    inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
+              "completion_mask": completion, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    loss = DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False)
+    return loss.item(), {k: v[0] for k, v in trainer._metrics["train"].items()}
+
+
+def test_dpo_loss_matches_trl():
+    pytest.importorskip("trl")
+    pc, pr, rc, rr = logps(16, seed=3)
+    for beta in (0.1, 0.3):
+        losses, cr, rjr = dpo.dpo_loss(pc, pr, rc, rr, beta)
+        loss, m = trl_dpo_loss(pc, pr, rc, rr, beta)
+        assert losses.mean().item() == pytest.approx(loss, rel=1e-12)
+        assert cr.mean().item() == pytest.approx(m["rewards/chosen"], rel=1e-12)
+        assert rjr.mean().item() == pytest.approx(m["rewards/rejected"], rel=1e-12)
+        assert (cr > rjr).double().mean().item() == pytest.approx(m["rewards/accuracies"])
+        assert (cr - rjr).mean().item() == pytest.approx(m["rewards/margins"], rel=1e-12)
+    # Conservative DPO: TRL 1.16's "sigmoid" ignores label_smoothing; its "aot" loss is exactly
+    # -(1-eps) logsigmoid(beta d) - eps logsigmoid(-beta d) with d the z of a batch sorted per pair, so pair by pair
+    # (a batch of one: the sort is the identity) it is conservative DPO.
+    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, 0.3, label_smoothing=0.2)
+    for i in range(16):
+        one = [x[i:i + 1] for x in (pc, pr, rc, rr)]
+        assert losses[i].item() == pytest.approx(trl_dpo_loss(*one, 0.3, "aot", 0.2)[0], rel=1e-12)
+    # IPO on per-token means: TRL divides the log-ratios by the completion lengths; dpo.py divides the log-probs.
+    lengths = torch.randint(1, 50, (32,), generator=torch.Generator().manual_seed(0))
+    loss, _ = trl_dpo_loss(pc, pr, rc, rr, 0.3, "ipo", lengths=lengths)
+    n_c, n_r = lengths[:16].double(), lengths[16:].double()
+    losses, _, _ = dpo.dpo_loss(pc / n_c, pr / n_r, rc / n_c, rr / n_r, 0.3, ipo=True)
+    assert losses.mean().item() == pytest.approx(loss, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence log-probs
+
+
+def test_sequence_logps_by_hand(world):
+    model = load(world.model).double()
+    examples, _ = dpo.load_pairs(world.data, world.tok, 64, 32)
+    batch = dpo.collate(examples[:3], world.pad_id)
+    with torch.no_grad():
+        got = dpo.sequence_logps(model(batch["tokens"]).float(), batch["tokens"], batch["mask"])
+    for row, tokens in enumerate(batch["tokens"]):
+        e = examples[row % 3]
+        reply = e["chosen"] if row < 3 else e["rejected"]
+        ids = e["prompt"] + reply
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0]
+        expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(len(e["prompt"]), len(ids)))
+        assert got[row].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_concatenated_forward_equals_separate_forwards(world):
+    model = load(world.model)
+    examples, _ = dpo.load_pairs(world.data, world.tok, 64, 32)
+    with torch.no_grad():
+        chosen, rejected = dpo.concatenated_forward(model, dpo.collate(examples[:4], world.pad_id))
+        for i, e in enumerate(examples[:4]):
+            for key, got in (("chosen", chosen), ("rejected", rejected)):
+                ids = torch.tensor([e["prompt"] + e[key]])
+                mask = torch.tensor([[False] * len(e["prompt"]) + [True] * len(e[key])])
+                alone = dpo.sequence_logps(model(ids), ids, mask)
+                assert got[i].item() == pytest.approx(alone.item(), rel=1e-5, abs=1e-5)
+
+
+def test_step_zero_loss_is_ln2_and_rewards_zero(world):
+    policy, reference = load(world.model).train(), load(world.model).eval()
+    examples, _ = dpo.load_pairs(world.data, world.tok, 64, 32)
+    batch = dpo.collate(examples[:8], world.pad_id)
+    pc, pr = dpo.concatenated_forward(policy, batch)
+    with torch.no_grad():
+        rc, rr = dpo.concatenated_forward(reference, batch)
+    losses, cr, rjr = dpo.dpo_loss(pc, pr, rc, rr, beta=0.3)
+    assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=1e-6)
+    assert cr.abs().max() < 1e-6 and rjr.abs().max() < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_pairs_tokenize_with_a_shared_prompt_and_exact_replies(world):
+    examples, counts = dpo.load_pairs(world.data, world.tok, 1000, 500)
+    assert counts["pairs"] == 24 and len(examples) == 24
+    for e, r in zip(examples, world.records):
+        for key in ("chosen", "rejected"):
+            ids, mask = encode_chat(world.tok, r["prompt"] + r[key])
+            assert ids[:len(e["prompt"])] == e["prompt"]
+            assert [i for i, m in zip(ids, mask) if m] == e[key]  # the reply and its <|im_end|>
+            assert world.tok.decode(e[key], skip_special_tokens=False).endswith(r[key][0]["content"] + "<|im_end|>")
+        assert world.tok.decode(e["prompt"], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_truncation_and_skips_are_counted(world, tmp_path):
+    good = world.records[0]  # 56 prompt, 38 chosen, 9 rejected tokens
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    lines = [json.dumps(good, ensure_ascii=False), "{not json", json.dumps({"prompt": "x", "chosen": "y"}),
+             json.dumps({**good, "rejected": good["chosen"]}),  # identical replies: z = 0 for ever
+             json.dumps({**good, "prompt": [{"role": "user", "content": "长" * 200}], "chosen": reply("答案：肺炎")}),
+             json.dumps({**good, "chosen": reply("嗯" * 60 + "甲"), "rejected": reply("嗯" * 60 + "乙")})]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    full, _ = dpo.load_pairs(world.data, world.tok, 1000, 500)
+    examples, counts = dpo.load_pairs(path, world.tok, 50, 20)
+    # kept: the good pair (prompt and chosen cut), the long prompt (prompt cut); skipped: 2 bad lines, the identical
+    # pair, and the pair whose replies differ only after the cut
+    assert counts == dict(pairs=2, prompt_truncated=2, responses_truncated=1, skipped_bad=2, skipped_identical=2)
+    for e in examples:
+        assert len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) <= 50
+    # the prompt loses tokens from the left (down to --max-prompt-length), the replies from the right
+    assert examples[0]["prompt"] == full[0]["prompt"][-20:]
+    assert examples[0]["chosen"] == full[0]["chosen"][:30]
+    assert examples[0]["rejected"] == full[0]["rejected"]
+    assert len(examples[1]["prompt"]) == 50 - len(examples[1]["rejected"]) > 20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory on paper
+
+
+def test_memory_estimate():
+    qwen7b = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+    est = dpo.estimate_memory(qwen7b, 8, 1, 4096)
+    assert est["n_params"] == 7_615_616_512  # Qwen2.5-7B's parameter count (its safetensors index: 15.23 GB bf16)
+    assert est["parameters (fp32, sharded)"] == 4 * 7_615_616_512 / 8
+    assert dpo.estimate_memory(qwen7b, 8, 1, 4096, precompute_ref=True)["reference model (bf16, sharded)"] == 0
+    # The activation formula against what autograd really saves for one block of a small model (bf16).
+    cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Transformer(cfg).parameters()) == dpo.estimate_memory(cfg, 1, 1, 1)["n_params"]
+    model = init_weights(Transformer(cfg)).to(torch.bfloat16).train()
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in params and t.numel() > 1000:  # not weights, not cos/sin tables
+            saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return t
+    x = torch.randn(2, 64, 128, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = (torch.ones(2, 64, 16, dtype=torch.bfloat16),) * 2
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x, cos, sin)
+    no_ckpt = dpo.estimate_memory(cfg, 1, 1, 64, checkpointing=False)["activations"]  # 1 layer x 2 rows x 64
+    assert sum(saved.values()) == pytest.approx(no_ckpt, rel=0.15)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs: 6 steps of 4 pairs (micro-batches of 2) on the 24 pairs, lr 1e-3 (a tiny model moves fast).
+
+
+def run_args(world, out, *extra):
+    return ["--model", str(world.model), "--data", str(world.data), "--out", str(out), "--lr", "1e-3",
+            "--beta", "0.5", "--batch-size", "4", "--micro-batch-size", "2", "--steps", "6", "--warmup", "0.2",
+            "--max-length", "96", "--max-prompt-length", "48", *extra]
+
+
+def metrics(out):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def torchrun(args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "dpo.py"), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="session")
+def single_run(world):
+    out = world.dir / "single"
+    dpo.main(run_args(world, out))
+    return out
+
+
+def assert_same_run(a, b, rel=1e-4):
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, 7))
+    for x, y in zip(ma, mb):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-5), (x["step"], key)
+    wa, wb = weights(Path(a) / "step-000006"), weights(Path(b) / "step-000006")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+
+
+def test_first_step_loss_is_ln2_and_training_separates_the_pairs(world, single_run):
+    first = metrics(single_run)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0
+    # Implicit rewards of all 24 pairs, trained policy against the reference, computed here from the checkpoint.
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
+    batch = dpo.collate(examples, world.pad_id)
+    with torch.no_grad():
+        pc, pr = dpo.concatenated_forward(load(single_run / "step-000006"), batch)
+        rc, rr = dpo.concatenated_forward(load(world.model), batch)
+    _, chosen_rewards, rejected_rewards = dpo.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    margins = chosen_rewards - rejected_rewards
+    assert (margins > 0).float().mean() >= 0.9 and margins.mean() > 1.0
+    assert metrics(single_run)[-1]["rewards/accuracies"] == 1.0
+
+
+def test_two_processes_match_one(world, single_run, tmp_path):
+    torchrun(run_args(world, tmp_path / "two", "--micro-batch-size", "1"))  # 2 ranks x 2 micro-batches x 1 pair
+    assert_same_run(single_run, tmp_path / "two")
+
+
+def test_precompute_ref_matches_live_reference(world, single_run, tmp_path):
+    for old in world.dir.glob("pairs.jsonl.ref-*"):
+        old.unlink()
+    # Two ranks, 5 pairs a forward: 12 pairs per rank in 3 forwards, the last one short.
+    torchrun(run_args(world, tmp_path / "pre", "--precompute-ref", "--precompute-batch", "5"))
+    assert_same_run(single_run, tmp_path / "pre")
+    [cache] = world.dir.glob("pairs.jsonl.ref-*.pt")
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
+    with torch.no_grad():
+        live = torch.stack(dpo.concatenated_forward(load(world.model), dpo.collate(examples, world.pad_id)))
+    assert torch.allclose(torch.load(cache), live, rtol=1e-5)
+    cache.write_bytes(b"not a tensor")  # a second run must read the cache, not recompute it
+    with pytest.raises(Exception):
+        dpo.main(run_args(world, tmp_path / "again", "--precompute-ref", "--steps", "1"))
+    cache.unlink()
+
+
+def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dpo.py"), *run_args(world, out, "--save-every", "1")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (out / "step-000002").exists() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "step-000006").exists()
+    dpo.main(run_args(world, out, "--save-every", "1", "--resume"))
+    assert_same_run(single_run, out, rel=1e-6)
