@@ -1,0 +1,427 @@
+"""
+selfplay.py: MedCritical Stage 2 data. The fine-tuned student answers training questions, critiques and corrects
+its own wrong answers, and each correction that reaches the gold answer becomes a DPO pair against the wrong
+answer. With --rounds R it alternates this with DPO (dpo.py): each round's model is the next round's student.
+
+Su et al., "MedCritical: Enhancing Medical Reasoning in Small Language Models via Self-Collaborative Correction",
+arXiv 2509.23368, Stage 2. No teacher is called here (the summary counts it: 0). For each question:
+  1. the student samples k trajectories for the student prompt (templates.student_messages), each graded
+     against the gold answer with templates.extract_answer;
+  2. for each wrong one, the SAME model reads its trajectory (templates.critique_messages) and samples m
+     critiques, each ending in a complete new solution (templates.extract_correction);
+  3. a corrected solution that reaches the gold answer, in our output format, is `chosen`; the wrong
+     trajectory is `rejected`. The chosen text answers the ORIGINAL question on its own, so both share one
+     prompt: the student's.
+--sources correction,sample also pairs a right sample against a wrong one of the same question (off by default:
+the paper builds pairs from corrections). --hint shows the gold answer to the corrector; it is never the default
+and every record says whether it was on.
+
+    python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay     # round 1's pairs only
+    python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay --rounds 2 --nproc 8 \
+        --dpo-args "--precompute-ref --rpo-alpha 1"  # sample, torchrun dpo.py, sample with the new model, DPO
+    # sampling on 8 GPUs: one process per GPU, each on its slice of the questions, then merge the files
+    for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python selfplay.py ... --shard $i --num-shards 8 & done; wait
+    python selfplay.py ... --num-shards 8 --merge
+
+Sampling runs in this one process (model.generate). DPO runs in a subprocess as `torchrun --nproc-per-node N
+dpo.py ...` (plain `python dpo.py` for N = 1), exactly the command users run. Round k lives in <out>/round_k/:
+pairs.jsonl (TRL's conversational preference format plus metadata), samples.jsonl (per question: what each sample
+and correction answered), summary.json, config.json and, with --rounds, the DPO run in dpo/ and done.json naming
+its final checkpoint. Both JSONL files grow one chunk of questions at a time (flush + fsync), samples.jsonl last,
+so it is the commit log: a killed run resumes at the first uncommitted chunk with nothing lost or duplicated, and
+a round with a done.json is skipped.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import generate, load, load_tokenizer
+from sft import latest_checkpoints
+from templates import (_append_jsonl, _done_ids, chat, critique_messages, extract_answer, extract_correction,
+                       is_well_formed, load_cmexam, special_ids, student_messages)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config. Defaults are for Qwen2.5-7B; the report/README gives the reasons.
+
+
+@dataclasses.dataclass
+class SelfPlayConfig:
+    samples: int = 4  # k trajectories per question
+    corrections: int = 2  # m critiques (each with a corrected solution) per wrong trajectory
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 2048  # one student answer
+    critique_max_new_tokens: int = 4096  # a critique and then a whole corrected answer
+    sources: str = "correction"  # how a chosen may be found: "correction", "sample" or "correction,sample"
+    hint: bool = False  # show the gold answer to the corrector
+    seed: int = 0
+    batch_size: int = 16  # prompts per generate call (x samples rows): the KV cache is batch x (prompt + new)
+    chunk_size: int = 64  # questions per committed chunk: a kill loses at most one chunk of work
+
+
+RUN_ONLY = ("batch_size", "chunk_size")  # change which random draws are made, not what is sampled from
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling. The one function that calls the model; tests swap it for a scripted one.
+
+
+def prompt_ids(tokenizer, messages):
+    """Token ids of the chat text up to `<|im_start|>assistant\\n`: what encode_chat puts before a reply."""
+    return tokenizer.encode(chat(messages), add_special_tokens=False).ids
+
+
+def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, seed):
+    """num_samples completions of each token-id prompt, in input order: [[(text, finished, tokens), ...], ...].
+
+    Prompts are sorted by length and batched, so a batch holds similar lengths (little left padding, and short
+    prompts do not wait on long ones); each prompt is prefilled once and its cache shared by its num_samples rows.
+    `finished` = the model ended the reply itself (a stop token, which is not part of the text) rather than being
+    cut off at max_new_tokens. The seed of each batch depends only on `seed` and the batch's place in the sorted
+    order, so the same chunk always draws the same samples."""
+    ids = special_ids(tokenizer)
+    stop = (ids["im_end"], ids["endoftext"])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results = [None] * len(prompts)
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start:start + cfg.batch_size]
+        rows = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop, num_samples=num_samples, seed=seed + start)
+        for j, i in enumerate(batch):
+            results[i] = []
+            for row in rows[j * num_samples:(j + 1) * num_samples]:
+                finished = bool(row) and row[-1] in stop
+                text = tokenizer.decode(row[:-1] if finished else row, skip_special_tokens=False)
+                results[i].append((text, finished, len(row)))
+    return results
+
+
+def seed_of(*parts):
+    return zlib.crc32(repr(parts).encode())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One chunk of questions: sample, grade, critique, correct, pair.
+
+
+def make_pair(row, chosen, rejected, **meta):
+    """A preference pair in the conversational format TRL's DPOTrainer reads, plus our metadata."""
+    return {"prompt": student_messages(row), "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "id": row["id"], **meta}
+
+
+def pair_key(pair):
+    text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_chunk(model, tokenizer, rows, cfg, round_, seed):
+    """(per-question records, candidate pairs) for one chunk. A prompt that cannot fit the context with its
+    max_new_tokens is a recorded skip. Only finished outputs enter pairs: a reply cut off at max_new_tokens would
+    be trained as if the model had ended it there."""
+    context = model.config.max_position_embeddings
+    sources = set(cfg.sources.split(","))
+    records = [{"id": row["id"], "round": round_, "answer": row["answer"], "hint": cfg.hint, "skipped": None,
+                "samples": []} for row in rows]
+    prompts = [prompt_ids(tokenizer, student_messages(row)) for row in rows]
+    fits = [i for i, p in enumerate(prompts) if len(p) + cfg.max_new_tokens <= context]
+    for i in set(range(len(rows))) - set(fits):
+        records[i]["skipped"] = "too_long"
+    outputs = sample_texts(model, tokenizer, [prompts[i] for i in fits], cfg.samples, cfg.max_new_tokens, cfg,
+                           seed_of(seed, "samples"))
+
+    texts, wrong = {}, []  # texts[(question index, sample index)]; wrong: finished wrong samples to correct
+    for i, samples in zip(fits, outputs):
+        for s, (text, finished, tokens) in enumerate(samples):
+            predicted = extract_answer(text)
+            right = predicted == rows[i]["answer"]
+            records[i]["samples"].append({"predicted": predicted, "right": right, "finished": finished,
+                                          "tokens": tokens, "well_formed": is_well_formed(text)})
+            texts[i, s] = text
+            if finished and not right:
+                wrong.append((i, s))
+
+    hint = {i: rows[i]["answer"] if cfg.hint else None for i, _ in wrong}
+    critiques = [prompt_ids(tokenizer, critique_messages(rows[i], texts[i, s], hint[i])) for i, s in wrong]
+    fits = [j for j, p in enumerate(critiques) if len(p) + cfg.critique_max_new_tokens <= context]
+    for j in set(range(len(wrong))) - set(fits):
+        i, s = wrong[j]
+        records[i]["samples"][s]["critique"] = "too_long"
+    outputs = sample_texts(model, tokenizer, [critiques[j] for j in fits], cfg.corrections,
+                           cfg.critique_max_new_tokens, cfg, seed_of(seed, "corrections"))
+
+    pairs = [[] for _ in rows]
+    for j, corrections in zip(fits, outputs):
+        i, s = wrong[j]
+        sample = records[i]["samples"][s]
+        sample["corrections"] = []
+        for c, (text, finished, tokens) in enumerate(corrections):
+            solution = extract_correction(text)
+            predicted, well_formed = extract_answer(solution), is_well_formed(solution)
+            right = predicted == rows[i]["answer"]
+            sample["corrections"].append({"predicted": predicted, "right": right, "marked": bool(solution),
+                                          "well_formed": well_formed, "finished": finished, "tokens": tokens})
+            if "correction" in sources and right and well_formed and finished:
+                pairs[i].append(make_pair(rows[i], solution, texts[i, s], round=round_, sample=s,
+                                          source="correction", correction=c, hint=cfg.hint,
+                                          answer=rows[i]["answer"], rejected_answer=sample["predicted"]))
+    if "sample" in sources:  # every (right, wrong) combination of one question's finished samples
+        for i, record in enumerate(records):
+            done = [(s, x) for s, x in enumerate(record["samples"]) if x["finished"]]
+            for s_right, x_right in done:
+                for s_wrong, x_wrong in done:
+                    if x_right["right"] and x_right["well_formed"] and not x_wrong["right"]:
+                        pairs[i].append(make_pair(rows[i], texts[i, s_right], texts[i, s_wrong], round=round_,
+                                                  sample=s_wrong, source="sample", chosen_sample=s_right,
+                                                  hint=False, answer=rows[i]["answer"],
+                                                  rejected_answer=x_wrong["predicted"]))
+    return records, [pair for question_pairs in pairs for pair in question_pairs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A round's files: resume, write chunk by chunk, summarize.
+
+
+def shard_suffix(shard, num_shards):
+    return "" if num_shards == 1 else f".shard{shard}of{num_shards}"
+
+
+def read_committed(pairs_path, samples_path):
+    """(records, pairs) already committed. samples.jsonl is written after pairs.jsonl for each chunk, so pairs
+    of questions it does not list come from a chunk that was killed mid-write: they are dropped (and remade)."""
+    done = _done_ids(samples_path)  # also truncates a last line cut off by a kill
+    _done_ids(pairs_path)
+    read = lambda path: [json.loads(line) for line in path.read_text("utf-8").splitlines()] if path.exists() else []
+    records, pairs = read(samples_path), read(pairs_path)
+    committed = [pair for pair in pairs if pair["id"] in done]
+    if len(committed) < len(pairs):
+        write_jsonl(pairs_path, committed)
+    return records, committed
+
+
+def write_jsonl(path, items):
+    """Replace a JSONL file atomically: a kill leaves the old file or the new one, never half of either."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), "utf-8")
+    os.replace(tmp, path)
+
+
+def check_config(out_dir, cfg):
+    """Refuse to resume a round with sampling settings other than those it was started with."""
+    path = out_dir / "config.json"
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise SystemExit(f"{out_dir} was started with other settings (was, now): {changed}; use another --out")
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def make_pairs(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num_shards=1, device="cpu",
+               dtype=torch.float32) -> dict:
+    """Round `round_`'s pairs from the model at `model_path` for this shard's questions rows[shard::num_shards],
+    resuming whatever `out_dir` already holds. Returns the summary (also printed and written as JSON)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_config(out_dir, cfg)
+    suffix = shard_suffix(shard, num_shards)
+    pairs_path, samples_path = out_dir / f"pairs{suffix}.jsonl", out_dir / f"samples{suffix}.jsonl"
+    records, pairs = read_committed(pairs_path, samples_path)
+    done, seen = {r["id"] for r in records}, {pair_key(p) for p in pairs}
+    rows = rows[shard::num_shards]
+    # Chunks are cut from the whole list, not from what is left, so a resumed run draws the same samples.
+    chunks = [rows[i:i + cfg.chunk_size] for i in range(0, len(rows), cfg.chunk_size)]
+    todo = [(c, chunk) for c, chunk in enumerate(chunks) if any(row["id"] not in done for row in chunk)]
+    counts = tally(records)
+    if todo:
+        model = load(model_path, dtype=dtype, device=device)
+        with open(pairs_path, "a", encoding="utf-8") as pairs_file, \
+                open(samples_path, "a", encoding="utf-8") as samples_file:
+            bar = tqdm(todo, desc=f"round {round_} chunks", dynamic_ncols=True)
+            for c, chunk in bar:
+                new_records, candidates = run_chunk(model, tokenizer, chunk, cfg, round_, seed_of(cfg.seed, round_, c))
+                new_records = {r["id"]: {**r, "pairs": 0, "duplicates": 0} for r in new_records if r["id"] not in done}
+                new_pairs = []
+                for pair in candidates:
+                    if pair["id"] in new_records:
+                        fresh = pair_key(pair) not in seen
+                        new_records[pair["id"]]["pairs" if fresh else "duplicates"] += 1
+                        if fresh:
+                            seen.add(pair_key(pair))
+                            new_pairs.append(pair)
+                for record in new_pairs:
+                    _append_jsonl(pairs_file, record)
+                for record in new_records.values():
+                    _append_jsonl(samples_file, record)
+                records += new_records.values()
+                pairs += new_pairs
+                done |= set(new_records)
+                counts += tally(new_records.values())
+                bar.set_postfix(acc=f"{counts['samples_right'] / max(counts['samples'], 1):.3f}", pairs=len(pairs))
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the DPO subprocess needs this GPU next
+    return write_summary(out_dir / f"summary{suffix}.json", records, pairs, model_path, round_)
+
+
+def tally(records) -> Counter:
+    """Raw counts over per-question records; summarize() turns them into the summary."""
+    n = Counter()
+    for record in records:
+        if record["skipped"]:
+            n["questions_skipped_too_long"] += 1
+            continue
+        right = [s["right"] for s in record["samples"]]
+        n.update(questions=1, samples=len(right), samples_right=sum(right), questions_all_right=all(right),
+                 questions_any_right=any(right), duplicate_pairs=record["duplicates"])
+        for s in record["samples"]:
+            corrections = s.get("corrections", [])
+            n.update(no_answer=s["predicted"] == "", truncated=not s["finished"], sample_tokens=s["tokens"],
+                     critique_skipped_too_long=s.get("critique") == "too_long", correction_attempts=len(corrections),
+                     wrong_samples_corrected=any(c["right"] for c in corrections))
+            n.update(wrong_samples_sent_to_critique=bool(corrections) or s.get("critique") == "too_long")
+            for c in corrections:
+                n.update(corrections_right=c["right"], corrections_unmarked=not c["marked"],
+                         corrections_truncated=not c["finished"], correction_tokens=c["tokens"],
+                         corrections_malformed=c["marked"] and not c["well_formed"])
+    return n
+
+
+def summarize(records, pairs) -> dict:
+    n = tally(records)
+    rate = lambda a, b: round(n[a] / n[b], 4) if n[b] else None
+    return {"questions": n["questions"], "questions_skipped_too_long": n["questions_skipped_too_long"],
+            "samples": n["samples"], "accuracy_per_sample": rate("samples_right", "samples"),
+            "questions_all_samples_right": rate("questions_all_right", "questions"),
+            "questions_any_sample_right": rate("questions_any_right", "questions"),
+            "no_answer": n["no_answer"], "truncated": n["truncated"],
+            "wrong_samples_sent_to_critique": n["wrong_samples_sent_to_critique"],
+            "critique_skipped_too_long": n["critique_skipped_too_long"],
+            "correction_attempts": n["correction_attempts"], "corrections_right": n["corrections_right"],
+            "correction_success_rate": rate("corrections_right", "correction_attempts"),
+            "wrong_samples_corrected": n["wrong_samples_corrected"],
+            "corrections_unmarked": n["corrections_unmarked"], "corrections_malformed": n["corrections_malformed"],
+            "corrections_truncated": n["corrections_truncated"],
+            "pairs": len(pairs), "pairs_by_source": dict(sorted(Counter(p["source"] for p in pairs).items())),
+            "duplicate_pairs_dropped": n["duplicate_pairs"],
+            "generated_tokens": n["sample_tokens"] + n["correction_tokens"],
+            "teacher_calls": 0}  # no teacher client is imported here; tests/test_selfplay.py checks it
+
+
+def write_summary(path, records, pairs, model_path, round_):
+    summary = {"round": round_, "model": str(model_path), **summarize(records, pairs)}
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(summary, ensure_ascii=False))
+    return summary
+
+
+def merge_shards(out_dir, rows, num_shards, model_path, round_=1) -> dict:
+    """Join the files of --num-shards sampling processes into pairs.jsonl / samples.jsonl (pairs deduplicated)."""
+    records, pairs = [], []
+    for shard in range(num_shards):
+        suffix = shard_suffix(shard, num_shards)
+        shard_records, shard_pairs = read_committed(out_dir / f"pairs{suffix}.jsonl",
+                                                    out_dir / f"samples{suffix}.jsonl")
+        missing = {row["id"] for row in rows[shard::num_shards]} - {r["id"] for r in shard_records}
+        if missing:
+            raise SystemExit(f"shard {shard} of {num_shards} has not finished ({len(missing)} questions left): "
+                             "rerun it")
+        records += shard_records
+        pairs += shard_pairs
+    pairs = list({pair_key(p): p for p in pairs}.values())
+    write_jsonl(out_dir / "pairs.jsonl", pairs)
+    write_jsonl(out_dir / "samples.jsonl", records)
+    return write_summary(out_dir / "summary.json", records, pairs, model_path, round_)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Self-iteration: sample with the current policy, train it with DPO on its own pairs, repeat.
+
+
+def run_dpo(args, model_path, pairs_path, out_dir):
+    """dpo.py in a subprocess, exactly the command a user runs (`torchrun --nproc-per-node N dpo.py ...`, or plain
+    `python dpo.py ...` for one process), plus the flags of --dpo-args. --resume makes a rerun continue a killed
+    DPO run from its last checkpoint in out_dir. Returns the final checkpoint."""
+    launcher = [sys.executable] if args.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    cmd = [*launcher, args.dpo_script, "--model", str(model_path), "--tokenizer", str(args.tokenizer or args.model),
+           "--data", str(pairs_path), "--out", str(out_dir), "--resume", *shlex.split(args.dpo_args)]
+    print("+ " + shlex.join(cmd), flush=True)
+    if subprocess.run(cmd).returncode:
+        raise SystemExit("DPO failed (its output is above); rerun the same command to resume")
+    checkpoints = latest_checkpoints(out_dir)
+    if not checkpoints:
+        raise SystemExit(f"DPO finished but left no complete checkpoint in {out_dir}")
+    return checkpoints[-1]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", required=True, help="the SFT checkpoint (Hugging Face folder): round 1's student")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
+    parser.add_argument("--data", required=True, help="CMExam training questions (.csv, .json or .jsonl)")
+    parser.add_argument("--out", required=True, help="output folder: round_1/, round_2/, ...")
+    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--rounds", type=int, default=0, help="sample+DPO rounds; 0 = round 1's pairs only")
+    for field in dataclasses.fields(SelfPlayConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", help=f"SelfPlayConfig.{field.name}")
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default,
+                                help=f"SelfPlayConfig.{field.name} (default {field.default})")
+    parser.add_argument("--shard", type=int, default=0, help="this process samples questions shard::num-shards")
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--merge", action="store_true", help="join the --num-shards shard files of round 1")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--nproc", type=int, default=1, help="DPO processes (GPUs) for torchrun")
+    parser.add_argument("--dpo-script", default=str(Path(__file__).resolve().parent / "dpo.py"))
+    parser.add_argument("--dpo-args", default="", help='more dpo.py flags in one string, e.g. "--beta 0.3"')
+    args = parser.parse_args(argv)
+    cfg = SelfPlayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SelfPlayConfig)})
+    if not set(cfg.sources.split(",")) <= {"correction", "sample"}:
+        parser.error(f"--sources {cfg.sources!r}: comma-separated from correction, sample")
+    if not 0 <= args.shard < args.num_shards or (args.num_shards > 1 and args.rounds):
+        parser.error("--shard i --num-shards n (0 <= i < n) only with --rounds 0; then --merge joins the files")
+
+    rows = load_cmexam(args.data)[:args.limit]
+    if len({row["id"] for row in rows}) != len(rows):
+        raise SystemExit(f"{args.data}: question ids are not unique, so a run could not resume")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    out, model_path = Path(args.out), Path(args.model)
+    if args.merge:
+        merge_shards(out / "round_1", rows, args.num_shards, model_path)
+        return
+    for k in range(1, max(args.rounds, 1) + 1):
+        round_dir = out / f"round_{k}"
+        done = round_dir / "done.json"  # written once the round's DPO run has finished: names its checkpoint
+        if args.rounds and done.exists():
+            model_path = Path(json.loads(done.read_text())["checkpoint"])
+            print(f"round {k}: done, its model is {model_path}")
+            continue
+        summary = make_pairs(model_path, tokenizer, rows, round_dir, cfg, k, args.shard, args.num_shards,
+                             args.device, getattr(torch, args.dtype))
+        if not args.rounds:
+            break
+        if not summary["pairs"]:
+            raise SystemExit(f"round {k} made no pairs: nothing for DPO to train on")
+        model_path = run_dpo(args, model_path, round_dir / "pairs.jsonl", round_dir / "dpo")
+        done.write_text(json.dumps({"checkpoint": str(model_path), "pairs": summary["pairs"]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
