@@ -170,6 +170,22 @@ def test_scripted_run_makes_exactly_the_hand_decided_pairs(tmp_path, rows, token
     assert (records[q1["id"]]["pairs"], records[q1["id"]]["duplicates"]) == (1, 3)
 
 
+def test_trl_reads_the_pairs(tmp_path, rows, tokenizer, model_dir, monkeypatch):
+    """TRL's own DPO data path (trl as an oracle) sees our pairs as conversational, with the student prompt."""
+    qwen = ROOT.parent / "shared" / "data" / "qwen2.5-tokenizer"
+    if not (qwen / "tokenizer.json").is_file():
+        pytest.skip("../shared/data/qwen2.5-tokenizer not present")
+    from transformers import AutoTokenizer
+    from trl.data_utils import apply_chat_template, is_conversational
+    (q0, *_), _, _ = scripted_run(tmp_path, rows, tokenizer, model_dir, monkeypatch)
+    hf = AutoTokenizer.from_pretrained(str(qwen))
+    pair = read_jsonl(tmp_path / "pairs.jsonl")[0]
+    assert is_conversational(pair)
+    rendered = apply_chat_template({k: pair[k] for k in ("prompt", "chosen", "rejected")}, hf)
+    assert rendered == {"prompt": T.chat(T.student_messages(q0)), "chosen": traj("q0 改", "C") + "<|im_end|>\n",
+                        "rejected": traj("q0 错", "A") + "<|im_end|>\n"}
+
+
 def test_sample_source_pairs_right_against_wrong_samples(tmp_path, rows, tokenizer, model_dir, monkeypatch):
     (q0, q1, q2, q3, q4), _, summary = scripted_run(tmp_path, rows, tokenizer, model_dir, monkeypatch,
                                                     sources="correction,sample")
@@ -376,6 +392,19 @@ def test_help():
     assert out.returncode == 0
     for flag in ("--rounds", "--samples", "--corrections", "--hint", "--sources", "--dpo-args", "--num-shards"):
         assert flag in out.stdout
+
+
+def test_bad_command_lines_are_clear_errors(tmp_path, model_dir, capsys):
+    base = ["--model", str(model_dir), "--data", str(SAMPLE_CSV), "--out", str(tmp_path)]
+    for extra, message in ((["--sources", "teacher"], "--sources"), (["--shard", "2", "--num-shards", "2"], "--shard"),
+                           (["--rounds", "1", "--num-shards", "2"], "only with --rounds 0")):
+        with pytest.raises(SystemExit):
+            S.main(base + extra)
+        assert message in capsys.readouterr().err
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text('{"id": 1, "question": "q", "options": {"A": "a"}, "answer": "A"}\n' * 2, encoding="utf-8")
+    with pytest.raises(SystemExit, match="not unique"):
+        S.main(["--model", str(model_dir), "--data", str(twice), "--out", str(tmp_path)])
 
 
 def test_shards_merge_to_the_unsharded_pairs(tmp_path, rows, tokenizer, model_dir, monkeypatch):
