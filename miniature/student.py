@@ -1,0 +1,120 @@
+"""The miniature's student: a tokenizer trained on the exam's corpus, a tiny Qwen2 config, pretraining on kb.txt.
+
+The student is our own model.py Transformer, Qwen2-shaped but tiny, trained from scratch: first on the knowledge
+base as plain text (so the knowledge a question needs must be recalled, as a real model recalls medicine from its
+pretraining), then by sft.py / dpo.py like a real checkpoint. The tokenizer (Hugging Face `tokenizers`, BPE) keeps
+Qwen's special tokens <|endoftext|> <|im_start|> <|im_end|> (templates.special_ids looks them up by name), never
+merges findings, disease-name characters, treatments, option letters, digits, punctuation or spaces with anything
+(so "热有 咳无" is checked character by character), and lets BPE merge the fixed prompt and template text.
+
+    python miniature/student.py --data runs/mini/data --out runs/mini/student   # tokenizer, config, pretrain.jsonl
+    python sft.py --init-config runs/mini/student/config.json --tokenizer runs/mini/student \\
+        --data runs/mini/student/pretrain.jsonl --out runs/mini/pretrain --max-len 256 --lr 3e-3 ...
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import templates  # noqa: E402
+from exam import FINDINGS, ORGANS, PROCESSES, TREATMENTS  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from teacher import answer_text, corrupt, critique_text, parse_question  # noqa: E402
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def corpus(data_dir, questions=600, seed=0):
+    """Every kind of text the student will read or write: the knowledge, student prompts with template and plain
+    answers, critique prompts with corrections (for a sample of training questions), as chat text."""
+    data_dir = Path(data_dir)
+    kb = json.loads((data_dir / "kb.json").read_text(encoding="utf-8"))
+    texts = (data_dir / "kb.txt").read_text(encoding="utf-8").splitlines()
+    rng = random.Random(seed)
+    for row in templates.load_cmexam(data_dir / "train.csv")[:questions]:
+        q = parse_question(templates.format_question(row))
+        student = templates.student_messages(row)
+        wrong, _ = corrupt(kb, q, rng)
+        for messages in (student + [{"role": "assistant", "content": answer_text(kb, q)}],
+                         student + [{"role": "assistant", "content": answer_text(kb, q, "plain")}],
+                         templates.critique_messages(row, wrong) + [
+                             {"role": "assistant", "content": critique_text(kb, q, wrong)}]):
+            texts.append(templates.chat(messages, add_generation_prompt=False))
+    return texts
+
+
+def train_tokenizer(texts, vocab_size=1024):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Isolated pieces are never merged into others: treatments (whole), findings and the characters of disease
+    # names (organ + process, so a name seen only in pretraining still reads as its parts), option letters, digits,
+    # punctuation, whitespace. Without this "肾结的表现有" becomes one token and the subject disappears into it.
+    alone = "".join(FINDINGS) + "".join(ORGANS) + "".join(PROCESSES) + "A-E0-9"
+    # A run of English (the default system prompt) is one piece, which BPE then merges into a few tokens.
+    pattern = r"[A-Za-z][A-Za-z ,.]+[a-z.]|" + "|".join(TREATMENTS) + rf"|[{alone}]|\s|[^\w\s]"
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # concatenate pieces as they are: no spaces inserted, none lost
+    alphabet = sorted(set("".join(texts)) | set(chr(c) for c in range(32, 127)) | {"\n"})
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL + ["<unk>"],
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model config: Qwen2-shaped (GQA, q/k/v bias, SwiGLU, RoPE, tied head) at about a million parameters
+
+
+def student_config(tokenizer, hidden=160, layers=4, heads=4, kv_heads=2, context=1024) -> ModelConfig:
+    ids = templates.special_ids(tokenizer)
+    return ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=3 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=context, rope_theta=10000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining data for `sft.py --init-config` ({"text"} records train on every token): the knowledge text, its
+# lines shuffled anew in each copy so that no fact is learned from its neighbours' positions.
+
+
+def pretrain_records(kb_lines, copies, seed=0):
+    rng = random.Random(f"pretrain-{seed}")
+    return [{"text": "\n".join(rng.sample(kb_lines, len(kb_lines))) + "\n"} for _ in range(copies)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder written by miniature/exam.py")
+    parser.add_argument("--out", required=True, help="folder for tokenizer.json, config.json, pretrain.jsonl")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="at most (BPE stops when no pair repeats)")
+    parser.add_argument("--hidden", type=int, default=160)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=400, help="shuffled copies of kb.txt in pretrain.jsonl")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(corpus(args.data, seed=args.seed), args.vocab_size)
+    tokenizer.save(str(out / "tokenizer.json"))
+    cfg = student_config(tokenizer, args.hidden, args.layers)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf(torch.float32), indent=2) + "\n")
+    lines = (Path(args.data) / "kb.txt").read_text(encoding="utf-8").splitlines()
+    with open(out / "pretrain.jsonl", "w", encoding="utf-8") as f:
+        for record in pretrain_records(lines, args.copies, args.seed):
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    n = sum(p.numel() for p in Transformer(cfg).parameters())
+    print(f"vocab {tokenizer.get_vocab_size()}, {n:,} parameters, {args.copies} x {len(lines)} lines -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The miniature's foundations: the synthetic exam, the rule-based teacher (and its server), consistency, tokenizer."""
+import csv
+import json
+import random
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import templates as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "miniature"))
+import exam  # noqa: E402
+import student  # noqa: E402
+import teacher  # noqa: E402
+
+SMALL = dict(train=400, test=150)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exam")
+    kb = exam.build(exam.ExamConfig(seed=3, **SMALL), out)
+    return out, kb
+
+
+def read_rows(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exam
+
+
+def test_generator_is_deterministic_and_seeded(tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        exam.build(exam.ExamConfig(seed=seed, train=60, test=20), tmp_path / name)
+    files = ["kb.json", "kb.txt", "train.csv", "test.csv"]
+    same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files]
+    other = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes() for f in files]
+    assert all(same) and not any(other)
+
+
+def independent_answer(kb, row):
+    """The answer key recomputed from the knowledge base with this test's own reading of the CSV row."""
+    options = dict(line.split(" ", 1) for line in row["Options"].split("\n"))
+    diseases, stem = kb["diseases"], row["Question"]
+    if m := re.fullmatch(r"患者见(.+)。最可能的诊断是", stem):
+        given = m[1].split("、")
+        good = {l for l, name in options.items() if set(given) <= set(diseases[name]["findings"])}
+    elif m := re.fullmatch(r"患者见(.+)。应首选的治疗是", stem):
+        given = m[1].split("、")
+        matches = [n for n, d in diseases.items() if set(given) <= set(d["findings"])]
+        assert len(matches) == 1, (stem, matches)  # the findings must name one disease of the whole base
+        good = {l for l, t in options.items() if t == diseases[matches[0]]["treatment"]}
+    elif m := re.fullmatch(r"下列哪项不是(.+)的表现", stem):
+        good = {l for l, f in options.items() if f not in diseases[m[1]]["findings"]}
+    elif m := re.fullmatch(r"(.+)的表现有", stem):
+        good = {l for l, f in options.items() if f in diseases[m[1]]["findings"]}
+    else:
+        raise AssertionError(f"unknown stem {stem}")
+    return "".join(sorted(good))
+
+
+def test_answer_keys_are_right(data):
+    out, kb = data
+    for split in ("train", "test"):
+        rows = read_rows(out / f"{split}.csv")
+        kinds = Counter(r["Question Type"] for r in rows)
+        assert set(kinds) == {"诊断", "诊断-治疗", "否定", "多选"}
+        for row in rows:
+            answer = independent_answer(kb, row)
+            assert answer == row["Answer"], row
+            assert (len(answer) >= 2) == (row["Question Type"] == "多选")
+            assert len(row["Options"].split("\n")) == 5
+
+
+def test_splits_are_disjoint_and_unseen_diseases_stay_out_of_training(data):
+    out, kb = data
+    train, test = read_rows(out / "train.csv"), read_rows(out / "test.csv")
+    key = lambda r: (r["Question"], frozenset(line[2:] for line in r["Options"].split("\n")))  # noqa: E731
+    assert len({key(r) for r in train}) == len(train) and len({key(r) for r in test}) == len(test)
+    assert not {key(r) for r in train} & {key(r) for r in test}
+    unseen = {n for n, d in kb["diseases"].items() if not d["seen"]}
+    assert unseen
+    for row in train:
+        assert not any(n in row["Question"] or n in row["Options"] for n in unseen)
+    assert Counter(r["Seen In Training"] for r in test)["否"] > len(test) // 4
+
+
+def test_csv_loads_with_templates_without_skips(data):
+    out, _ = data
+    for split in ("train", "test"):
+        rows, skipped = T.load_cmexam(out / f"{split}.csv", return_skipped=True)
+        assert skipped == [] and len(rows) == SMALL[split]
+        assert {"Clinical Department", "Question Type", "Area of Competency"} <= set(rows[0])
+
+
+def test_knowledge_text_states_every_fact(data):
+    out, kb = data
+    text = (out / "kb.txt").read_text(encoding="utf-8")
+    for name, d in kb["diseases"].items():
+        assert f"{name}：{'、'.join(d['findings'])}；治以{d['treatment']}；属{d['department']}。" in text
+    for finding, names in kb["index"].items():
+        assert set(names) == {n for n, d in kb["diseases"].items() if finding in d["findings"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher
+
+
+def test_teacher_trajectories_grade_correct_for_every_type(data):
+    out, kb = data
+    rows = T.load_cmexam(out / "train.csv") + T.load_cmexam(out / "test.csv")
+    seen = Counter()
+    for row in rows:
+        q = teacher.parse_question(T.teacher_messages(row)[0]["content"])  # the worked example comes first
+        text, plain = teacher.answer_text(kb, q), teacher.answer_text(kb, q, "plain")
+        assert T.extract_answer(text) == row["answer"] and T.is_well_formed(text), text
+        assert T.extract_answer(plain) == row["answer"] and T.is_well_formed(plain), plain
+        assert teacher.follows_marks(text)
+        assert [s for s in teacher.SECTIONS if s in teacher.sections(text)] == teacher.SECTIONS
+        seen[row["Question Type"]] += 1
+    assert min(seen.values()) > 20
+
+
+def test_corruptions_are_wrong_and_critiques_fix_exactly_the_wrong_lines(data):
+    out, kb = data
+    rng = random.Random(0)
+    kinds = Counter()
+    for row in T.load_cmexam(out / "train.csv")[:150]:
+        q = teacher.parse_question(T.format_question(row))
+        wrong, how = teacher.corrupt(kb, q, rng)
+        kinds.update(how)
+        assert T.extract_answer(wrong) != row["answer"]
+        reply = teacher.critique_text(kb, q, wrong)
+        correction = T.extract_correction(reply)
+        assert correction == teacher.answer_text(kb, q) and T.extract_answer(correction) == row["answer"]
+        critique = reply.split(T.CORRECTION_MARK)[0]
+        changed = [line for line in correction.splitlines() if line not in wrong.splitlines()]
+        for line in changed:  # every step line that had to change is named in the critique (up to its cap)
+            if line[:1] in "ABCDE" or "：" in line and not line.startswith(("自我检查", "得出结论")):
+                assert line.split("：")[-1] in critique or "其余错误" in critique, (line, critique)
+    assert set(kinds) == {"knowledge", "check", "misread", "conclusion"}
+
+
+def test_consistency_on_hand_written_trajectories():
+    head = "<think>\n审题：单选，问诊断，须逐项比较。\n提取关键信息：热、咳。\n回忆相关知识：\nA 肺炎：热、咳\nB 心衰：喘、肿\n逐项分析各选项：\n"
+    consistent = head + "A 肺炎：热有 咳有，对\nB 心衰：热无 咳无，错\n</think>\n答案：A"
+    contradicts = head + "A 肺炎：热有 咳有，对\nB 心衰：热无 咳无，错\n</think>\n答案：B"
+    two_marked = head + "A 肺炎：热有 咳有，对\nB 心衰：热有 咳有，对\n</think>\n答案：AB"
+    no_steps = "<think>\n肺炎。\n</think>\n答案：A"
+    no_answer = head + "A 肺炎：热有 咳有，对\nB 心衰：热无 咳无，错\n</think>\n"
+    assert teacher.implied_answer(consistent) == "A" and teacher.implied_answer(two_marked) == "AB"
+    assert teacher.implied_answer(no_steps) is None
+    assert [teacher.follows_marks(t) for t in (consistent, contradicts, two_marked, no_steps, no_answer)] == \
+        [True, False, True, False, False]
+    assert teacher.consistency([consistent, contradicts, two_marked, no_steps]) == 0.5
+    assert teacher.step_accuracy(contradicts, consistent) == 1.0
+    assert teacher.step_accuracy(no_steps, consistent) == 0.0
+
+
+def test_teacher_server_speaks_openai_chat_completions(data, tmp_path):
+    out, kb = data
+    server, url, stats = teacher.serve(kb)
+    try:
+        rows = T.load_cmexam(out / "train.csv")
+        cfg = T.TeacherConfig(base_url=url, model="miniature-template", max_retries=0, timeout=30)
+        text = T.chat_completion(cfg, T.teacher_messages(rows[0]))
+        assert T.extract_answer(text) == rows[0]["answer"] and "逐项分析各选项" in text
+        q = teacher.parse_question(T.format_question(rows[1]))
+        wrong, _ = teacher.corrupt(kb, q, random.Random(1))
+        reply = T.chat_completion(cfg, T.critique_messages(rows[1], wrong))
+        assert T.extract_answer(T.extract_correction(reply)) == rows[1]["answer"]
+        plain = T.chat_completion(T.TeacherConfig(base_url=url + "/v1", model="miniature-plain"),
+                                  T.student_messages(rows[2]))
+        assert "逐项分析" not in plain and T.extract_answer(plain) == rows[2]["answer"]
+        # The real Stage 1 command against it: every question kept, graded against the gold answer.
+        summary = T.distill(cfg, out / "train.csv", tmp_path / "sft.jsonl", tries=1, limit=12)
+        assert summary["kept"] == 12 and summary["failed"] == summary["errored"] == 0
+        assert stats["requests"] == 3 + 12 and stats["critiques"] == 1
+    finally:
+        server.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The student's tokenizer and config
+
+
+def test_tokenizer_keeps_qwen_special_tokens_and_splits_findings(data):
+    out, kb = data
+    tok = student.train_tokenizer(student.corpus(out, questions=40), vocab_size=600)
+    ids = T.special_ids(tok)
+    row = T.load_cmexam(out / "test.csv")[0]
+    q = teacher.parse_question(T.format_question(row))
+    text = T.chat(T.student_messages(row) + [{"role": "assistant", "content": teacher.answer_text(kb, q)}], False)
+    enc = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(enc.ids, skip_special_tokens=False) == text
+    assert enc.ids.count(ids["im_start"]) == 3 and enc.ids.count(ids["im_end"]) == 3
+    assert set(exam.FINDINGS) & set(text) <= set(enc.tokens)  # each finding its own token, never merged
+    cfg = student.student_config(tok, hidden=64, layers=2)
+    assert cfg.vocab_size == tok.get_vocab_size() and cfg.eos_token_id == ids["im_end"]
