@@ -195,13 +195,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
 
-    def forward(self, tokens, positions=None, cache=None, start=0, kv_len=None, mask=None, last_only=False):
-        """tokens [B, T] -> logits [B, T, V] (or [B, V] with last_only).
+    def forward(self, tokens, positions=None, cache=None, start=0, kv_len=None, mask=None, last_only=False,
+                logits_at=None):
+        """tokens [B, T] -> logits [B, T, V] (or [B, V] with last_only, or [n, V] with logits_at).
 
         Called plainly it is the full causal forward used in training. The sampler passes per-row `positions`
         (left-padded prompts start at position 0 after their padding), a KV `cache` (one (k, v) pair per layer)
         written at slots [start, start + T), the number of slots `kv_len` to attend over, and a boolean `mask`
-        [B, 1, T, kv_len] (True = attend)."""
+        [B, 1, T, kv_len] (True = attend). Training that scores only some positions (DPO: the response tokens)
+        passes a boolean `logits_at` [B, T] and gets the logits of those n positions, in row-major order: the head
+        is never run on the others (at vocab 152k their logits would be GBs)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -216,6 +219,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, layer_cache, start, kv_len, mask)
         if last_only:
             x = x[:, -1]  # prefill needs one row of logits, not [B, T, 152k]
+        elif logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.norm(x))
 
 
