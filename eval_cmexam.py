@@ -150,7 +150,7 @@ def prompt_hash(text) -> str:
 
 
 def read_predictions(path):
-    T._done_ids(path)  # drops a last line cut off by a kill, so the file is whole JSONL again
+    T.done_ids(path)  # drops a last line cut off by a kill, so the file is whole JSONL again
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
         if path.exists() else []
 
@@ -225,7 +225,7 @@ def run(model, tokenizer, rows, args, path, judge_cfg=None):
     with open(path, "a", encoding="utf-8") as f:
         def write(records):
             for rec in records:
-                T._append_jsonl(f, rec)
+                T.append_jsonl(f, rec)
             bar.update(len(records))
 
         try:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from model import generate, load, load_tokenizer
 from sft import latest_checkpoints
-from templates import (_append_jsonl, _done_ids, chat, critique_messages, extract_answer, extract_correction,
+from templates import (append_jsonl, chat, critique_messages, done_ids, extract_answer, extract_correction,
                        is_well_formed, load_cmexam, special_ids, student_messages)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,8 +204,8 @@ def shard_suffix(shard, num_shards):
 def read_committed(pairs_path, samples_path):
     """(records, pairs) already committed. samples.jsonl is written after pairs.jsonl for each chunk, so pairs
     of questions it does not list come from a chunk that was killed mid-write: they are dropped (and remade)."""
-    done = _done_ids(samples_path)  # also truncates a last line cut off by a kill
-    _done_ids(pairs_path)
+    done = done_ids(samples_path)  # also truncates a last line cut off by a kill
+    done_ids(pairs_path)
     read = lambda path: [json.loads(line) for line in path.read_text("utf-8").splitlines()] if path.exists() else []
     records, pairs = read(samples_path), read(pairs_path)
     committed = [pair for pair in pairs if pair["id"] in done]
@@ -266,9 +266,9 @@ def make_pairs(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num
                             seen.add(pair_key(pair))
                             new_pairs.append(pair)
                 for record in new_pairs:
-                    _append_jsonl(pairs_file, record)
+                    append_jsonl(pairs_file, record)
                 for record in new_records.values():
-                    _append_jsonl(samples_file, record)
+                    append_jsonl(samples_file, record)
                 records += new_records.values()
                 pairs += new_pairs
                 done |= set(new_records)

@@ -442,13 +442,17 @@ def _distill_one(cfg, row, tries, hint_fallback):
             "tries": len(plan), "kept": False, "teacher": cfg.model}, stats
 
 
-def _append_jsonl(f, record):
+# Resumable outputs (distill here; eval_cmexam.py and selfplay.py too): every record is appended and synced as it
+# is made, and a restarted run skips the ids already written.
+
+
+def append_jsonl(f, record):
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())  # a killed run loses at most the records in flight, never a written one
 
 
-def _done_ids(path):
+def done_ids(path):
     """Ids already in a JSONL output; a last line cut off by a kill is truncated away first."""
     if not path.exists():
         return set()
@@ -470,7 +474,7 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
         raise ValueError(f"{data}: question ids are not unique, so a run could not resume")
     out = Path(out)
     failed_path = out.with_name(out.name.removesuffix(".jsonl") + ".failed.jsonl")
-    done = _done_ids(out) | _done_ids(failed_path)
+    done = done_ids(out) | done_ids(failed_path)
     pending = [row for row in rows if row["id"] not in done]
     summary = {"questions": len(rows), "already_done": len(rows) - len(pending), "kept": 0, "kept_with_hint": 0,
                "failed": 0, "errored": 0}
@@ -485,7 +489,7 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
                 if record is None:
                     summary["errored"] += 1
                 else:
-                    _append_jsonl(kept_file if record["kept"] else failed_file, record)
+                    append_jsonl(kept_file if record["kept"] else failed_file, record)
                     summary["kept" if record["kept"] else "failed"] += 1
                     summary["kept_with_hint"] += record["kept"] and record["hint"]
         except BaseException:

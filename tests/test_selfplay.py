@@ -267,7 +267,7 @@ def test_killed_run_resumes_to_the_same_files(tmp_path, rows, tokenizer, model_d
     whole = read_jsonl(tmp_path / "whole" / "pairs.jsonl")
     assert len(whole) >= 10 and len({p["source"] for p in whole}) == 2  # enough pairs for the test to mean much
 
-    out, real_append, real_run_chunk = tmp_path / "killed", S._append_jsonl, S.run_chunk
+    out, real_append, real_run_chunk = tmp_path / "killed", S.append_jsonl, S.run_chunk
     # Lines each run writes before it dies: 5 = chunk 2 midway through its pairs; 6 = its pairs and one of its two
     # records (a chunk half committed); 4 = later chunks.
     for kill_after in (5, 6, 4):
@@ -278,12 +278,12 @@ def test_killed_run_resumes_to_the_same_files(tmp_path, rows, tokenizer, model_d
                 raise KeyboardInterrupt
             writes.append(record)
             real_append(f, record)
-        monkeypatch.setattr(S, "_append_jsonl", dying_append)
+        monkeypatch.setattr(S, "append_jsonl", dying_append)
         with pytest.raises(KeyboardInterrupt):
             S.make_pairs(model_dir, tokenizer, data, out, cfg)
         with open(out / "pairs.jsonl", "a", encoding="utf-8") as f:
             f.write('{"prompt": [{"role": "user", "content": "半')  # and a write cut off by the kill
-    monkeypatch.setattr(S, "_append_jsonl", real_append)
+    monkeypatch.setattr(S, "append_jsonl", real_append)
     chunks_run = []
     monkeypatch.setattr(S, "run_chunk", lambda model, tok, chunk, *a: chunks_run.append(chunk) or
                         real_run_chunk(model, tok, chunk, *a))

@@ -251,17 +251,17 @@ def test_garbage_and_hangs_inside_a_run(stub, tmp_path):
 def test_killed_run_resumes_with_nothing_lost_or_duplicated(stub, tmp_path, monkeypatch):
     server = stub(mixed)
     out = tmp_path / "sft.jsonl"
-    real_append, writes = T._append_jsonl, []
+    real_append, writes = T.append_jsonl, []
 
     def dying_append(f, record):
         if len(writes) == 7:
             raise KeyboardInterrupt  # killed between two writes
         writes.append(record["id"])
         real_append(f, record)
-    monkeypatch.setattr(T, "_append_jsonl", dying_append)
+    monkeypatch.setattr(T, "append_jsonl", dying_append)
     with pytest.raises(KeyboardInterrupt):
         T.distill(config(server.url), SAMPLE_CSV, out)
-    monkeypatch.setattr(T, "_append_jsonl", real_append)
+    monkeypatch.setattr(T, "append_jsonl", real_append)
     with open(out, "a", encoding="utf-8") as f:  # and killed in the middle of a write
         f.write('{"messages": [{"role": "user", "content": "半')
     summary = T.distill(config(server.url), SAMPLE_CSV, out)
