@@ -11,9 +11,10 @@ its starting point, the reference ref:
 with log-probs SUMMED over the response tokens. The MedCritical authors used this sigmoid loss with beta 0.3, a cosine
 schedule and 5% warmup (LoRA, lr 1e-5); the defaults here are for full fine-tuning of Qwen2.5-7B on 8 x 80 GB.
 
-    python dpo.py --model runs/sft/final --data runs/selfplay/pairs.jsonl --out runs/dpo   # one process
-    torchrun --nproc 8 dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo --precompute-ref
-    python dpo.py --estimate-memory --model Qwen2.5-7B-Instruct --world-size 8     # per-rank memory, no allocation
+    python dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo            # one process
+    torchrun --nproc-per-node 8 dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo \\
+        --precompute-ref                                 # 8 GPUs; add --resume to continue after a kill
+    python dpo.py --estimate-memory --model Qwen2.5-7B-Instruct --world-size 8   # per-rank memory, allocates nothing
 
 The data is the conversational preference JSONL that TRL reads, one pair a line, extra keys kept as metadata:
     {"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", "content": ...}],
@@ -72,22 +73,30 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 # length T: tokens [2B, T], and mask [2B, T] True on the response tokens (targets, as encode_chat marks them).
 
 
-def sequence_logps(logits, tokens, mask):
-    """log pi(response | prompt) per row: the SUM over masked positions of log p(tokens[t] | tokens[<t]), in fp32.
+def scored_positions(mask):
+    """Position t predicts token t + 1, so the positions to score are those just before a response token."""
+    return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
 
-    logits [N, T, V] at position t predict tokens[t + 1], hence the shift. The log-softmax is in fp32 because the
-    loss sees a small difference of two sums over thousands of tokens, and bf16 keeps 3 significant digits. It is
-    computed as logit[target] - logsumexp(logits): no second [N, T, V] tensor (at vocab 152k that is GBs)."""
-    logits = logits[:, :-1].float()
-    targets = tokens[:, 1:]
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return torch.where(mask[:, 1:], token_logps, 0.0).sum(-1)
+
+def sequence_logps(logits, tokens, mask):
+    """log pi(response | prompt) per row [2B]: the SUM of log p(token) over the row's response tokens, in fp32.
+
+    logits [n, V] are the model's at the n scored_positions(mask), row-major: model(tokens, logits_at=...) never
+    runs the head on prompt and padding positions. fp32, because the loss sees a small difference of two sums over
+    thousands of tokens and bf16 keeps 3 significant digits; logit[target] - logsumexp = log_softmax[target]
+    without a second [n, V] tensor."""
+    logits = logits.float()
+    targets = tokens[:, 1:][mask[:, 1:]]
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    rows = mask[:, 1:].nonzero()[:, 0]  # the row of each scored position, in the same row-major order
+    return torch.zeros(len(tokens), device=logits.device).index_add(0, rows, token_logps)
 
 
 def concatenated_forward(model, batch):
     """Chosen and rejected rows in ONE forward (one pass over the weights, which FSDP gathers once), split after.
     Right padding is harmless: under the causal mask no real token attends to a later pad. -> ([B], [B])."""
-    logps = sequence_logps(model(batch["tokens"]), batch["tokens"], batch["mask"])
+    tokens, mask = batch["tokens"], batch["mask"]
+    logps = sequence_logps(model(tokens, logits_at=scored_positions(mask)), tokens, mask)
     return logps.chunk(2)
 
 
@@ -123,6 +132,11 @@ def encode_pair(tokenizer, record, where):
     return prompt_ids, chosen_ids, rejected_ids
 
 
+def print0(*a):
+    if get_rank() == 0:
+        print(*a, flush=True)
+
+
 def load_pairs(path, tokenizer, max_length, max_prompt_length):
     """Tokenized pairs [{"prompt", "chosen", "rejected"}] and counts of what was truncated or skipped.
 
@@ -154,7 +168,7 @@ def load_pairs(path, tokenizer, max_length, max_prompt_length):
         examples.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     counts["pairs"] = len(examples)
     if errors:
-        print(f"{path}: skipped {len(errors)} bad lines, e.g. {errors[0]}")
+        print0(f"{path}: skipped {len(errors)} bad lines, e.g. {errors[0]}")
     if not examples:
         raise ValueError(f"{path}: no usable preference pairs ({counts})")
     return examples, counts
@@ -200,7 +214,7 @@ def estimate_memory(cfg: ModelConfig, world_size, micro_batch, seq_len, precompu
         "reference model (bf16, sharded)": 0 if precompute_ref else 2 * n_params / world_size,
         "gathered bf16 root + 2 blocks, with their grads": 2 * 2 * (root + 2 * block),
         "activations": L * n * H * 2 + block_acts if checkpointing else L * block_acts,
-        "logits [2B, T, V]: bf16, fp32 copy, fp32 grad": n * V * (2 + 4 + 4),
+        "response logits (<= 2B x T x V): bf16, fp32, fp32 grad": n * V * (2 + 4 + 4),
         "n_params": n_params,
     }
 
@@ -231,22 +245,23 @@ def load_reference(path, device, world_size, dtype):
     return ref.requires_grad_(False).eval()
 
 
-def reference_cache_path(args, dtype):
+def reference_cache_path(args, dtype, device):
     """data.jsonl.ref-<hash>.pt, the hash over everything the values depend on: the data file's bytes, the
-    reference model (path and its weight files' sizes and times), the tokenizer, truncation and dtype."""
+    reference model (path and its weight files' sizes and times), the tokenizer, truncation, dtype and device."""
     h = hashlib.sha256(Path(args.data).read_bytes())
     ref = Path(args.ref_model or args.model)
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in ref.glob("*.safetensors"))
     h.update(repr((str(ref.resolve()), weights, str(Path(args.tokenizer or args.model).resolve()),
-                   args.max_length, args.max_prompt_length, str(dtype))).encode())
+                   args.max_length, args.max_prompt_length, str(dtype), device.type)).encode())
     return Path(args.data).with_name(f"{Path(args.data).name}.ref-{h.hexdigest()[:16]}.pt")
 
 
 @torch.no_grad()
 def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype):
     """[2, N] fp32 reference log-probs (chosen, rejected) of every pair, from the cache file or computed now."""
-    path = reference_cache_path(args, dtype)
-    if path.is_file():
+    path = reference_cache_path(args, dtype, device)
+    # All ranks must agree (a file appearing between their checks would leave some computing alone, deadlocked).
+    if all_reduce_sum(torch.tensor(float(path.is_file()), device=device)) == world_size:
         print0(f"reference log-probs: {path}")
         return torch.load(path, weights_only=True)
     ref = load_reference(args.ref_model or args.model, device, world_size, dtype)
@@ -275,11 +290,6 @@ def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype
 # Training
 
 
-def print0(*a):
-    if get_rank() == 0:
-        print(*a, flush=True)
-
-
 def preference_loss(model, batch, args, ref=None):
     """(sum over the micro-batch's pairs of the loss, {metric: sum}) for sft.train_step, which divides by the
     number of pairs in the whole optimizer step (all micro-batches, all ranks)."""
@@ -304,10 +314,11 @@ def preference_loss(model, batch, args, ref=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], conflict_handler="resolve",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face Qwen2 folder: the SFT model, policy and reference")
-    p.add_argument("--ref-model", help="a different reference model folder (default: --model)")
-    p.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
+    p.add_argument("--ref-model", help="reference model folder, if not --model")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     p.add_argument("--data", help="preference pairs, JSONL (prompt / chosen / rejected)")
     p.add_argument("--beta", type=float, default=0.3, help="KL strength (the authors' 0.3)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: P(label flipped)")
@@ -317,14 +328,16 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens kept when cutting a pair")
     p.add_argument("--precompute-ref", action="store_true", help="reference log-probs once, then free the model")
     p.add_argument("--precompute-batch", type=int, default=4, help="pairs per forward when precomputing")
-    p.add_argument("--estimate-memory", action="store_true", help="print per-rank memory for --model's config.json")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print per-rank memory for --model (a folder or a config.json); needs no --data/--out")
     p.add_argument("--world-size", type=int, default=8, help="ranks, for --estimate-memory")
     # Full fine-tuning wants a far smaller lr than the authors' LoRA 1e-5; 64 pairs = 8 ranks x 8 micro-batches.
     add_training_args(p, lr=5e-7, batch_size=64, epochs=1, micro_batch_size=1, save_every=100)
-    p.set_defaults(activation_checkpointing=True)  # 7B at 4096 tokens needs it (see --estimate-memory)
+    # sft's --out is required; here it is not, for --estimate-memory (conflict_handler="resolve" replaces it).
+    p.add_argument("--out", help="run folder: checkpoints step-NNNNNN/, final -> the last, metrics.jsonl")
     args = p.parse_args(argv)
-    if not args.estimate_memory and not args.data:
-        p.error("--data is required (or --estimate-memory)")
+    if not args.estimate_memory and not (args.data and args.out):
+        p.error("--data and --out are required (unless --estimate-memory)")
     if not 0 < args.max_prompt_length < args.max_length:
         p.error("need 0 < --max-prompt-length < --max-length")
     if not 0 <= args.label_smoothing < 0.5:
@@ -335,7 +348,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.estimate_memory:
-        cfg = ModelConfig.from_hf(json.loads((Path(args.model) / "config.json").read_text()))
+        config = Path(args.model) / "config.json" if Path(args.model).is_dir() else Path(args.model)
+        cfg = ModelConfig.from_hf(json.loads(config.read_text()))
         return print_memory(cfg, args.world_size, args.micro_batch_size, args.max_length)
     rank, world_size, device = init_distributed()
     check_batch_sizes(args, world_size)

@@ -120,8 +120,8 @@ def trl_dpo_loss(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0,
     completion = ((pos >= 1) & (pos <= lengths[:, None])).long()
     per_token = torch.zeros(2 * B, T - 1, dtype=pc.dtype)
     per_token[:, 0] = torch.cat([pc, pr])
-    outputs = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
-                                    mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(completion[:, 1:]) > 0)
+    zeros = torch.zeros_like(per_token)
+    outputs = types.SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros > 0)
     trainer = types.SimpleNamespace(
         model=types.SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
         accelerator=types.SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x),
@@ -164,33 +164,45 @@ def test_dpo_loss_matches_trl():
 # Sequence log-probs
 
 
+def test_logits_at_equals_the_full_forward_at_those_positions(world):
+    model = load(world.model)
+    tokens = torch.randint(0, world.cfg.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    at = torch.rand(3, 20, generator=torch.Generator().manual_seed(1)) < 0.4
+    with torch.no_grad():
+        assert torch.allclose(model(tokens, logits_at=at), model(tokens)[at], atol=1e-5)
+
+
 def test_sequence_logps_by_hand(world):
     model = load(world.model).double()
-    examples, _ = dpo.load_pairs(world.data, world.tok, 64, 32)
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
     batch = dpo.collate(examples[:3], world.pad_id)
+    tokens, mask = batch["tokens"], batch["mask"]
     with torch.no_grad():
-        got = dpo.sequence_logps(model(batch["tokens"]).float(), batch["tokens"], batch["mask"])
-    for row, tokens in enumerate(batch["tokens"]):
+        got = dpo.sequence_logps(model(tokens, logits_at=dpo.scored_positions(mask)), tokens, mask)
+    for row in range(6):
         e = examples[row % 3]
-        reply = e["chosen"] if row < 3 else e["rejected"]
-        ids = e["prompt"] + reply
+        ids = e["prompt"] + (e["chosen"] if row < 3 else e["rejected"])
         with torch.no_grad():
-            logits = model(torch.tensor([ids]))[0]
-        expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(len(e["prompt"]), len(ids)))
-        assert got[row].item() == pytest.approx(expected, rel=1e-5)
+            logits = model(torch.tensor([ids]))[0]  # float64, the whole sequence, unpadded
+        expected = 0.0
+        for t in range(len(e["prompt"]), len(ids)):  # every reply token, predicted from the position before it
+            expected += torch.log_softmax(logits[t - 1], -1)[ids[t]].item()
+        assert got[row].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_concatenated_forward_equals_separate_forwards(world):
     model = load(world.model)
-    examples, _ = dpo.load_pairs(world.data, world.tok, 64, 32)
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
     with torch.no_grad():
         chosen, rejected = dpo.concatenated_forward(model, dpo.collate(examples[:4], world.pad_id))
-        for i, e in enumerate(examples[:4]):
-            for key, got in (("chosen", chosen), ("rejected", rejected)):
-                ids = torch.tensor([e["prompt"] + e[key]])
-                mask = torch.tensor([[False] * len(e["prompt"]) + [True] * len(e[key])])
-                alone = dpo.sequence_logps(model(ids), ids, mask)
-                assert got[i].item() == pytest.approx(alone.item(), rel=1e-5, abs=1e-5)
+        for key, got in (("chosen", chosen), ("rejected", rejected)):
+            for i, e in enumerate(examples[:4]):
+                ids = e["prompt"] + e[key]  # one sequence, no padding, full logits
+                logps = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+                expected = sum(logps[t - 1, ids[t]] for t in range(len(e["prompt"]), len(ids)))
+                assert got[i].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 
 
 def test_step_zero_loss_is_ln2_and_rewards_zero(world):
@@ -203,6 +215,35 @@ def test_step_zero_loss_is_ln2_and_rewards_zero(world):
     losses, cr, rjr = dpo.dpo_loss(pc, pr, rc, rr, beta=0.3)
     assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=1e-6)
     assert cr.abs().max() < 1e-6 and rjr.abs().max() < 1e-6
+
+
+def test_training_loss_options_ipo_and_rpo(world):
+    """The loss the training step backpropagates: sums over pairs; IPO on per-token means; + alpha * chosen NLL."""
+    policy, reference = load(world.model), load(world.model)
+    with torch.no_grad():  # make the policy differ from the reference
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
+    batch = dpo.collate(examples[:4], world.pad_id)
+    with torch.no_grad():
+        pc, pr = dpo.concatenated_forward(policy, batch)
+        rc, rr = dpo.concatenated_forward(reference, batch)
+    n_c = torch.tensor([len(e["chosen"]) for e in examples[:4]], dtype=torch.float32)
+    n_r = torch.tensor([len(e["rejected"]) for e in examples[:4]], dtype=torch.float32)
+    args = types.SimpleNamespace(beta=0.5, label_smoothing=0.0, ipo=False, rpo_alpha=0.0)
+    for ipo, alpha in ((False, 0.0), (True, 0.0), (False, 1.0)):
+        args.ipo, args.rpo_alpha = ipo, alpha
+        with torch.no_grad():
+            loss, m = dpo.preference_loss(policy, batch, args, ref=reference)
+        z = (pc - rc) / n_c - (pr - rr) / n_r if ipo else (pc - rc) - (pr - rr)
+        expected = (z - 1.0) ** 2 if ipo else -torch.nn.functional.logsigmoid(0.5 * z) - alpha * pc / n_c
+        assert loss.item() == pytest.approx(expected.sum().item(), rel=1e-5)
+        assert m["logps/chosen"].item() == pytest.approx(pc.sum().item(), rel=1e-5)
+    args.ipo, args.rpo_alpha = False, 0.0
+    with torch.no_grad():
+        live = dpo.preference_loss(policy, batch, args, ref=reference)[0]
+        batch["ref_logps"] = torch.stack([rc, rr])  # precomputed: the same loss without a reference model
+        assert dpo.preference_loss(policy, batch, args)[0].item() == pytest.approx(live.item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +267,8 @@ def test_truncation_and_skips_are_counted(world, tmp_path):
     reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
     lines = [json.dumps(good, ensure_ascii=False), "{not json", json.dumps({"prompt": "x", "chosen": "y"}),
              json.dumps({**good, "rejected": good["chosen"]}),  # identical replies: z = 0 for ever
-             json.dumps({**good, "prompt": [{"role": "user", "content": "长" * 200}], "chosen": reply("答案：肺炎")}),
+             json.dumps({**good, "prompt": [{"role": "user", "content": "长" * 200}],
+                         "chosen": reply("答案：肺炎")}),
              json.dumps({**good, "chosen": reply("嗯" * 60 + "甲"), "rejected": reply("嗯" * 60 + "乙")})]
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -334,7 +376,8 @@ def test_first_step_loss_is_ln2_and_training_separates_the_pairs(world, single_r
 
 
 def test_two_processes_match_one(world, single_run, tmp_path):
-    torchrun(run_args(world, tmp_path / "two", "--micro-batch-size", "1"))  # 2 ranks x 2 micro-batches x 1 pair
+    # 2 ranks x 2 micro-batches of 1 pair, FSDP2-sharded, with activation checkpointing (the single run has none)
+    torchrun(run_args(world, tmp_path / "two", "--micro-batch-size", "1", "--activation-checkpointing"))
     assert_same_run(single_run, tmp_path / "two")
 
 
@@ -358,7 +401,7 @@ def test_precompute_ref_matches_live_reference(world, single_run, tmp_path):
 def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "dpo.py"), *run_args(world, out, "--save-every", "1")],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dpo.py"), *run_args(world, out, "--save-every", "2")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not (out / "step-000002").exists() and proc.poll() is None:
@@ -368,5 +411,5 @@ def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "step-000006").exists()
-    dpo.main(run_args(world, out, "--save-every", "1", "--resume"))
+    dpo.main(run_args(world, out, "--save-every", "2", "--resume"))
     assert_same_run(single_run, out, rel=1e-6)
