@@ -514,10 +514,10 @@ def collate_sft(examples, pad_id, device):
 
 def sft_loss(model, batch):
     """Summed next-token cross-entropy over the trained positions of a micro-batch (log-softmax in fp32)."""
-    logits = model(batch["tokens"])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, {}
+    trained = batch["labels"] != IGNORE
+    # The head runs on trained positions only: a long prompt's logits at vocab 152k would be GBs for nothing.
+    logits = model(batch["tokens"], logits_at=trained)
+    return F.cross_entropy(logits.float(), batch["labels"][trained], reduction="sum"), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
