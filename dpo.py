@@ -380,7 +380,8 @@ def main(argv=None):
         print0(f"resumed from {checkpoint} (step {start_step})")
     collate_fn = functools.partial(collate, pad_id=pad_id, device=device)
     loss_fn = functools.partial(preference_loss, args=args, ref=ref)
-    fit(args, policy, optimizer, examples, collate_fn, loss_fn, device, start_step, desc="dpo", info=counts)
+    fit(args, policy, optimizer, examples, collate_fn, loss_fn, device, start_step, desc="dpo", info=counts,
+        bar_keys=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"))
     teardown_distributed()
 
 

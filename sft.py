@@ -366,9 +366,11 @@ def check_batch_sizes(args, world_size):
                          f"--micro-batch-size {args.micro_batch_size} (every rank runs the same micro-batches)")
 
 
-def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0, desc="train", info=None):
+def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0, desc="train", info=None,
+        bar_keys=()):
     """Train from start_step to the last step; checkpoints every args.save_every steps and at the end, and points
-    out/final at the last one. `info` (e.g. data counts) goes into the metrics file's start record."""
+    out/final at the last one. `info` (e.g. data counts) goes into the metrics file's start record; the metrics
+    named in `bar_keys` are shown on the progress bar beside loss, lr, tokens/s and grad norm."""
     rank, world_size = get_rank(), get_world_size()
     steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
     if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
@@ -395,8 +397,8 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
         stats.update(step=step + 1, epoch=(step + 1) * args.batch_size / len(examples),
                      tokens_per_s=stats["tokens"] / seconds)
         metrics.write(**stats)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}",
-                        gnorm=f"{stats['grad_norm']:.2f}")
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", **{k: f"{stats[k]:.3f}" for k in bar_keys},
+                        lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}", gnorm=f"{stats['grad_norm']:.2f}")
         bar.update()
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
             path = save_checkpoint(args.out, step + 1, model, optimizer, data_state, keep=args.keep)
