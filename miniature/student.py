@@ -73,7 +73,7 @@ def train_tokenizer(texts, vocab_size=1024):
 # Model config: Qwen2-shaped (GQA, q/k/v bias, SwiGLU, RoPE, tied head) at about a million parameters
 
 
-def student_config(tokenizer, hidden=160, layers=4, heads=4, kv_heads=2, context=1024) -> ModelConfig:
+def student_config(tokenizer, hidden=128, layers=4, heads=8, kv_heads=4, context=1024) -> ModelConfig:
     ids = templates.special_ids(tokenizer)
     return ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=3 * hidden,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -97,7 +97,7 @@ def main(argv=None):
     parser.add_argument("--data", required=True, help="folder written by miniature/exam.py")
     parser.add_argument("--out", required=True, help="folder for tokenizer.json, config.json, pretrain.jsonl")
     parser.add_argument("--vocab-size", type=int, default=1024, help="at most (BPE stops when no pair repeats)")
-    parser.add_argument("--hidden", type=int, default=160)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--copies", type=int, default=400, help="shuffled copies of kb.txt in pretrain.jsonl")
     parser.add_argument("--seed", type=int, default=0)

@@ -8,12 +8,10 @@ from the prompt: it never sees the answer key. It writes the templates' six step
     <think>
     审题：单选，问诊断，须逐项比较。
     提取关键信息：热、咳、喘。
-    回忆相关知识：
-    A 肺炎：热、咳、痰、喘                 <- each option's knowledge entry, recalled (not in the question)
-    B 心衰：喘、肿、悸、乏
+    回忆相关知识：肺炎、心衰、肺癌、脑炎、胃炎的表现，逐项回忆如下。
     逐项分析各选项：
-    A 肺炎：热有 咳有 喘有，对             <- each finding checked against the entry, then the option's mark
-    B 心衰：热无 咳无 喘有，错
+    A 肺炎：热、咳、痰、喘；热有 咳有 喘有，对     <- the option's knowledge entry, recalled (it is not in the
+    B 心衰：喘、肿、悸、乏；热无 咳无 喘有，错        question), then each finding checked against it, then the mark
     自我检查与纠正：对者A，共1项，与单选相符。
     得出结论：A。
     </think>
@@ -76,12 +74,14 @@ def solve(kb, q, beliefs=None, flips=(), answer=None):
     flipped = lambda letter, item, value: value != ((letter, item) in flips)  # noqa: E731
     kind, options, knowledge, analysis = q["kind"], q["options"], [], []
     if kind == "诊断":
+        # Each option's entry is recalled on its own line, right before the checks against it: every check then
+        # looks a few tokens back (a tiny student failed to look the entry up lines above).
         keys = "、".join(q["given"])
+        knowledge = [f"{'、'.join(options.values())}的表现，逐项回忆如下。"]
         for letter, name in options.items():
-            knowledge.append(f"{letter} {name}：{'、'.join(recall(name))}")
             marks = [(f, flipped(letter, f, f in recall(name))) for f in q["given"]]
-            analysis.append((letter, f"{name}：{' '.join(f + ('有' if m else '无') for f, m in marks)}",
-                             all(m for _, m in marks)))
+            checks = " ".join(f + ("有" if m else "无") for f, m in marks)
+            analysis.append((letter, f"{name}：{'、'.join(recall(name))}；{checks}", all(m for _, m in marks)))
     elif kind == "诊断-治疗":
         keys = "、".join(q["given"])
         lists = [beliefs["index"].get(f, []) for f in q["given"]]
@@ -92,16 +92,17 @@ def solve(kb, q, beliefs=None, flips=(), answer=None):
         treatment = beliefs["diseases"][dx]["treatment"] if dx else ""
         if dx:
             knowledge.append(f"{dx}：{'、'.join(recall(dx))}；治以{treatment}")
-        for letter, text in options.items():
+        for letter, text in options.items():  # the treatment restated on each line: a local comparison
             ok = flipped(letter, None, bool(dx) and text == treatment)
-            analysis.append((letter, f"{text}：{'是' if ok else '非'}{dx or '该病'}治法", ok))
+            analysis.append((letter, f"{text}：{dx or '该病'}治以{treatment or '不明'}", ok))
     else:
         subject = q["subject"]
         keys = f"{subject}；{'不是' if kind == '否定' else '是'}其表现者"
         knowledge = [f"{subject}：{'、'.join(recall(subject))}"]
-        for letter, f in options.items():
+        for letter, f in options.items():  # the entry restated on each line, so the check looks a few tokens back
             has = flipped(letter, None, f in recall(subject))
-            analysis.append((letter, f"{f}：{'有' if has else '无'}", has != (kind == "否定")))
+            analysis.append((letter, f"{f}：{'、'.join(recall(subject))}；{'有' if has else '无'}",
+                             has != (kind == "否定")))
     marked = "".join(letter for letter, _, ok in analysis if ok)
     answer = marked if answer is None else answer
     fits = len(marked) >= 2 if q["multi"] else len(marked) == 1

@@ -203,3 +203,23 @@ def test_tokenizer_keeps_qwen_special_tokens_and_splits_findings(data):
     assert set(exam.FINDINGS) & set(text) <= set(enc.tokens)  # each finding its own token, never merged
     cfg = student.student_config(tok, hidden=64, layers=2)
     assert cfg.vocab_size == tok.get_vocab_size() and cfg.eos_token_id == ids["im_end"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole pipeline, reduced to a few steps per stage (about 2 minutes on 2 cores)
+
+
+def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "miniature" / "run.py"), "--out", str(tmp_path), "--quick"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = json.loads((tmp_path / "seed_0" / "table.json").read_text())
+    assert [r["row"] for r in table] == ["pretrained", "plain SFT", "template SFT", "template SFT + matched compute",
+                                         "self-correction DPO, round 1", "self-correction DPO, round 2",
+                                         "teacher-corrected DPO"]
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["consistency"] <= 1 for r in table)
+    assert table[4]["teacher_calls"] == 0 and table[6]["teacher_calls"] > 0  # Stage 2 never calls the teacher
+    for row in table:
+        assert row["row"] in result.stdout
