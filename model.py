@@ -510,11 +510,13 @@ def main():
         model = init_weights(Transformer(cfg)).eval()
         print(generate(model, [[1, 2, 3], [4, 5]], 16, temperature=1.0, num_samples=2))
         return
+    from templates import chat, special_ids  # the one chat template; only this command line needs it
     model = load(args.model, dtype=dtype, device=args.device)
     tok = load_tokenizer(args.model)
-    ids = tok.encode(f"<|im_start|>user\n{args.prompt}<|im_end|>\n<|im_start|>assistant\n").ids
+    ids = tok.encode(chat([{"role": "user", "content": args.prompt}]), add_special_tokens=False).ids
+    stop = special_ids(tok)
     [new] = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     stop_ids=(151645, 151643))
+                     stop_ids=(stop["im_end"], stop["endoftext"]))
     print(tok.decode(new))
 
 
