@@ -54,12 +54,12 @@ def corpus(data_dir, questions=600, seed=0):
 def train_tokenizer(texts, vocab_size=1024):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    # Isolated pieces are never merged into others: treatments (whole), findings and the characters of disease
-    # names (organ + process, so a name seen only in pretraining still reads as its parts), option letters, digits,
-    # punctuation, whitespace. Without this "肾结的表现有" becomes one token and the subject disappears into it.
-    alone = "".join(FINDINGS) + "".join(ORGANS) + "".join(PROCESSES) + "A-E0-9"
+    # Pieces never merged with their neighbours: disease names and treatments (each then one token: a student
+    # copies a one-token name from the question far more reliably than two characters, measured), findings, option
+    # letters, digits, punctuation, whitespace. Without this "肾结的表现有" would become one token, the subject lost.
+    names = [organ + process for organ in ORGANS for process in PROCESSES]
     # A run of English (the default system prompt) is one piece, which BPE then merges into a few tokens.
-    pattern = r"[A-Za-z][A-Za-z ,.]+[a-z.]|" + "|".join(TREATMENTS) + rf"|[{alone}]|\s|[^\w\s]"
+    pattern = r"[A-Za-z][A-Za-z ,.]+[a-z.]|" + "|".join(names + TREATMENTS) + rf"|[{FINDINGS}A-E0-9]|\s|[^\w\s]"
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # concatenate pieces as they are: no spaces inserted, none lost
     alphabet = sorted(set("".join(texts)) | set(chr(c) for c in range(32, 127)) | {"\n"})
@@ -99,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=1024, help="at most (BPE stops when no pair repeats)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--copies", type=int, default=400, help="shuffled copies of kb.txt in pretrain.jsonl")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -106,7 +108,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus(args.data, seed=args.seed), args.vocab_size)
     tokenizer.save(str(out / "tokenizer.json"))
-    cfg = student_config(tokenizer, args.hidden, args.layers)
+    cfg = student_config(tokenizer, args.hidden, args.layers, args.heads, args.kv_heads)
     (out / "config.json").write_text(json.dumps(cfg.to_hf(torch.float32), indent=2) + "\n")
     lines = (Path(args.data) / "kb.txt").read_text(encoding="utf-8").splitlines()
     with open(out / "pretrain.jsonl", "w", encoding="utf-8") as f:
