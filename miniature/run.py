@@ -161,8 +161,10 @@ def critique_data(work, kb, url, b, seed):
 def teacher_pairs(work, kb, url, b, seed, sft_model):
     """The costly baseline: round 1's wrong samples, redrawn exactly as selfplay.py drew them (same seeds and
     batching), corrected by the teacher instead of the student. Same pair format, same DPO."""
+    import torch
     import selfplay as S
     from model import load, load_tokenizer
+    torch.set_num_threads(1)  # as in selfplay's process (OMP_NUM_THREADS=1): same float sums, so the same draws
     tokenizer, model = load_tokenizer(work / "student"), load(sft_model)
     cfg = S.SelfPlayConfig(samples=b.samples, corrections=b.corrections, temperature=b.temperature, top_p=b.top_p,
                            max_new_tokens=b.max_new_tokens, seed=seed, batch_size=b.sample_batch)
