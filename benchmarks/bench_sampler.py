@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ModelConfig, Transformer, generate, init_weights, save  # noqa: E402
+from model import ModelConfig, Transformer, generate, init_weights, load, save  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -60,10 +60,11 @@ def main():
     else:  # Qwen2-0.5B's shape
         cfg = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
-    ours = init_weights(Transformer(cfg)).eval()
     from transformers import Qwen2ForCausalLM
     with tempfile.TemporaryDirectory() as d:
-        save(ours, d)
+        # Both sides load the same checkpoint folder through their own loaders, as users run them.
+        save(init_weights(Transformer(cfg)), d)
+        ours = load(d)
         theirs = Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights counted once
     bandwidth = read_bandwidth()
