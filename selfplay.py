@@ -25,8 +25,8 @@ and every record says whether it was on.
 
 Sampling runs in this one process (model.generate). DPO runs in a subprocess as `torchrun --nproc-per-node N
 dpo.py ...` (plain `python dpo.py` for N = 1), exactly the command users run. Round k lives in <out>/round_k/:
-pairs.jsonl (TRL's conversational preference format plus metadata), samples.jsonl (per question: what each sample
-and correction answered), summary.json, config.json and, with --rounds, the DPO run in dpo/ and done.json naming
+pairs.jsonl (TRL's conversational preference format plus metadata), samples.jsonl (per question: each sample and
+each critique, its full text and what it answered, so any pair or failure can be read back), summary.json, config.json and, with --rounds, the DPO run in dpo/ and done.json naming
 its final checkpoint. Both JSONL files grow one chunk of questions at a time (flush + fsync), samples.jsonl last,
 so it is the commit log: a killed run resumes at the first uncommitted chunk with nothing lost or duplicated, and
 a round with a done.json is skipped.
@@ -151,7 +151,7 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
             predicted = extract_answer(text)
             right = predicted == rows[i]["answer"]
             records[i]["samples"].append({"predicted": predicted, "right": right, "finished": finished,
-                                          "tokens": tokens, "well_formed": is_well_formed(text)})
+                                          "tokens": tokens, "well_formed": is_well_formed(text), "text": text})
             texts[i, s] = text
             if finished and not right:
                 wrong.append((i, s))
@@ -175,7 +175,8 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
             predicted, well_formed = extract_answer(solution), is_well_formed(solution)
             right = predicted == rows[i]["answer"]
             sample["corrections"].append({"predicted": predicted, "right": right, "marked": bool(solution),
-                                          "well_formed": well_formed, "finished": finished, "tokens": tokens})
+                                          "well_formed": well_formed, "finished": finished, "tokens": tokens,
+                                          "text": text})
             if "correction" in sources and right and well_formed and finished:
                 pairs[i].append(make_pair(rows[i], solution, texts[i, s], round=round_, sample=s,
                                           source="correction", correction=c, hint=cfg.hint,

@@ -97,9 +97,9 @@ def sh(*cmd, log=None, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "a") if log else open(os.devnull, "w") as f:
         result = subprocess.run(cmd, env=env, stdout=f if log else None, stderr=subprocess.STDOUT if log else None)
-    return result.returncode
     if result.returncode and check:
         raise SystemExit(f"command failed ({result.returncode}): {shlex.join(cmd)}" + (f"; see {log}" if log else ""))
+    return result.returncode
 
 
 def last_checkpoint(folder):
@@ -158,42 +158,28 @@ def critique_data(work, kb, url, b, seed):
     return {"teacher_calls": len(rows)}
 
 
-def teacher_pairs(work, kb, url, b, seed, sft_model):
-    """The costly baseline: round 1's wrong samples, redrawn exactly as selfplay.py drew them (same seeds and
-    batching), corrected by the teacher instead of the student. Same pair format, same DPO."""
-    import torch
+def teacher_pairs(work, url):
+    """The costly baseline: round 1's wrong samples (their texts, from selfplay's samples.jsonl), corrected by the
+    teacher instead of the student. Same selection (finished and wrong), same pair format, same DPO."""
     import selfplay as S
-    from model import load, load_tokenizer
-    torch.set_num_threads(1)  # as in selfplay's process (OMP_NUM_THREADS=1): same float sums, so the same draws
-    tokenizer, model = load_tokenizer(work / "student"), load(sft_model)
-    cfg = S.SelfPlayConfig(samples=b.samples, corrections=b.corrections, temperature=b.temperature, top_p=b.top_p,
-                           max_new_tokens=b.max_new_tokens, seed=seed, batch_size=b.sample_batch)
-    rows = T.load_cmexam(work / "data" / "stage2.csv")
-    logged = {r["id"]: [s["predicted"] for s in r["samples"]] for r in map(json.loads, (
-        work / "selfplay" / "round_1" / "samples.jsonl").read_text().splitlines())}
+    rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
+    records = map(json.loads, (work / "selfplay" / "round_1" / "samples.jsonl").read_text("utf-8").splitlines())
     client = T.TeacherConfig(base_url=url, model="miniature-template", max_retries=2)
     pairs, calls, right, seen = [], 0, 0, set()
-    for c in range(0, len(rows), cfg.chunk_size):
-        chunk = rows[c:c + cfg.chunk_size]
-        seed_c = S.seed_of(cfg.seed, 1, c // cfg.chunk_size)
-        prompts = [S.prompt_ids(tokenizer, T.student_messages(row)) for row in chunk]
-        outputs = S.sample_texts(model, tokenizer, prompts, cfg.samples, cfg.max_new_tokens, cfg,
-                                 S.seed_of(seed_c, "samples"))
-        for row, samples in zip(chunk, outputs):
-            if [T.extract_answer(text) for text, _, _ in samples] != logged.get(row["id"]):
-                raise SystemExit(f"question {row['id']}: redrawn samples differ from selfplay's round 1")
-            for s, (text, finished, _) in enumerate(samples):
-                if not finished or T.extract_answer(text) == row["answer"]:
-                    continue
-                calls += 1
-                solution = T.extract_correction(T.chat_completion(client, T.critique_messages(row, text)))
-                if T.extract_answer(solution) == row["answer"] and T.is_well_formed(solution):
-                    right += 1
-                    pair = S.make_pair(row, solution, text, round=1, sample=s, source="teacher", hint=False,
-                                       answer=row["answer"], rejected_answer=T.extract_answer(text))
-                    if S.pair_key(pair) not in seen:
-                        seen.add(S.pair_key(pair))
-                        pairs.append(pair)
+    for record in records:
+        row = rows[record["id"]]
+        for s, sample in enumerate(record["samples"]):
+            if not sample["finished"] or sample["right"]:
+                continue
+            calls += 1
+            solution = T.extract_correction(T.chat_completion(client, T.critique_messages(row, sample["text"])))
+            if T.extract_answer(solution) == row["answer"] and T.is_well_formed(solution):
+                right += 1
+                pair = S.make_pair(row, solution, sample["text"], round=1, sample=s, source="teacher", hint=False,
+                                   answer=row["answer"], rejected_answer=sample["predicted"])
+                if S.pair_key(pair) not in seen:
+                    seen.add(S.pair_key(pair))
+                    pairs.append(pair)
     S.write_jsonl(work / "teacher_pairs.jsonl", pairs)
     return {"teacher_calls": calls, "pairs": len(pairs), "correction_success_rate": right / max(calls, 1)}
 
@@ -301,7 +287,7 @@ def run_seed(out, seed, b):
                                        b.sft_steps, b.sft_lr, b.batch, seed))
         r1 = stage("selfplay_1", lambda: selfplay_round(work, 1, t, b, seed))
         stage("selfplay_2", lambda: selfplay_round(work, 2, t, b, seed) if r1["pairs"] else {**r1, "seconds": 0})
-        stage("teacher_pairs", lambda: teacher_pairs(work, kb, url, b, seed, t))
+        stage("teacher_pairs", lambda: teacher_pairs(work, url))
     finally:
         server.shutdown()
     pairs = stage.done["teacher_pairs"]["pairs"]
@@ -316,7 +302,7 @@ def run_seed(out, seed, b):
     for label, key in rows:
         ev = stage(f"eval_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b))
         info = dict(stage.done[key])
-        if key == "dpo_teacher":  # its cost: the teacher's corrections (with their sampling) and the DPO run
+        if key == "dpo_teacher":  # its cost: the teacher's corrections and the DPO run (the samples are round 1's)
             info.update({k: stage.done["teacher_pairs"][k] for k in ("pairs", "correction_success_rate",
                                                                      "teacher_calls")})
             info["seconds"] += stage.done["teacher_pairs"]["seconds"]

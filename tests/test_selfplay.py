@@ -166,6 +166,9 @@ def test_scripted_run_makes_exactly_the_hand_decided_pairs(tmp_path, rows, token
     assert records[q3["id"]]["skipped"] == "too_long" and records[q3["id"]]["samples"] == []
     assert [s["predicted"] for s in records[q0["id"]]["samples"]] == ["C", "A", "B"]
     assert [c["predicted"] for c in records[q0["id"]]["samples"][1]["corrections"]] == ["C", ""]
+    # the texts are kept, so every pair and every failure can be read back (and re-corrected by a teacher)
+    assert records[q0["id"]]["samples"][1]["text"] == traj("q0 错", "A")
+    assert records[q0["id"]]["samples"][1]["corrections"][0]["text"] == critique(traj("q0 改", "C"))
     assert records[q4["id"]]["samples"][0]["critique"] == "too_long"
     assert (records[q1["id"]]["pairs"], records[q1["id"]]["duplicates"]) == (1, 3)
 
