@@ -381,7 +381,8 @@ def main(argv=None):
     collate_fn = functools.partial(collate, pad_id=pad_id, device=device)
     loss_fn = functools.partial(preference_loss, args=args, ref=ref)
     fit(args, policy, optimizer, examples, collate_fn, loss_fn, device, start_step, desc="dpo", info=counts,
-        bar_keys=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"))
+        bar_keys=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
+        length=lambda e: len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])))
     teardown_distributed()
 
 

@@ -312,7 +312,10 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, 
 # ----------------------------------------------------------------------------------------------------------------
 # Data order: one infinite stream of per-epoch seeded permutations, cut into global batches. Step s uses stream
 # positions [s*B, (s+1)*B): every batch is full, no example is dropped, and the position is just the step number.
-# Rank r takes the r-th contiguous slice of each global batch, so 1 and N processes train on the same batches.
+# Within a step the batch is sorted by length and dealt to the ranks in turn, so each micro-batch holds examples of
+# similar length (little padding: long CoTs and short answers mix) and the ranks get similar work. The step's loss
+# is a sum over the same examples whichever rank or micro-batch holds them, so 1 and N processes still train on
+# the same batches and compute the same update.
 
 
 @functools.lru_cache(maxsize=4)
@@ -320,12 +323,14 @@ def epoch_order(seed, epoch, n_examples):
     return np.random.default_rng([seed, epoch]).permutation(n_examples)
 
 
-def batch_indices(step, n_examples, batch_size, seed, rank=0, world_size=1):
-    """Indices of the examples rank `rank` trains on in step `step` (batch_size is the global batch)."""
+def batch_indices(step, n_examples, batch_size, seed, rank=0, world_size=1, lengths=None):
+    """Indices of the examples rank `rank` trains on in step `step` (batch_size is the global batch), shortest
+    first when `lengths` (tokens per example) is given."""
     out = [int(epoch_order(seed, pos // n_examples, n_examples)[pos % n_examples])
            for pos in range(step * batch_size, (step + 1) * batch_size)]
-    per_rank = batch_size // world_size
-    return out[rank * per_rank:(rank + 1) * per_rank]
+    if lengths is not None:
+        out.sort(key=lambda i: lengths[i])  # stable: equal lengths keep the permutation's order
+    return out[rank::world_size]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,10 +372,11 @@ def check_batch_sizes(args, world_size):
 
 
 def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0, desc="train", info=None,
-        bar_keys=()):
+        bar_keys=(), length=None):
     """Train from start_step to the last step; checkpoints every args.save_every steps and at the end, and points
     out/final at the last one. `info` (e.g. data counts) goes into the metrics file's start record; the metrics
-    named in `bar_keys` are shown on the progress bar beside loss, lr, tokens/s and grad norm."""
+    named in `bar_keys` are shown on the progress bar beside loss, lr, tokens/s and grad norm. `length(example)`
+    (padded tokens it costs) groups each step's examples by length into micro-batches."""
     rank, world_size = get_rank(), get_world_size()
     steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
     if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
@@ -387,8 +393,9 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
     bar = tqdm(total=steps, initial=start_step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     model.train()
     stats, clock = {}, time.perf_counter()
+    lengths = [length(example) for example in examples] if length else None
     for step in range(start_step, steps):
-        idx = batch_indices(step, len(examples), args.batch_size, args.seed, rank, world_size)
+        idx = batch_indices(step, len(examples), args.batch_size, args.seed, rank, world_size, lengths)
         mb = args.micro_batch_size
         micro_batches = [collate([examples[i] for i in idx[j:j + mb]]) for j in range(0, len(idx), mb)]
         lr = lr_at(step, steps, warmup_steps, args.lr, args.min_lr_ratio)
@@ -565,7 +572,8 @@ def main(argv=None):
             print(f"resumed from {checkpoint} (step {start_step})")
     pad_id = special_ids(tokenizer)["endoftext"]
     collate = functools.partial(collate_sft, pad_id=pad_id, device=device)
-    fit(args, model, optimizer, examples, collate, sft_loss, device, start_step, desc="sft", info=counts)
+    fit(args, model, optimizer, examples, collate, sft_loss, device, start_step, desc="sft", info=counts,
+        length=lambda example: len(example[0]))
     teardown_distributed()
 
 
