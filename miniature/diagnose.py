@@ -47,17 +47,13 @@ def error_kinds(text, reference) -> Counter:
     return kinds
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="one seed's folder of miniature/run.py (seed_<s>)")
-    parser.add_argument("--round", type=int, default=1)
-    parser.add_argument("--show", type=int, default=0, help="print this many wrong samples with their critiques")
-    args = parser.parse_args(argv)
-    run = Path(args.run)
+def diagnose(run, round_=1, show=0):
+    """(counts, error kinds of the wrong samples, error kinds of those whose corrections were right)."""
+    run = Path(run)
     kb = json.loads((run / "data" / "kb.json").read_text(encoding="utf-8"))
     rows = {row["id"]: row for row in T.load_cmexam(run / "data" / "stage2.csv")}
     records = [json.loads(line) for line in
-               (run / "selfplay" / f"round_{args.round}" / "samples.jsonl").read_text("utf-8").splitlines()]
+               (run / "selfplay" / f"round_{round_}" / "samples.jsonl").read_text("utf-8").splitlines()]
 
     n, sample_errors, fixed_errors = Counter(), Counter(), Counter()
     shown = 0
@@ -68,6 +64,9 @@ def main(argv=None):
         for sample in record["samples"]:
             if "text" not in sample:
                 raise SystemExit("samples.jsonl has no texts: written by an older selfplay.py")
+            if sample["right"]:  # the contrast: how often a right first answer has right steps
+                n["right samples"] += 1
+                n["right samples with every step right"] += step_lines(reference) <= step_lines(sample["text"])
             if sample["right"] or "corrections" not in sample:
                 continue
             wrong_lines = step_lines(reference) - step_lines(sample["text"])
@@ -100,13 +99,25 @@ def main(argv=None):
                 n["right step lines broken"] += len(right_before - now)
                 if c["right"]:
                     fixed_errors.update(kinds)
-            if shown < args.show:
+                    # a right answer is what selfplay.py checks; are the steps that reach it right too?
+                    n["corrections right with every step right"] += step_lines(reference) <= now
+            if shown < show:
                 shown += 1
                 print(f"=== {row['id']} gold {row['answer']} sample {sample['predicted']} errors {dict(kinds)}\n"
                       f"{sample['text']}\n--- reference\n{reference}")
                 for c in sample["corrections"]:
                     print(f"--- correction ({c['predicted']}, right={c['right']})\n{c['text']}")
 
+    return n, sample_errors, fixed_errors
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="one seed's folder of miniature/run.py (seed_<s>)")
+    parser.add_argument("--round", type=int, default=1)
+    parser.add_argument("--show", type=int, default=0, help="print this many wrong samples with their critiques")
+    args = parser.parse_args(argv)
+    n, sample_errors, fixed_errors = diagnose(args.run, args.round, args.show)
     print(f"round {args.round}: {n['wrong samples']} wrong samples sent to critique, {n['corrections']} corrections")
     for key, value in sorted(n.items()):
         print(f"  {key:48} {value}")

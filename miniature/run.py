@@ -31,6 +31,7 @@ HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1
 sys.path[:0] = [str(HERE), str(ROOT)]
 import exam  # noqa: E402
 import teacher  # noqa: E402
+from diagnose import diagnose  # noqa: E402
 import templates as T  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def sft(work, name, init, data, steps, lr, batch, seed, max_len=1024, extra=()):
     """sft.py on both cores (2 ranks, gloo): the same loss curve as one process, about twice as fast."""
     out = work / name
     sh(*TORCHRUN, ROOT / "sft.py", *init, "--tokenizer", work / "student", "--data", data, "--out", out,
-       "--max-len", max_len, "--steps", steps, "--lr", lr, "--batch-size", batch, "--micro-batch-size", batch // 2,
+       "--max-len", max_len, "--steps", steps, "--lr", lr, "--batch-size", batch, "--micro-batch-size", batch // 4,
        "--save-every", steps, "--seed", seed, "--resume", *extra, log=work / f"{name}.log")
     tokens, n = step_tokens(out / "metrics.jsonl")
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
@@ -222,6 +223,19 @@ def selfplay_round(work, k, model, b, seed):
     return {**result, "checkpoint": str(model), "train_tokens": 0, "steps": 0}
 
 
+def why_corrections_fail(work, k):
+    """diagnose.py's step-by-step grading of round k's corrections, the numbers the README discusses."""
+    n, _, _ = diagnose(work, k)
+    share = lambda a, b: n[a] / n[b] if n[b] else None  # noqa: E731
+    return {"right_corrections_all_steps_right": share("corrections right with every step right",
+                                                       "corrections right"),
+            "right_samples_all_steps_right": share("right samples with every step right", "right samples"),
+            "critique_lines_naming_a_wrong_step": share("critique lines naming a truly wrong step", "critique lines"),
+            "right_lines_broken_by_correction": share("right step lines broken", "right step lines"),
+            "wrong_lines_fixed_by_correction": share("wrong step lines fixed", "wrong step lines (in corrected samples)"),
+            "corrections_same_answer_as_wrong": share("corrections: same answer as the wrong sample", "corrections")}
+
+
 def evaluate(work, name, model, b):
     out = work / "eval" / name
     sh(sys.executable, ROOT / "eval_cmexam.py", "--model", model, "--tokenizer", work / "student", "--data",
@@ -286,6 +300,7 @@ def run_seed(out, seed, b):
         stage("sft_plain", lambda: sft(work, "sft_plain", ["--model", pre], work / "stage1_plain.jsonl",
                                        b.sft_steps, b.sft_lr, b.batch, seed))
         r1 = stage("selfplay_1", lambda: selfplay_round(work, 1, t, b, seed))
+        stage("why_1", lambda: why_corrections_fail(work, 1))
         stage("selfplay_2", lambda: selfplay_round(work, 2, t, b, seed) if r1["pairs"] else {**r1, "seconds": 0})
         stage("teacher_pairs", lambda: teacher_pairs(work, url))
     finally:
@@ -352,13 +367,21 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "budget.json").write_text(json.dumps(dataclasses.asdict(b), indent=1) + "\n")
-    start, tables = time.time(), []
+    start, tables, whys, seconds = time.time(), [], [], []
     for seed in [int(s) for s in args.seeds.split(",")]:
         table, stages = run_seed(out, seed, b)
         tables.append(table)
+        whys.append(stages["why_1"])
+        seconds.append(sum(stage["seconds"] for stage in stages.values()))
         calls = stages["distill_template"]["teacher_calls"] + stages["critiques"]["teacher_calls"]
     print_table(tables, calls)
-    print(f"\nwall time {time.time() - start:.0f} s; per-seed details in {out}/seed_*/stages.json and table.json")
+    print("\nRound 1's corrections graded step by step against the teacher's trajectory (miniature/diagnose.py), "
+          "% (mean over seeds):")
+    for key in [key for key in whys[0] if key != "seconds"]:
+        values = [w[key] for w in whys if w[key] is not None]
+        print(f"  {key.replace('_', ' '):40} {fmt(statistics.mean(values)) if values else '-':>6}")
+    print(f"\nwall time {time.time() - start:.0f} s (stages of each seed: {', '.join(f'{s:.0f}' for s in seconds)} "
+          f"s); per-seed details in {out}/seed_*/stages.json and table.json")
 
 
 if __name__ == "__main__":

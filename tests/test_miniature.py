@@ -223,3 +223,56 @@ def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
     assert table[4]["teacher_calls"] == 0 and table[6]["teacher_calls"] > 0  # Stage 2 never calls the teacher
     for row in table:
         assert row["row"] in result.stdout
+
+
+def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
+    """On hand-built round files: a wrong sample (one option line's entry misremembered, the answer changed) and three
+    corrections: the
+    teacher's (right answer, every step right, names exactly the wrong line), the wrong sample copied back, and a
+    right answer reached with that entry still wrong plus another line broken. Every count is decided by hand."""
+    import diagnose
+    out, kb = data
+    row = next(r for r in T.load_cmexam(out / "train.csv") if r["Question Type"] == "诊断")
+    q = teacher.parse_question(T.format_question(row))
+    reference = teacher.answer_text(kb, q)
+    lines = reference.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("A "))  # option A's line
+    name, rest = lines[i][2:].split("：", 1)
+    entry, checks = rest.split("；")
+    first, *others = entry.split("、")
+    bad_entry = "、".join([next(f for f in "痒热咳" if f not in entry)] + others)
+    wrong_lines = list(lines)
+    wrong_lines[i] = f"A {name}：{bad_entry}；{checks}"
+    wrong = "\n".join(wrong_lines).replace(f"答案：{row['answer']}", "答案：" + ("B" if row["answer"] != "B" else "C"))
+    lucky_lines = list(wrong_lines)
+    j = next(k for k, line in enumerate(lines) if line.startswith("B "))
+    lucky_lines[j] = lines[j].replace("，错", "，对") if lines[j].endswith("，错") else lines[j].replace("，对", "，错")
+    lucky = "\n".join(lucky_lines).replace(wrong.rsplit("答案：", 1)[1], row["answer"])
+    corrections = [teacher.critique_text(kb, q, wrong), f"逐步检查原解答：\n故答案应为X。\n{T.CORRECTION_MARK}\n{wrong}",
+                   f"逐步检查原解答：\n故答案应为{row['answer']}。\n{T.CORRECTION_MARK}\n{lucky}"]
+    graded = [T.extract_answer(T.extract_correction(c)) == row["answer"] for c in corrections]
+    assert graded == [True, False, True]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "kb.json").write_text(json.dumps(kb, ensure_ascii=False), encoding="utf-8")
+    exam.write_csv([{k: v for k, v in r.items() if k in exam.COLUMNS} for r in read_rows(out / "train.csv")
+                    if r["Question"] == row["question"]][:1], tmp_path / "data" / "stage2.csv")
+    rows = T.load_cmexam(tmp_path / "data" / "stage2.csv")
+    sample = {"text": wrong, "right": False, "predicted": T.extract_answer(wrong), "finished": True,
+              "corrections": [{"text": c, "right": ok, "predicted": T.extract_answer(T.extract_correction(c))}
+                              for c, ok in zip(corrections, graded)]}
+    right = {"text": reference, "right": True, "predicted": row["answer"], "finished": True}
+    (tmp_path / "selfplay" / "round_1").mkdir(parents=True)
+    (tmp_path / "selfplay" / "round_1" / "samples.jsonl").write_text(
+        json.dumps({"id": rows[0]["id"], "samples": [sample, right]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    n, kinds, fixed = diagnose.diagnose(tmp_path)
+    # its answer line was changed, its marks were not: it also ignores its own marks
+    assert kinds == {"option: recalled entry": 1, "answer ignores own marks": 1}
+    assert fixed == {"option: recalled entry": 2, "answer ignores own marks": 2}  # in both right corrections
+    assert (n["wrong samples"], n["corrections"], n["corrections right"]) == (1, 3, 2)
+    assert n["corrections right with every step right"] == 1  # the teacher's; the lucky one kept the bad entry
+    assert (n["right samples"], n["right samples with every step right"]) == (1, 1)
+    assert n["corrections: identical to the wrong sample"] == 1
+    assert (n["critique lines"], n["critique lines naming a truly wrong step"]) == (1, 1)
+    assert n["wrong step lines (in corrected samples)"] == 3 and n["wrong step lines fixed"] == 1
+    steps = sum(1 for line in lines if line[:2] in ("A ", "B ", "C ", "D ", "E ")) + 2  # options, keys, recall
+    assert n["right step lines"] == 3 * (steps - 1) and n["right step lines broken"] == 1  # lucky's option B
