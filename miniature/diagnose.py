@@ -74,6 +74,9 @@ def diagnose(run, round_=1, show=0):
             sample_errors.update(kinds)
             n["wrong samples"] += 1
             n["wrong samples: answer follows own marks"] += teacher.follows_marks(sample["text"])
+            # the bar a correction must clear: how often simply sampling the question again would have been right
+            others = [other["right"] for other in record["samples"] if other is not sample]
+            n["wrong samples: another sample right"] += sum(others) / len(others) if others else 0
             n[f"wrong samples: type {row['Question Type']}"] += 1
             for c in sample["corrections"]:
                 solution = T.extract_correction(c["text"])

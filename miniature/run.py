@@ -233,7 +233,9 @@ def why_corrections_fail(work, k):
             "critique_lines_naming_a_wrong_step": share("critique lines naming a truly wrong step", "critique lines"),
             "right_lines_broken_by_correction": share("right step lines broken", "right step lines"),
             "wrong_lines_fixed_by_correction": share("wrong step lines fixed", "wrong step lines (in corrected samples)"),
-            "corrections_same_answer_as_wrong": share("corrections: same answer as the wrong sample", "corrections")}
+            "corrections_same_answer_as_wrong": share("corrections: same answer as the wrong sample", "corrections"),
+            "corrections_right": share("corrections right", "corrections"),
+            "fresh_sample_right_after_a_wrong_one": share("wrong samples: another sample right", "wrong samples")}
 
 
 def evaluate(work, name, model, b):

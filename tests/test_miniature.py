@@ -272,6 +272,7 @@ def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
     assert n["corrections right with every step right"] == 1  # the teacher's; the lucky one kept the bad entry
     assert (n["right samples"], n["right samples with every step right"]) == (1, 1)
     assert n["corrections: identical to the wrong sample"] == 1
+    assert n["wrong samples: another sample right"] == 1  # the question's other sample was right
     assert (n["critique lines"], n["critique lines naming a truly wrong step"]) == (1, 1)
     assert n["wrong step lines (in corrected samples)"] == 3 and n["wrong step lines fixed"] == 1
     steps = sum(1 for line in lines if line[:2] in ("A ", "B ", "C ", "D ", "E ")) + 2  # options, keys, recall
