@@ -315,8 +315,12 @@ def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2
         tensors[name] = state[name.removeprefix("model.")].detach().to("cpu").contiguous()
     dtype = next(iter(tensors.values())).dtype
     (path / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2) + "\n")
+    # Generation stops at the end of a turn and at end of text, the config's eos and bos ids: Qwen2.5-Instruct's own
+    # generation_config says [151645, 151643]; a base model (eos = bos = 151643) or another tokenizer gets its ids.
+    cfg = model.config
+    stop = [cfg.eos_token_id] + ([cfg.bos_token_id] if cfg.bos_token_id != cfg.eos_token_id else [])
     (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": model.config.bos_token_id, "eos_token_id": [151645, 151643]}, indent=2) + "\n")
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop}, indent=2) + "\n")
 
     shards, size = [{}], 0
     for name, t in tensors.items():

@@ -185,6 +185,18 @@ def test_save_then_transformers_loads_identically(tmp_path):
     assert hf.config.rope_parameters["rope_theta"] == SMALL["rope_theta"]
 
 
+def test_generation_config_stops_at_the_config_s_own_ids(tmp_path):
+    """Qwen2.5-Instruct's ids give its own generation_config ([151645, 151643]); a model with another tokenizer
+    (the miniature's student) stops at ITS end-of-turn and end-of-text ids, read back by transformers."""
+    from transformers import GenerationConfig
+    for name, ids, stop in (("qwen", dict(bos_token_id=151643, eos_token_id=151645), [151645, 151643]),
+                            ("other", dict(bos_token_id=0, eos_token_id=5), [5, 0]),
+                            ("base", dict(bos_token_id=151643, eos_token_id=151643), [151643])):
+        M.save(M.Transformer(M.ModelConfig(**{**SMALL, **ids})), tmp_path / name)
+        config = GenerationConfig.from_pretrained(tmp_path / name)
+        assert config.eos_token_id == stop and config.bos_token_id == ids["bos_token_id"]
+
+
 def test_save_preserves_dtype_and_shards(tmp_path):
     ours = M.init_weights(M.Transformer(M.ModelConfig(**SMALL, tie_word_embeddings=True))).to(torch.bfloat16)
     M.save(ours, tmp_path, max_shard_bytes=40_000)
