@@ -26,8 +26,8 @@ and every record says whether it was on.
 Sampling runs in this one process (model.generate). DPO runs in a subprocess as `torchrun --nproc-per-node N
 dpo.py ...` (plain `python dpo.py` for N = 1), exactly the command users run. Round k lives in <out>/round_k/:
 pairs.jsonl (TRL's conversational preference format plus metadata), samples.jsonl (per question: each sample and
-each critique, its full text and what it answered, so any pair or failure can be read back), summary.json, config.json and, with --rounds, the DPO run in dpo/ and done.json naming
-its final checkpoint. Both JSONL files grow one chunk of questions at a time (flush + fsync), samples.jsonl last,
+each critique, its full text and what it answered, so any pair or failure can be read back), summary.json,
+config.json and, with --rounds, the DPO run in dpo/ and done.json naming its final checkpoint. Both JSONL files grow one chunk of questions at a time (flush + fsync), samples.jsonl last,
 so it is the commit log: a killed run resumes at the first uncommitted chunk with nothing lost or duplicated, and
 a round with a done.json is skipped.
 """
@@ -145,19 +145,19 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
     outputs = sample_texts(model, tokenizer, [prompts[i] for i in fits], cfg.samples, cfg.max_new_tokens, cfg,
                            seed_of(seed, "samples"))
 
-    texts, wrong = {}, []  # texts[(question index, sample index)]; wrong: finished wrong samples to correct
+    wrong = []  # (question index, sample index) of the finished wrong samples, to be corrected
     for i, samples in zip(fits, outputs):
         for s, (text, finished, tokens) in enumerate(samples):
             predicted = extract_answer(text)
             right = predicted == rows[i]["answer"]
             records[i]["samples"].append({"predicted": predicted, "right": right, "finished": finished,
                                           "tokens": tokens, "well_formed": is_well_formed(text), "text": text})
-            texts[i, s] = text
             if finished and not right:
                 wrong.append((i, s))
 
     hint = {i: rows[i]["answer"] if cfg.hint else None for i, _ in wrong}
-    critiques = [prompt_ids(tokenizer, critique_messages(rows[i], texts[i, s], hint[i])) for i, s in wrong]
+    text_of = lambda i, s: records[i]["samples"][s]["text"]  # noqa: E731
+    critiques = [prompt_ids(tokenizer, critique_messages(rows[i], text_of(i, s), hint[i])) for i, s in wrong]
     fits = [j for j, p in enumerate(critiques) if len(p) + cfg.critique_max_new_tokens <= context]
     for j in set(range(len(wrong))) - set(fits):
         i, s = wrong[j]
@@ -178,7 +178,7 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
                                           "well_formed": well_formed, "finished": finished, "tokens": tokens,
                                           "text": text})
             if "correction" in sources and right and well_formed and finished:
-                pairs[i].append(make_pair(rows[i], solution, texts[i, s], round=round_, sample=s,
+                pairs[i].append(make_pair(rows[i], solution, text_of(i, s), round=round_, sample=s,
                                           source="correction", correction=c, hint=cfg.hint,
                                           answer=rows[i]["answer"], rejected_answer=sample["predicted"]))
     if "sample" in sources:  # every (right, wrong) combination of one question's finished samples
@@ -187,7 +187,7 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
             for s_right, x_right in done:
                 for s_wrong, x_wrong in done:
                     if x_right["right"] and x_right["well_formed"] and not x_wrong["right"]:
-                        pairs[i].append(make_pair(rows[i], texts[i, s_right], texts[i, s_wrong], round=round_,
+                        pairs[i].append(make_pair(rows[i], x_right["text"], x_wrong["text"], round=round_,
                                                   sample=s_wrong, source="sample", chosen_sample=s_right,
                                                   hint=False, answer=rows[i]["answer"],
                                                   rejected_answer=x_wrong["predicted"]))

@@ -39,9 +39,8 @@ def error_kinds(text, reference) -> Counter:
                 kinds[section] += 1
                 continue
             other = theirs[i] if i < len(theirs) else ""
-            entry, _, checks = line.partition("；")
-            other_entry, _, other_checks = other.partition("；")
-            kinds["option: recalled entry" if entry != other_entry else "option: checks or mark"] += 1
+            same_entry = line.partition("；")[0] == other.partition("；")[0]
+            kinds["option: checks or mark" if same_entry else "option: recalled entry"] += 1
     if not teacher.follows_marks(text):
         kinds["answer ignores own marks"] += 1
     return kinds
@@ -61,15 +60,17 @@ def diagnose(run, round_=1, show=0):
         row = rows[record["id"]]
         q = teacher.parse_question(T.format_question(row))
         reference = teacher.answer_text(kb, q)
+        ref_lines = step_lines(reference)
         for sample in record["samples"]:
             if "text" not in sample:
                 raise SystemExit("samples.jsonl has no texts: written by an older selfplay.py")
+            sample_lines = step_lines(sample["text"])
             if sample["right"]:  # the contrast: how often a right first answer has right steps
                 n["right samples"] += 1
-                n["right samples with every step right"] += step_lines(reference) <= step_lines(sample["text"])
+                n["right samples with every step right"] += ref_lines <= sample_lines
             if sample["right"] or "corrections" not in sample:
                 continue
-            wrong_lines = step_lines(reference) - step_lines(sample["text"])
+            wrong_lines, right_before = ref_lines - sample_lines, ref_lines & sample_lines
             kinds = error_kinds(sample["text"], reference)
             sample_errors.update(kinds)
             n["wrong samples"] += 1
@@ -97,13 +98,12 @@ def diagnose(run, round_=1, show=0):
                 now = step_lines(solution)
                 n["wrong step lines (in corrected samples)"] += len(wrong_lines)
                 n["wrong step lines fixed"] += len(wrong_lines & now)
-                right_before = step_lines(sample["text"]) & step_lines(reference)
                 n["right step lines"] += len(right_before)
                 n["right step lines broken"] += len(right_before - now)
                 if c["right"]:
                     fixed_errors.update(kinds)
                     # a right answer is what selfplay.py checks; are the steps that reach it right too?
-                    n["corrections right with every step right"] += step_lines(reference) <= now
+                    n["corrections right with every step right"] += ref_lines <= now
             if shown < show:
                 shown += 1
                 print(f"=== {row['id']} gold {row['answer']} sample {sample['predicted']} errors {dict(kinds)}\n"
@@ -124,9 +124,9 @@ def main(argv=None):
     print(f"round {args.round}: {n['wrong samples']} wrong samples sent to critique, {n['corrections']} corrections")
     for key, value in sorted(n.items()):
         print(f"  {key:48} {value}")
-    print("error kinds in wrong samples (steps; share of those samples whose corrections were right):")
+    print("wrong step lines in the wrong samples, by kind (and counted once per right correction of their sample):")
     for kind, count in sample_errors.most_common():
-        print(f"  {kind:32} {count:5}  fixed in right corrections {fixed_errors[kind]}")
+        print(f"  {kind:32} {count:5}  per right correction: {fixed_errors[kind]}")
 
 
 if __name__ == "__main__":
