@@ -53,6 +53,11 @@ class Budget:
     sft_steps: int = 1500  # batch 8: 4.6 passes over 2,600 examples; 400 and 800 steps left the student at chance
     sft_lr: float = 3e-3
     batch: int = 8
+    # Micro-batches change speed only (a step sums the same examples however they are split); the fastest measured
+    # on 2 cores for each data: 256-token pretraining windows, ~330-token CoTs (grouped by length), ~115-token plain.
+    pretrain_micro: int = 16
+    cot_micro: int = 2
+    plain_micro: int = 8
     samples: int = 2  # selfplay k: at ~25-50% accuracy most questions get a wrong sample to correct
     corrections: int = 2  # selfplay m (its default)
     temperature: float = 0.7  # selfplay's defaults
@@ -91,11 +96,13 @@ class Stages:
 
 
 def sh(*cmd, log=None, check=True):
-    """A real command line, echoed; OMP_NUM_THREADS=1 because 2 processes on 2 cores (or a shared machine) run far
-    faster single-threaded than oversubscribed (measured 8x on a loaded box)."""
+    """A real command line, echoed. OMP_NUM_THREADS is left unset, on purpose: a single process then uses torch's
+    default (every physical core) and torchrun gives each of its ranks 1 thread (its own default), so nothing is
+    oversubscribed; selfplay.py's sampling uses both cores and its torchrun DPO child one thread per rank."""
     cmd = [str(c) for c in cmd]
     print("+ " + shlex.join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(ROOT)
     with open(log, "a") if log else open(os.devnull, "w") as f:
         result = subprocess.run(cmd, env=env, stdout=f if log else None, stderr=subprocess.STDOUT if log else None)
     if result.returncode and check:
@@ -134,11 +141,12 @@ def make_data(work, seed, b):
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
-def sft(work, name, init, data, steps, lr, batch, seed, max_len=1024, extra=()):
-    """sft.py on both cores (2 ranks, gloo): the same loss curve as one process, about twice as fast."""
+def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, extra=()):
+    """sft.py in one process on both cores: 1.4x the tokens/s of 2 FSDP ranks at this size (README), where gloo's
+    per-block all-gathers and reduce-scatters cost about as much as the compute they split."""
     out = work / name
-    sh(*TORCHRUN, ROOT / "sft.py", *init, "--tokenizer", work / "student", "--data", data, "--out", out,
-       "--max-len", max_len, "--steps", steps, "--lr", lr, "--batch-size", batch, "--micro-batch-size", batch // 4,
+    sh(sys.executable, ROOT / "sft.py", *init, "--tokenizer", work / "student", "--data", data, "--out", out,
+       "--max-len", max_len, "--steps", steps, "--lr", lr, "--batch-size", batch, "--micro-batch-size", micro,
        "--save-every", steps, "--seed", seed, "--resume", *extra, log=work / f"{name}.log")
     tokens, n = step_tokens(out / "metrics.jsonl")
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
@@ -286,7 +294,8 @@ def run_seed(out, seed, b):
                                 work / "student", "--hidden", b.hidden, "--layers", b.layers, "--seed", seed))
     pre = stage("pretrain", lambda: sft(work, "pretrain", ["--init-config", work / "student" / "config.json"],
                                         work / "student" / "pretrain.jsonl", b.pretrain_steps, b.pretrain_lr, 16,
-                                        seed, max_len=256, extra=["--weight-decay", 0.1]))["checkpoint"]
+                                        b.pretrain_micro, seed, max_len=256,
+                                        extra=["--weight-decay", 0.1]))["checkpoint"]
     server, url, _ = teacher.serve(kb)
     try:
         for style in ("template", "plain"):
@@ -298,9 +307,9 @@ def run_seed(out, seed, b):
         data = work / "stage1_template_and_critiques.jsonl"
         data.write_text((work / "stage1_template.jsonl").read_text() + (work / "stage1_critiques.jsonl").read_text())
         t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", pre], data, b.sft_steps, b.sft_lr,
-                                                b.batch, seed))["checkpoint"]
+                                                b.batch, b.cot_micro, seed))["checkpoint"]
         stage("sft_plain", lambda: sft(work, "sft_plain", ["--model", pre], work / "stage1_plain.jsonl",
-                                       b.sft_steps, b.sft_lr, b.batch, seed))
+                                       b.sft_steps, b.sft_lr, b.batch, b.plain_micro, seed))
         r1 = stage("selfplay_1", lambda: selfplay_round(work, 1, t, b, seed))
         stage("why_1", lambda: why_corrections_fail(work, 1))
         stage("selfplay_2", lambda: selfplay_round(work, 2, t, b, seed) if r1["pairs"] else {**r1, "seconds": 0})
@@ -311,7 +320,8 @@ def run_seed(out, seed, b):
     stage("dpo_teacher", lambda: dpo(work, "dpo_teacher", t, work / "teacher_pairs.jsonl", b, seed) if pairs
           else {"checkpoint": t})
     extra = compute_matched_steps(work, stage.done, b)
-    stage("sft_matched", lambda: sft(work, "sft_matched", ["--model", t], data, extra, b.sft_lr, b.batch, seed))
+    stage("sft_matched", lambda: sft(work, "sft_matched", ["--model", t], data, extra, b.sft_lr, b.batch,
+                                     b.cot_micro, seed))
     rows = [("pretrained", "pretrain"), ("plain SFT", "sft_plain"), ("template SFT", "sft_template"),
             ("template SFT + matched compute", "sft_matched"), ("self-correction DPO, round 1", "selfplay_1"),
             ("self-correction DPO, round 2", "selfplay_2"), ("teacher-corrected DPO", "dpo_teacher")]
