@@ -195,16 +195,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
 
-    def forward(self, tokens, positions=None, cache=None, start=0, kv_len=None, mask=None, last_only=False,
-                logits_at=None):
-        """tokens [B, T] -> logits [B, T, V] (or [B, V] with last_only, or [n, V] with logits_at).
+    def forward(self, tokens, positions=None, cache=None, start=0, kv_len=None, mask=None, logits_at=None):
+        """tokens [B, T] -> logits [B, T, V], or [n, V] at the n positions a boolean `logits_at` [B, T] selects.
 
         Called plainly it is the full causal forward used in training. The sampler passes per-row `positions`
         (left-padded prompts start at position 0 after their padding), a KV `cache` (one (k, v) pair per layer)
         written at slots [start, start + T), the number of slots `kv_len` to attend over, and a boolean `mask`
-        [B, 1, T, kv_len] (True = attend). Training that scores only some positions (DPO: the response tokens)
-        passes a boolean `logits_at` [B, T] and gets the logits of those n positions, in row-major order: the head
-        is never run on the others (at vocab 152k their logits would be GBs)."""
+        [B, 1, T, kv_len] (True = attend). Whoever needs only some positions' logits (training: the trained or
+        scored tokens; prefill: each row's last) passes `logits_at` and gets those n rows, in row-major order: the
+        head is never run on the others (at vocab 152k, a prompt's [B, T, V] logits would be GBs)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -217,9 +216,7 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, layer_cache, start, kv_len, mask)
-        if last_only:
-            x = x[:, -1]  # prefill needs one row of logits, not [B, T, 152k]
-        elif logits_at is not None:
+        if logits_at is not None:
             x = x[logits_at]
         return self.lm_head(self.norm(x))
 
@@ -410,7 +407,8 @@ def prefill(model: Transformer, prompts, max_len):
     causal = slots[:P, None] >= slots[None, :P]
     mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
     cache = make_cache(cfg, len(prompts), max_len, dtype, device)
-    logits = model(tokens, positions, cache, 0, P, mask[:, None], last_only=True)
+    last = slots[None, :P] == P - 1  # left padding: every prompt ends in the last column
+    logits = model(tokens, positions, cache, 0, P, mask[:, None], logits_at=last.expand(len(prompts), P))
     return logits, cache, valid, lengths
 
 
@@ -463,7 +461,7 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
                 decode_mask = None if decode_mask is None else decode_mask[live]
         kv_len = P + t + 1
         mask = None if decode_mask is None else decode_mask[..., :kv_len]
-        logits = model(next_token[:, None], (lengths + t)[:, None], cache, P + t, kv_len, mask, last_only=True)
+        logits = model(next_token[:, None], (lengths + t)[:, None], cache, P + t, kv_len, mask)[:, -1]
 
     results = []
     stop_set = set(stop_ids)
