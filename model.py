@@ -16,6 +16,7 @@ Multi-GPU training wraps this model with `shard_model` (FSDP2, one unit per deco
 """
 import argparse
 import json
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -340,6 +341,21 @@ def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# A Hugging Face tokenizer's files (the .json is all we read; the rest let transformers load a checkpoint as is).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+def copy_tokenizer(source, dest):
+    """Copy the tokenizer files found at `source` (a folder, or a tokenizer.json path) into folder `dest`, so that a
+    trained checkpoint is complete on its own."""
+    source = Path(source)
+    files = [source / name for name in TOKENIZER_FILES] if source.is_dir() else [source]
+    for file in files:
+        if file.is_file():
+            shutil.copyfile(file, Path(dest) / (file.name if source.is_dir() else "tokenizer.json"))
 
 
 def load_tokenizer(path):

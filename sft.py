@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-from model import ModelConfig, Transformer, init_weights, load, load_tokenizer, save, shard_model
+from model import ModelConfig, Transformer, copy_tokenizer, init_weights, load, load_tokenizer, save, shard_model
 from templates import encode_chat, special_ids
 
 # DCP saves/loads fine in one process without a process group; it just says so on every call.
@@ -195,8 +195,9 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2):
-    """Save everything needed to continue after optimizer step `step` (collective: every rank calls it)."""
+def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2, tokenizer=None):
+    """Save everything needed to continue after optimizer step `step` (collective: every rank calls it), and the
+    tokenizer files from `tokenizer` (a folder or tokenizer.json) so the folder loads on its own."""
     out_dir, rank = Path(out_dir), get_rank()
     final, tmp = out_dir / f"step-{step:06d}", out_dir / f".tmp-step-{step:06d}"
     if rank == 0:
@@ -207,6 +208,8 @@ def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2):
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         save(model, tmp, state_dict=full_state)
+        if tokenizer:
+            copy_tokenizer(tokenizer, tmp)
     del full_state
     # The optimizer stays sharded: each rank writes its own AdamW moments; DCP can reload them on another world size.
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
@@ -408,7 +411,8 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
                         lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}", gnorm=f"{stats['grad_norm']:.2f}")
         bar.update()
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            path = save_checkpoint(args.out, step + 1, model, optimizer, data_state, keep=args.keep)
+            path = save_checkpoint(args.out, step + 1, model, optimizer, data_state, keep=args.keep,
+                                   tokenizer=args.tokenizer or args.model)
             if rank == 0:
                 bar.write(f"saved {path}")
         clock = time.perf_counter()

@@ -6,6 +6,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import model as M
+from conftest import SHARED
 
 SMALL = dict(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
@@ -195,6 +196,22 @@ def test_generation_config_stops_at_the_config_s_own_ids(tmp_path):
         M.save(M.Transformer(M.ModelConfig(**{**SMALL, **ids})), tmp_path / name)
         config = GenerationConfig.from_pretrained(tmp_path / name)
         assert config.eos_token_id == stop and config.bos_token_id == ids["bos_token_id"]
+
+
+def test_copied_tokenizer_loads_in_transformers_as_the_original(tmp_path):
+    """A trained checkpoint carries the real Qwen2.5 tokenizer files (chat template included), so transformers and
+    our scripts load the folder alone."""
+    from transformers import AutoTokenizer
+    source = SHARED / "data" / "qwen2.5-tokenizer"
+    if not (source / "tokenizer.json").is_file():
+        pytest.skip("real Qwen2.5 tokenizer not in ../shared")
+    M.copy_tokenizer(source, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "tokenizer.json", "tokenizer_config.json",
+                                                         "vocab.json"]
+    text = "<|im_start|>user\n患者男，45岁，胸痛3小时。<|im_end|>\n"
+    ids = AutoTokenizer.from_pretrained(source).encode(text)
+    assert AutoTokenizer.from_pretrained(tmp_path).encode(text) == ids == M.load_tokenizer(tmp_path).encode(text).ids
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == AutoTokenizer.from_pretrained(source).chat_template
 
 
 def test_save_preserves_dtype_and_shards(tmp_path):

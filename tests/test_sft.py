@@ -265,6 +265,8 @@ def test_sft_drives_the_loss_near_zero(tiny, tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[0] > 4 and losses[-1] < 0.05, losses[::20]
     assert {"lr", "grad_norm", "tokens_per_s", "epoch", "units"} <= set(records[-1])
+    # The checkpoint carries the tokenizer it was trained with, so the next stage needs no --tokenizer.
+    assert (tmp_path / "run" / "final" / "tokenizer.json").read_bytes() == (tiny / "tokenizer.json").read_bytes()
 
 
 def weights(path):
