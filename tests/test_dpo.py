@@ -276,7 +276,8 @@ def test_truncation_and_skips_are_counted(world, tmp_path):
     examples, counts = dpo.load_pairs(path, world.tok, 50, 20)
     # kept: the good pair (prompt and chosen cut), the long prompt (prompt cut); skipped: 2 bad lines, the identical
     # pair, and the pair whose replies differ only after the cut
-    assert counts == dict(pairs=2, prompt_truncated=2, responses_truncated=1, skipped_bad=2, skipped_identical=2)
+    assert counts == dict(pairs=2, rejected_cut_after_first_wrong_line=0, prompt_truncated=2, responses_truncated=1,
+                          skipped_bad=2, skipped_identical=2)
     for e in examples:
         assert len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) <= 50
     # the prompt loses tokens from the left (down to --max-prompt-length), the replies from the right
@@ -284,6 +285,30 @@ def test_truncation_and_skips_are_counted(world, tmp_path):
     assert examples[0]["chosen"] == full[0]["chosen"][:30]
     assert examples[0]["rejected"] == full[0]["rejected"]
     assert len(examples[1]["prompt"]) == 50 - len(examples[1]["rejected"]) > 20
+
+
+def test_rejected_reply_is_cut_after_its_first_wrong_line(world, tmp_path):
+    """--truncate-rejected: the rejected reply keeps the lines it shares with the chosen one and the first line that
+    differs, without <|im_end|>; replies differing only in their last line stay whole. Expected texts by hand."""
+    chosen = "<think>\n审题：单选\n提取：发热、咳嗽\nA 肺炎：发热有，对\nB 胃炎：发热无，错\n</think>\n答案：A"
+    rejected = "<think>\n审题：单选\n提取：发热、咳嗽\nA 肺炎：发热无，错\nB 胃炎：发热有，对\n</think>\n答案：B"
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    prompt = world.records[0]["prompt"]
+    records = [{"prompt": prompt, "chosen": reply(chosen), "rejected": reply(rejected)},
+               {"prompt": prompt, "chosen": reply(chosen), "rejected": reply(chosen[:-1] + "B")},
+               {"prompt": prompt, "chosen": reply(chosen), "rejected": reply("答案：B")}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    whole, _ = dpo.load_pairs(path, world.tok, 1000, 500)
+    cut, counts = dpo.load_pairs(path, world.tok, 1000, 500, truncate_rejected=True)
+    assert counts["rejected_cut_after_first_wrong_line"] == 1 and counts["pairs"] == 3
+    text = lambda ids: world.tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    assert text(cut[0]["rejected"]) == "<think>\n审题：单选\n提取：发热、咳嗽\nA 肺炎：发热无，错\n"
+    assert cut[0]["rejected"] == whole[0]["rejected"][:len(cut[0]["rejected"])]
+    assert text(cut[1]["rejected"]) == chosen[:-1] + "B<|im_end|>"  # only the answer line differs: all of it
+    assert text(cut[2]["rejected"]) == "答案：B<|im_end|>"  # one line, wrong from its first token: all of it
+    for a, b in zip(cut, whole):
+        assert a["prompt"] == b["prompt"] and a["chosen"] == b["chosen"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
