@@ -59,22 +59,23 @@ class Budget:
     cot_micro: int = 2
     plain_micro: int = 8
     samples: int = 2  # selfplay k: at ~25-50% accuracy most questions get a wrong sample to correct
-    corrections: int = 2  # selfplay m (its default)
+    corrections: int = 1  # selfplay m (its default is 2): one critique per wrong sample, for the time budget
     temperature: float = 0.7  # selfplay's defaults
     top_p: float = 0.9
-    sample_batch: int = 32  # prompts per generate call (x samples rows)
+    sample_batch: int = 128  # prompts per generate call (x samples rows) and per committed chunk: 1.3x faster than 32
     max_new_tokens: int = 320  # teacher trajectories are <= ~235 tokens
     critique_max_new_tokens: int = 448  # critique + corrected trajectory <= ~330 tokens
     # Conservative for the size (the prototype: lr 1e-4 / beta 0.1 collapsed, 1e-5 / 0.5 moved nothing): lr 1/60 of
     # SFT's, the authors' beta, and Iterative RPO's NLL on the chosen reply against plain DPO pushing both down.
-    dpo: str = "--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 2 --batch-size 8 --precompute-ref"
+    dpo: str = "--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 2 --batch-size 8 --precompute-ref --truncate-rejected"
     eval_max_new_tokens: int = 320
 
 
 QUICK = Budget(train_questions=160, test_questions=40, stage1_questions=100, critique_examples=20,
                stage2_questions=24, hidden=64, layers=2, pretrain_steps=20, sft_steps=30, samples=2, corrections=1,
                max_new_tokens=96, critique_max_new_tokens=128, eval_max_new_tokens=96,
-               dpo="--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 1 --batch-size 2 --precompute-ref")
+               dpo="--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 1 --batch-size 2 --precompute-ref "
+                   "--truncate-rejected")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Plumbing: each stage runs once, its wall time recorded; commands are the ones a user types.
@@ -211,7 +212,7 @@ def selfplay_round(work, k, model, b, seed):
        work / "data" / "stage2.csv", "--out", work / "selfplay", "--rounds", k, "--samples", b.samples,
        "--corrections", b.corrections, "--temperature", b.temperature, "--top-p", b.top_p, "--max-new-tokens",
        b.max_new_tokens, "--critique-max-new-tokens", b.critique_max_new_tokens, "--seed", seed, "--nproc", 2,
-       "--batch-size", b.sample_batch,
+       "--batch-size", b.sample_batch, "--chunk-size", b.sample_batch,
        "--dpo-args", dpo_args, log=work / f"selfplay_round{k}.log", check=False)
     round_dir, log = work / "selfplay" / f"round_{k}", work / f"selfplay_round{k}.log"
     if not (round_dir / "summary.json").exists():
@@ -249,7 +250,7 @@ def why_corrections_fail(work, k):
 def evaluate(work, name, model, b):
     out = work / "eval" / name
     sh(sys.executable, ROOT / "eval_cmexam.py", "--model", model, "--tokenizer", work / "student", "--data",
-       work / "data" / "test.csv", "--out", out, "--max-new-tokens", b.eval_max_new_tokens, "--batch-size", 100,
+       work / "data" / "test.csv", "--out", out, "--max-new-tokens", b.eval_max_new_tokens, "--batch-size", 250,
        log=work / "eval.log")
     report = json.loads((out / "cot.report.json").read_text())
     predictions = [json.loads(line) for line in (out / "cot.predictions.jsonl").read_text().splitlines()]
