@@ -153,6 +153,19 @@ def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, ext
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
 
 
+def distill(work, style, url, b):
+    """Stage 1 data through the real `templates.py distill`. It appends answers as they arrive (4 in flight), so the
+    file's order varies from run to run, and with it which examples sft.py's seeded shuffle puts together: sorted by
+    question id here, a seed gives the same table every time."""
+    out = work / f"stage1_{style}.jsonl"
+    sh(sys.executable, ROOT / "templates.py", "distill", "--data", work / "data" / "stage1.csv", "--out", out,
+       "--base-url", url, "--model", f"miniature-{style}", "--tries", 1, "--concurrency", 4, log=work / "distill.log")
+    lines = out.read_text(encoding="utf-8").splitlines()
+    out.write_text("".join(line + "\n" for line in sorted(lines, key=lambda line: json.loads(line)["id"])),
+                   encoding="utf-8")
+    return {"teacher_calls": b.stage1_questions}
+
+
 def critique_data(work, kb, url, b, seed):
     """Stage 1's critique examples: the teacher corrupts one or two steps of a right trajectory (the student's kind
     of error) and, asked with the real critique prompt, names the wrong steps and re-emits the fixed trajectory."""
@@ -300,10 +313,7 @@ def run_seed(out, seed, b):
     server, url, _ = teacher.serve(kb)
     try:
         for style in ("template", "plain"):
-            stage(f"distill_{style}", lambda: (sh(
-                sys.executable, ROOT / "templates.py", "distill", "--data", work / "data" / "stage1.csv", "--out",
-                work / f"stage1_{style}.jsonl", "--base-url", url, "--model", f"miniature-{style}", "--tries", 1,
-                "--concurrency", 4, log=work / "distill.log"), {"teacher_calls": b.stage1_questions})[1])
+            stage(f"distill_{style}", lambda: distill(work, style, url, b))
         stage("critiques", lambda: critique_data(work, kb, url, b, seed))
         data = work / "stage1_template_and_critiques.jsonl"
         data.write_text((work / "stage1_template.jsonl").read_text() + (work / "stage1_critiques.jsonl").read_text())
