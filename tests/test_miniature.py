@@ -223,6 +223,10 @@ def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
     assert table[4]["teacher_calls"] == 0 and table[6]["teacher_calls"] > 0  # Stage 2 never calls the teacher
     for row in table:
         assert row["row"] in result.stdout
+    # Stage 1 data in question order, whatever order the teacher answered in (a seed then gives the same table)
+    for style in ("template", "plain"):
+        ids = [json.loads(line)["id"] for line in (tmp_path / "seed_0" / f"stage1_{style}.jsonl").open()]
+        assert ids == sorted(ids) and len(ids) == 100
 
 
 def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
