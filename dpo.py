@@ -78,26 +78,29 @@ def scored_positions(mask):
     return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
 
 
+def sum_over_rows(token_logps, mask):
+    """[2B] row sums of per-position log-probs [n] given in the row-major order of scored_positions(mask)."""
+    rows = mask[:, 1:].nonzero()[:, 0]
+    return torch.zeros(len(mask), device=token_logps.device).index_add(0, rows, token_logps)
+
+
 def sequence_logps(logits, tokens, mask):
     """log pi(response | prompt) per row [2B]: the SUM of log p(token) over the row's response tokens, in fp32.
 
-    logits [n, V] are the model's at the n scored_positions(mask), row-major: model(tokens, logits_at=...) never
-    runs the head on prompt and padding positions. fp32, because the loss sees a small difference of two sums over
-    thousands of tokens and bf16 keeps 3 significant digits; logit[target] - logsumexp = log_softmax[target]
-    without a second [n, V] tensor."""
+    logits [n, V] are the model's at the n scored_positions(mask), row-major. fp32, because the loss sees a small
+    difference of two sums over thousands of tokens and bf16 keeps 3 significant digits. Training does not call this:
+    concatenated_forward gets the same numbers from model.token_logps without the [n, V] logits."""
     logits = logits.float()
     targets = tokens[:, 1:][mask[:, 1:]]
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-    rows = mask[:, 1:].nonzero()[:, 0]  # the row of each scored position, in the same row-major order
-    return torch.zeros(len(tokens), device=logits.device).index_add(0, rows, token_logps)
+    return sum_over_rows(logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1), mask)
 
 
 def concatenated_forward(model, batch):
     """Chosen and rejected rows in ONE forward (one pass over the weights, which FSDP gathers once), split after.
     Right padding is harmless: under the causal mask no real token attends to a later pad. -> ([B], [B])."""
     tokens, mask = batch["tokens"], batch["mask"]
-    logps = sequence_logps(model(tokens, logits_at=scored_positions(mask)), tokens, mask)
-    return logps.chunk(2)
+    token_logps = model(tokens, logits_at=scored_positions(mask), targets=tokens[:, 1:][mask[:, 1:]])
+    return sum_over_rows(token_logps, mask).chunk(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -48,7 +47,7 @@ from templates import encode_chat, special_ids
 # DCP saves/loads fine in one process without a process group; it just says so on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-IGNORE = -100  # label of a position that is not trained (prompt, padding): F.cross_entropy's ignore_index
+IGNORE = -100  # label of a position that is not trained (prompt, padding), as in F.cross_entropy
 
 # ----------------------------------------------------------------------------------------------------------------
 # Processes. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) every rank runs this file; alone it is one process.
@@ -528,9 +527,8 @@ def collate_sft(examples, pad_id, device):
 def sft_loss(model, batch):
     """Summed next-token cross-entropy over the trained positions of a micro-batch (log-softmax in fp32)."""
     trained = batch["labels"] != IGNORE
-    # The head runs on trained positions only: a long prompt's logits at vocab 152k would be GBs for nothing.
-    logits = model(batch["tokens"], logits_at=trained)
-    return F.cross_entropy(logits.float(), batch["labels"][trained], reduction="sum"), {}
+    # The head runs on trained positions only, in chunks (model.token_logps): never [n, V] logits whole.
+    return -model(batch["tokens"], logits_at=trained, targets=batch["labels"][trained]).sum(), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------

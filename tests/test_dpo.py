@@ -205,6 +205,55 @@ def test_concatenated_forward_equals_separate_forwards(world):
 
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_logps_and_gradients_match_float64(world, tied, monkeypatch):
+    """concatenated_forward (model.token_logps, chunks of 7 positions: boundaries inside every sequence) against the
+    full float64 logits and log-softmax, values and the gradient of every parameter (tied: the head's gradient must
+    reach the embedding)."""
+    import model as model_py
+    monkeypatch.setattr(model_py, "LOGPS_CHUNK", 7)
+    cfg = ModelConfig(**{**world.cfg.__dict__, "tie_word_embeddings": tied})
+    policy = init_weights(Transformer(cfg), std=0.1, seed=2)
+    oracle = init_weights(Transformer(cfg), std=0.1, seed=2).double()
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
+    batch = dpo.collate(examples[:3], world.pad_id)
+    weight = torch.tensor([0.5, -1.0, 2.0, 1.5, -0.3, 0.7], dtype=torch.float64)  # a different upstream grad per row
+    chosen, rejected = dpo.concatenated_forward(policy, batch)
+    (torch.cat([chosen, rejected]) * weight.float()).sum().backward()
+    tokens, mask = batch["tokens"], batch["mask"]
+    logp = torch.log_softmax(oracle(tokens)[:, :-1], -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    expected = (logp * mask[:, 1:]).sum(-1)
+    (expected * weight).sum().backward()
+    assert torch.allclose(torch.cat([chosen, rejected]).double(), expected, rtol=1e-5)
+    assert mask.sum() > 7 * 10
+    got, want = dict(policy.named_parameters()), dict(oracle.named_parameters())
+    for name in want:
+        torch.testing.assert_close(got[name].grad.double(), want[name].grad, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_chunked_logps_under_bf16_autocast_match_the_plain_head():
+    """Under autocast the head computes in bf16 as nn.Linear would (then fp32 log-softmax); backward recomputes the
+    same bf16 logits. Oracle: autograd through the plain bf16 head, full logits."""
+    from model import token_logps
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    head = (torch.randn(300, 16, generator=g) * 0.3).requires_grad_(True)
+    targets = torch.randint(0, 300, (40,), generator=g)
+    up = torch.randn(40, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_logps(hidden, head, targets, chunk_size=9)
+        (got * up).sum().backward()
+        logits = torch.nn.functional.linear(hidden, head).float()
+    assert logits.requires_grad and got.dtype == torch.float32
+    grads = hidden.grad.clone(), head.grad.clone()
+    hidden.grad = head.grad = None
+    want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    (want * up).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-2, atol=1e-3)  # bf16 matmuls in both
+    torch.testing.assert_close(grads[1], head.grad, rtol=1e-2, atol=1e-2)  # ours sums chunks in fp32
+
+
 def test_step_zero_loss_is_ln2_and_rewards_zero(world):
     policy, reference = load(world.model).train(), load(world.model).eval()
     examples, _ = dpo.load_pairs(world.data, world.tok, 64, 32)

@@ -165,7 +165,12 @@ def test_text_records_become_windows_that_train_every_token_once(tiny, tmp_path)
 # Loss normalisation: a float64 oracle written out here
 
 
-def test_step_loss_and_gradient_are_the_token_mean_over_the_whole_step(tiny):
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_step_loss_and_gradient_are_the_token_mean_over_the_whole_step(tiny, chunk, monkeypatch):
+    """Also with the head's log-softmax in chunks of 5 positions (model.token_logps), boundaries inside examples."""
+    if chunk:
+        import model as model_py
+        monkeypatch.setattr(model_py, "LOGPS_CHUNK", chunk)
     tok = load_tokenizer(tiny)
     examples = [encode_chat(tok, chat_record(q, a * k)["messages"]) for k, (q, a) in zip([1, 3, 1, 6], QUESTIONS)]
     micro_batches = [sft.collate_sft(examples[:3], 0, "cpu"), sft.collate_sft(examples[3:], 0, "cpu")]
