@@ -22,6 +22,7 @@ The data is the conversational preference JSONL that TRL reads, one pair a line,
 The training machinery (FSDP2 wrap, AdamW, warmup + cosine, checkpoints and resume, metrics log) is sft.py's.
 """
 import argparse
+import contextlib
 import functools
 import gc
 import hashlib
@@ -33,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import ModelConfig, load_tokenizer
+from model import ModelConfig, load_tokenizer, lora_disabled
 from sft import (add_training_args, all_reduce_sum, autocast, build_optimizer, check_batch_sizes, fit, get_rank,
-                 init_distributed, load_checkpoint, load_model, prepare_model, resume_point, teardown_distributed)
+                 init_distributed, load_checkpoint, load_model, lora_config, model_dtype, prepare_model, resume_point,
+                 seed_all, teardown_distributed)
 from templates import encode_chat, special_ids
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,13 +322,14 @@ def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype
 
 def preference_loss(model, batch, args, ref=None):
     """(sum over the micro-batch's pairs of the loss, {metric: sum}) for sft.train_step, which divides by the
-    number of pairs in the whole optimizer step (all micro-batches, all ranks)."""
-    chosen, rejected = concatenated_forward(model, batch)
-    if ref is None:
+    number of pairs in the whole optimizer step (all micro-batches, all ranks). The reference: the batch's
+    precomputed "ref_logps", else the model `ref`, else (LoRA) the policy with its adapters off."""
+    if "ref_logps" in batch and ref is None:
         ref_chosen, ref_rejected = batch["ref_logps"]
-    else:
-        with torch.no_grad():
-            ref_chosen, ref_rejected = concatenated_forward(ref, batch)
+    else:  # first, so that its (no-grad) logits and activations are gone before the policy's graph is built
+        with torch.no_grad(), contextlib.nullcontext() if ref is not None else lora_disabled(model):
+            ref_chosen, ref_rejected = concatenated_forward(model if ref is None else ref, batch)
+    chosen, rejected = concatenated_forward(model, batch)
     n_tokens = batch["mask"][:, 1:].sum(-1).view(2, -1)  # response tokens of the chosen / rejected rows
     logps = torch.stack([chosen, rejected, ref_chosen, ref_rejected])
     if args.ipo:  # per-token means, as the IPO authors and TRL use them (see dpo_loss)
@@ -372,6 +375,8 @@ def parse_args(argv=None):
         p.error("need 0 < --max-prompt-length < --max-length")
     if not 0 <= args.label_smoothing < 0.5:
         p.error("--label-smoothing must be in [0, 0.5)")
+    if args.lora_rank and args.ref_model and not args.precompute_ref:
+        p.error("--ref-model with --lora-rank: the LoRA reference is --model with the adapters off")
     return args
 
 
@@ -389,22 +394,26 @@ def main(argv=None):
                                   args.truncate_rejected)
     print0(f"{args.data}: {json.dumps(counts)}")
     checkpoint, start_step = resume_point(args, examples)
-    dtype = getattr(torch, args.dtype)
+    seed_all(args.seed + rank)  # LoRA's A is drawn on rank 0 (and broadcast): the same on 1 or N ranks
+    dtype, lora = getattr(torch, args.dtype), lora_config(args)
     mixed_precision = device.type == "cuda" and dtype == torch.bfloat16
     # The reference computes exactly as the policy does: FSDP mixed precision gathers the policy's fp32 weights as
     # bf16, so a sharded reference is stored bf16; unsharded, the policy's weights stay fp32 (under bf16 autocast
-    # on GPU), and so do the reference's. Otherwise step 0 would not give ln 2.
-    ref_dtype = torch.bfloat16 if mixed_precision and world_size > 1 else torch.float32
-    ref = None
+    # on GPU), and so do the reference's; a LoRA base is stored in the compute dtype. Else step 0 is not ln 2.
+    ref_dtype = torch.bfloat16 if mixed_precision and world_size > 1 else model_dtype(args, device, lora)
+    ref = None  # LoRA without --precompute-ref: the reference is the policy with its adapters off
     if args.precompute_ref:
         ref_logps = precompute_reference(args, examples, pad_id, rank, world_size, device, ref_dtype)
         for e, (chosen, rejected) in zip(examples, ref_logps.T.tolist()):
             e["ref_chosen"], e["ref_rejected"] = chosen, rejected
-    else:
+    elif not lora:
         ref = load_reference(args.ref_model or args.model, device, world_size, ref_dtype)
 
-    policy = prepare_model(load_model(checkpoint or args.model), device, world_size, mixed_precision=mixed_precision,
-                           activation_checkpointing=args.activation_checkpointing)
+    # A LoRA checkpoint's weights are merged; a resume rebuilds the base + its saved adapter instead.
+    policy = prepare_model(load_model(args.model if lora else checkpoint or args.model), device, world_size,
+                           model_dtype(args, device, lora), mixed_precision=mixed_precision,
+                           activation_checkpointing=args.activation_checkpointing, lora=lora,
+                           adapter=checkpoint / "adapter" if lora and checkpoint else None)
     optimizer = build_optimizer(policy, args.lr, args.weight_decay)
     if checkpoint:
         load_checkpoint(checkpoint, policy, optimizer)

@@ -15,7 +15,9 @@ Run `python model.py --help` for a quick sampling command (a checkpoint folder, 
 Multi-GPU training wraps this model with `shard_model` (FSDP2, one unit per decoder block, then the root).
 """
 import argparse
+import contextlib
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -215,7 +217,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            if self.activation_checkpointing and self.training:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Recompute each block in the backward pass: activations drop from O(layers) to O(1) blocks.
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
@@ -317,7 +319,7 @@ def hf_name(name: str) -> str:
 def checkpoint_names(model: Transformer) -> dict:
     """{hf tensor name: our parameter}, the full list a checkpoint must hold. A tied model's file omits
     lm_head.weight (it is the embedding), as Hugging Face writes and expects it."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if ".lora_" not in n}  # adapters: apart
     if model.config.tie_word_embeddings:
         params.pop("lm_head.weight")
     return {hf_name(n): p for n, p in params.items()}
@@ -376,6 +378,8 @@ def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
+    if getattr(model, "lora", None):  # a LoRA model is saved merged: a plain checkpoint (save_adapter: the adapter)
+        state = merge_lora(state, model.lora)
     tensors = {}
     for name in checkpoint_names(model):
         tensors[name] = state[name.removeprefix("model.")].detach().to("cpu").contiguous()
@@ -572,6 +576,126 @@ def shard_model(model: Transformer, mesh=None, mixed_precision: bool = False):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, arXiv 2106.09685) as PEFT implements it and the MedCritical authors ran it (LLaMA-Factory):
+# each target linear layer of the blocks keeps its frozen W and adds (alpha / r) * B A dropout(x), A [r, in]
+# kaiming-uniform, B [out, r] zero, so training starts exactly at the base model. The parameter names are PEFT's
+# minus its adapter name (layers.0.self_attn.q_proj.lora_A.weight): PEFT's file names are "base_model.model." +
+# hf_name. The reference model of LoRA DPO is this model inside `with lora_disabled(model)`.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0  # LLaMA-Factory's default: 2 x rank
+    dropout: float = 0.0
+    targets: tuple = LORA_TARGETS
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.weight, self.bias = base.in_features, base.out_features, \
+            base.weight, base.bias
+        # fp32 whatever the base's dtype: updates of lr x Adam's ~1 would vanish in bf16's 8 bits of mantissa.
+        kwargs = {"bias": False, "device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Linear(self.in_features, cfg.rank, **kwargs)
+        self.lora_B = nn.Linear(cfg.rank, self.out_features, **kwargs)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.scaling, self.lora_enabled = cfg.alpha / cfg.rank, True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.lora_enabled:
+            return y
+        # As PEFT: the adapter sees x in its own dtype (autocast or FSDP's bf16 gather override that), the sum is cast
+        # back to the base output's dtype.
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return (y + delta * self.scaling).to(y.dtype)
+
+
+def add_lora(model: Transformer, cfg: LoRAConfig) -> Transformer:
+    """Freeze every parameter and give the target layers of every block an adapter (the only trainable tensors)."""
+    if cfg.rank < 1 or not cfg.targets or set(cfg.targets) - set(LORA_TARGETS):
+        raise ValueError(f"LoRA needs rank >= 1 and targets among {LORA_TARGETS}, got {cfg}")
+    model.requires_grad_(False)
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if name in cfg.targets:
+                    setattr(parent, name, LoRALinear(child, cfg))
+    model.lora = cfg
+    return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The base model: every adapter off inside the block (LoRA DPO's reference, no second copy of the weights)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("lora_disabled: the model has no LoRA adapters (the reference would be the policy itself)")
+    for m in layers:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_enabled = True
+
+
+def merge_lora(state: dict, cfg: LoRAConfig) -> dict:
+    """The plain state dict of a LoRA state dict: each W + (alpha / r) B A, computed in fp32, stored in W's dtype."""
+    merged = {n: t for n, t in state.items() if ".lora_" not in n}
+    for name, a in state.items():
+        if name.endswith(".lora_A.weight"):
+            prefix = name.removesuffix("lora_A.weight")
+            w, b = merged[prefix + "weight"], state[prefix + "lora_B.weight"]
+            merged[prefix + "weight"] = (w.float() + (cfg.alpha / cfg.rank) * (b.float() @ a.float())).to(w.dtype)
+    return merged
+
+
+def save_adapter(model: Transformer, path, state_dict=None, base_model=None):
+    """adapter_model.safetensors (fp32, PEFT's tensor names) + adapter_config.json, which peft's
+    PeftModel.from_pretrained and vLLM's LoRA loading read. Under FSDP pass the gathered full state dict. Keep it out
+    of a model folder: transformers (with peft installed) would read that folder as an adapter, not a model."""
+    cfg, path = model.lora, Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {"base_model.model." + hf_name(n): t.detach().to("cpu").contiguous()
+               for n, t in state.items() if ".lora_" in n}
+    save_file(tensors, path / ADAPTER_FILE, metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
+              "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+              "target_modules": list(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+              "alpha_pattern": {}}
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter(model: Transformer, path):
+    """Fill a LoRA model's adapters from a folder save_adapter (or PEFT, same config) wrote."""
+    path = Path(path)
+    saved = json.loads((path / ADAPTER_CONFIG).read_text())
+    cfg = model.lora
+    if (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) != (cfg.rank, cfg.alpha, sorted(cfg.targets)):
+        raise ValueError(f"{path}: adapter r={saved['r']} alpha={saved['lora_alpha']} targets "
+                         f"{saved['target_modules']} differ from this run's {cfg}")
+    params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    with safe_open(path / ADAPTER_FILE, framework="pt") as f:
+        state = {n.removeprefix("base_model.model.").removeprefix("model."): f.get_tensor(n) for n in f.keys()}
+    if state.keys() != params.keys():
+        raise KeyError(f"{path}: adapter tensors {sorted(set(state) ^ set(params))[:5]} do not match the model")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
 
 
 # ----------------------------------------------------------------------------------------------------------------

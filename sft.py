@@ -41,7 +41,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-from model import ModelConfig, Transformer, copy_tokenizer, init_weights, load, load_tokenizer, save, shard_model
+from model import (LORA_TARGETS, LoRAConfig, ModelConfig, Transformer, add_lora, copy_tokenizer, init_weights, load,
+                   load_adapter, load_tokenizer, save, save_adapter, shard_model)
 from templates import encode_chat, special_ids
 
 # DCP saves/loads fine in one process without a process group; it just says so on every call.
@@ -128,12 +129,18 @@ def load_model(path=None, init_config=None, seed=0) -> Transformer:
 
 
 def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precision=False,
-                  activation_checkpointing=False) -> Transformer:
+                  activation_checkpointing=False, lora=None, adapter=None) -> Transformer:
     """The model ready to train on `device`: parameters in `dtype` (fp32 master weights for a trained model),
     per-block FSDP2 sharding when world_size > 1 (bf16 gather/compute, fp32 gradient reduction with
-    mixed_precision), optional activation checkpointing. Returns the model to use (a new object when sharded)."""
+    mixed_precision), optional activation checkpointing. Returns the model to use (a new object when sharded).
+    With `lora` (a LoRAConfig) the base is frozen in `dtype` (the compute dtype) and fp32 adapters are added,
+    filled from the PEFT folder `adapter` if given (a resume), else freshly initialised on rank 0."""
+    if lora is not None and get_rank() == 0:
+        model = add_lora(model.to(dtype), lora)  # the base cast first: the adapters stay fp32
+        if adapter:
+            load_adapter(model, adapter)
     if world_size == 1:
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=None if lora else dtype)
     else:
         # Shard an empty meta-device copy (so no rank allocates the full model), allocate only the local shards,
         # then fill them from rank 0's weights. to_empty keeps tied embeddings tied (load_state_dict(assign=True)
@@ -141,6 +148,8 @@ def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precisio
         full_state, training = (model.state_dict() if get_rank() == 0 else {}), model.training
         with torch.device("meta"):
             model = Transformer(model.config).to(dtype).train(training)
+            if lora is not None:
+                add_lora(model, lora)
         shard_model(model, mixed_precision=mixed_precision)
         model.to_empty(device=device)
         # Rank 0 broadcasts each full tensor, every rank keeps its shard (full_state is converted in place).
@@ -206,7 +215,9 @@ def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2, tokeniz
     # The full fp32 weights, gathered to rank 0's CPU one tensor at a time (never a full copy on a GPU).
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        save(model, tmp, state_dict=full_state)
+        save(model, tmp, state_dict=full_state)  # a LoRA model: merged (save() merges)
+        if getattr(model, "lora", None):
+            save_adapter(model, tmp / "adapter", state_dict=full_state)
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)
     del full_state
@@ -358,9 +369,27 @@ def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_e
     parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
     parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
                         help="compute dtype on GPU (CPU computes in fp32; weights and AdamW are always fp32)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on a frozen "
+                        "base (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default 2 x rank)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="layers of each block with adapters")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                         default=torch.cuda.is_available(), help="recompute each block in the backward pass (a 7B "
                         "model at 8k tokens needs it on 80 GB)")
+
+
+def lora_config(args):
+    """The LoRAConfig of --lora-rank and friends, or None for full fine-tuning."""
+    if not args.lora_rank:
+        return None
+    return LoRAConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout,
+                      tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+
+
+def model_dtype(args, device, lora):
+    """Parameters: fp32 master weights to train; with LoRA the frozen base in the compute dtype (bf16 on GPU)."""
+    return getattr(torch, args.dtype) if lora and device.type == "cuda" else torch.float32
 
 
 def total_steps(args, n_examples):
@@ -560,13 +589,18 @@ def main(argv=None):
     checkpoint, start_step = resume_point(args, examples)
     seed_all(args.seed + rank)
 
-    model = load_model(checkpoint or args.model, None if checkpoint else args.init_config, seed=args.seed)
+    lora = lora_config(args)
+    # A LoRA checkpoint's weights are merged; a resume rebuilds base + its saved adapter instead.
+    model = load_model(checkpoint if checkpoint and not lora else args.model,
+                       None if checkpoint and not lora else args.init_config, seed=args.seed)
     vocab = model.config.vocab_size
     if max(max(ids) for ids, _ in examples) >= vocab:
         raise ValueError(f"token ids reach {max(max(ids) for ids, _ in examples)} but the model's vocab is {vocab}")
     dtype = getattr(torch, args.dtype)
-    model = prepare_model(model, device, world_size, mixed_precision=device.type == "cuda" and dtype == torch.bfloat16,
-                          activation_checkpointing=args.activation_checkpointing)
+    model = prepare_model(model, device, world_size, model_dtype(args, device, lora),
+                          mixed_precision=device.type == "cuda" and dtype == torch.bfloat16,
+                          activation_checkpointing=args.activation_checkpointing, lora=lora,
+                          adapter=checkpoint / "adapter" if lora and checkpoint else None)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     if checkpoint:
         load_checkpoint(checkpoint, model, optimizer)

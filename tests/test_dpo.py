@@ -487,3 +487,69 @@ def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path)
     assert not (out / "step-000006").exists()
     dpo.main(run_args(world, out, "--save-every", "2", "--resume"))
     assert_same_run(single_run, out, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA DPO: the reference is the policy with its adapters off (no second model, no precompute)
+
+LORA = ("--lora-rank", "4", "--lr", "1e-2")
+
+
+@pytest.fixture(scope="session")
+def lora_run(world):
+    out = world.dir / "lora"
+    dpo.main(run_args(world, out, *LORA))
+    return out
+
+
+def test_lora_step_zero_is_ln2_and_only_the_adapters_move(world, lora_run):
+    from safetensors.torch import load_file
+    from model import ADAPTER_FILE, LoRAConfig, add_lora, load_adapter
+    records = metrics(lora_run)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[0]["rewards/chosen"] == records[0]["rewards/rejected"] == 0
+    assert records[-1]["loss"] < 0.6 and records[-1]["rewards/margins"] > 0
+    final = lora_run / "step-000006"
+    # The merged checkpoint = base + (alpha / r) B A of the saved adapter (alpha defaults to 2 x rank).
+    adapter = load_file(str(final / "adapter" / ADAPTER_FILE))
+    base, merged = weights(world.model), weights(final)
+    a = adapter["base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"]
+    b = adapter["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"]
+    assert b.abs().max() > 1e-3
+    torch.testing.assert_close(merged["layers.1.mlp.up_proj.weight"], base["layers.1.mlp.up_proj.weight"] + 2.0 * b @ a)
+    for name in base:  # norms, embeddings, head: frozen
+        if "proj" not in name:
+            assert torch.equal(base[name], merged[name]), name
+    # The implicit rewards of the trained adapter against the adapter-off base separate the pairs.
+    policy = add_lora(load(world.model), LoRAConfig(rank=4, alpha=8.0))
+    load_adapter(policy, final / "adapter")
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
+    batch = dpo.collate(examples, world.pad_id)
+    with torch.no_grad():
+        pc, pr = dpo.concatenated_forward(policy, batch)
+        rc, rr = dpo.concatenated_forward(load(world.model), batch)
+    assert (((pc - rc) - (pr - rr)) > 0).float().mean() >= 0.8
+
+
+def test_lora_two_processes_match_one(world, lora_run, tmp_path):
+    # FSDP2 with frozen bf16-or-fp32 base and trainable fp32 adapters in one unit, activation checkpointing
+    torchrun(run_args(world, tmp_path / "two", *LORA, "--micro-batch-size", "1", "--activation-checkpointing"))
+    assert_same_run(lora_run, tmp_path / "two")
+
+
+def test_lora_resume_after_kill_equals_uninterrupted_run(world, lora_run, tmp_path):
+    """The resume state is the base (--model) + the checkpoint's adapter + its AdamW moments."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dpo.py"), *run_args(world, out, *LORA, "--save-every", "2")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (out / "step-000002").exists() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "step-000006").exists()
+    dpo.main(run_args(world, out, *LORA, "--save-every", "2", "--resume"))
+    assert_same_run(lora_run, out, rel=1e-6)

@@ -361,3 +361,22 @@ def test_resume_refuses_other_data_and_fresh_runs_refuse_a_used_folder(tiny, tmp
     fewer = write_jsonl(tmp_path / "e.jsonl", [chat_record(q, a) for q, a in QUESTIONS[:6]])
     with pytest.raises(ValueError, match="data position"):
         run_sft(tiny, fewer, tmp_path / "run", "--steps", "2", "--resume")
+
+
+def test_lora_sft_trains_only_adapters_and_resumes_exactly(tiny, tmp_path):
+    """--lora-rank: the loss falls with the base frozen; 2 steps + a resume to 4 (base + saved adapter + AdamW) equal
+    4 uninterrupted steps; the checkpoint is the merged model plus adapter/ in PEFT's layout."""
+    data = write_jsonl(tmp_path / "d.jsonl", [chat_record(q, a) for q, a in QUESTIONS])
+    common = ["--lora-rank", "4", "--lr", "1e-2", "--warmup", "0", "--min-lr-ratio", "1"]
+    full = run_sft(tiny, data, tmp_path / "full", *common, "--steps", "4")
+    run_sft(tiny, data, tmp_path / "cut", *common, "--steps", "2")
+    resumed = run_sft(tiny, data, tmp_path / "cut", *common, "--steps", "4", "--resume")
+    losses = [r["loss"] for r in full if "loss" in r]
+    assert losses[-1] < losses[0] - 0.1
+    assert [r["loss"] for r in resumed if "loss" in r] == losses
+    a, b = weights(tmp_path / "full" / "step-000004"), weights(tmp_path / "cut" / "step-000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = tiny_model(seed=3).state_dict()  # --init-config, --seed 3: the same random base
+    for k, v in a.items():
+        assert torch.equal(v, base[k.removeprefix("model.")]) == ("proj" not in k), k
+    assert (tmp_path / "full" / "step-000004" / "adapter" / "adapter_config.json").is_file()
