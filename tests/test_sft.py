@@ -376,7 +376,7 @@ def test_lora_sft_trains_only_adapters_and_resumes_exactly(tiny, tmp_path):
     assert [r["loss"] for r in resumed if "loss" in r] == losses
     a, b = weights(tmp_path / "full" / "step-000004"), weights(tmp_path / "cut" / "step-000004")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    base = tiny_model(seed=3).state_dict()  # --init-config, --seed 3: the same random base
+    base = init_weights(Transformer(ModelConfig.from_hf(TINY)), seed=3).state_dict()  # --init-config, --seed 3
     for k, v in a.items():
         assert torch.equal(v, base[k.removeprefix("model.")]) == ("proj" not in k), k
     assert (tmp_path / "full" / "step-000004" / "adapter" / "adapter_config.json").is_file()
