@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import ModelConfig, load_tokenizer, lora_disabled
+from model import LOGPS_CHUNK, ModelConfig, load_tokenizer, lora_disabled
 from sft import (add_training_args, all_reduce_sum, autocast, build_optimizer, check_batch_sizes, fit, get_rank,
                  init_distributed, load_checkpoint, load_model, lora_config, model_dtype, prepare_model, resume_point,
                  seed_all, teardown_distributed)
@@ -220,57 +220,16 @@ def collate(examples, pad_id, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory on paper: what one rank holds during a step, from the config's shapes alone.
-
-
-def estimate_memory(cfg: ModelConfig, world_size, micro_batch, seq_len, precompute_ref=False, checkpointing=True):
-    """{what: bytes per rank} for full DPO under FSDP2 with bf16 compute, fp32 master weights, grads and AdamW.
-
-    Activations are counted per token and block in bf16 (norm outputs, q/k/v before and after RoPE, attention
-    output, o_proj input, 4 MLP tensors of width I) plus the two fp32 copies RMSNorm keeps: about (10H + 5kv + 4I)
-    x 2 bytes. FSDP2 keeps the root (embedding, final norm, head) gathered through the step, and prefetches the next
-    block while one runs. Not counted: the CUDA context and NCCL buffers (1-3 GB), allocator fragmentation."""
-    H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    block = 2 * H * H + 2 * H * kv + H + 2 * kv + 3 * H * I + 2 * H  # q,o + k,v + biases + MLP + 2 norms
-    root = V * H * (1 if cfg.tie_word_embeddings else 2) + H
-    n_params, n = L * block + root, 2 * micro_batch * seq_len  # tokens per forward: chosen + rejected rows
-    block_acts = n * (10 * H + 5 * kv + 4 * I) * 2
-    return {
-        "parameters (fp32, sharded)": 4 * n_params / world_size,
-        "gradients (fp32, sharded)": 4 * n_params / world_size,
-        "AdamW moments (2 x fp32, sharded)": 8 * n_params / world_size,
-        "reference model (bf16, sharded)": 0 if precompute_ref else 2 * n_params / world_size,
-        "gathered bf16 root + 2 blocks, with their grads": 2 * 2 * (root + 2 * block),
-        "activations": L * n * H * 2 + block_acts if checkpointing else L * block_acts,
-        "response logits (<= 2B x T x V): bf16, fp32, fp32 grad": n * V * (2 + 4 + 4),
-        "n_params": n_params,
-    }
-
-
-def print_memory(cfg, world_size, micro_batch, seq_len):
-    print(f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; world {world_size}, "
-          f"micro batch {micro_batch} pairs (= {2 * micro_batch} rows) x {seq_len} tokens. GiB per rank:\n")
-    cases = [(False, False), (False, True), (True, True)]
-    est = [estimate_memory(cfg, world_size, micro_batch, seq_len, p, c) for p, c in cases]
-    print("| | " + " | ".join(f"{'precomputed' if p else 'live'} ref, {'ckpt' if c else 'no ckpt'}"
-                            for p, c in cases) + " |")
-    print("|---|" + "---|" * len(cases))
-    for key in est[0]:
-        if key != "n_params":
-            print(f"| {key} | " + " | ".join(f"{e[key] / 2**30:.1f}" for e in est) + " |")
-    totals = [sum(v for k, v in e.items() if k != "n_params") / 2**30 for e in est]
-    print("| **total** | " + " | ".join(f"**{t:.1f}**" for t in totals) + " |")
-    print(f"\n{est[0]['n_params'] / 1e9:.2f}B parameters; add 1-3 GiB for the CUDA context and NCCL buffers.")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The reference model: frozen, eval mode, the policy's compute dtype, sharded like it. Or, with --precompute-ref, its
 # log-probs for every pair, computed once (each rank a slice, then summed across ranks) and cached beside the data.
 
 
 def load_reference(path, device, world_size, dtype):
     ref = prepare_model(load_model(path), device, world_size, dtype=dtype)  # no fp32 master copy: nothing trains
+    if world_size > 1:
+        # FSDP2 keeps the root (embedding, final norm, head: 2 GiB in bf16 at 7B) gathered after forward, expecting
+        # the backward that never comes for a frozen model. Reshard it after every forward, like the blocks.
+        ref.set_reshard_after_forward(True)
     return ref.requires_grad_(False).eval()
 
 
@@ -288,12 +247,15 @@ def reference_cache_path(args, dtype, device):
 
 @torch.no_grad()
 def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype):
-    """[2, N] fp32 reference log-probs (chosen, rejected) of every pair, from the cache file or computed now."""
-    path = reference_cache_path(args, dtype, device)
+    """[2, N] fp32 reference log-probs (chosen, rejected) of every pair, from the cache file or computed now. `dtype`
+    is the reference's parameter dtype; it computes in the policy's compute dtype (--dtype)."""
+    policy_dtype = getattr(torch, args.dtype)
+    path = reference_cache_path(args, (dtype, policy_dtype), device)
     # All ranks must agree (a file appearing between their checks would leave some computing alone, deadlocked).
     if all_reduce_sum(torch.tensor(float(path.is_file()), device=device)) == world_size:
         print0(f"reference log-probs: {path}")
         return torch.load(path, weights_only=True)
+    warn_if_precompute_does_not_fit(args, device, world_size)
     ref = load_reference(args.ref_model or args.model, device, world_size, dtype)
     logps = torch.zeros(2, len(examples), dtype=torch.float64, device=device)
     mine, bs = list(range(rank, len(examples), world_size)), args.precompute_batch
@@ -301,7 +263,7 @@ def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype
     for b in tqdm(range(n_batches), desc="reference log-probs", disable=rank != 0):
         idx = mine[b * bs:(b + 1) * bs]
         batch = collate([examples[i] for i in idx or [0]], pad_id, device)  # [0]: a dummy, discarded
-        with autocast(device, torch.bfloat16):  # as in training: bf16 autocast on GPU, off on CPU
+        with autocast(device, policy_dtype):  # exactly as the policy computes in training (sft.train_step)
             chosen, rejected = concatenated_forward(ref, batch)
         if idx:
             logps[:, idx] = torch.stack([chosen, rejected]).double()
@@ -345,7 +307,7 @@ def preference_loss(model, batch, args, ref=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], conflict_handler="resolve",
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face Qwen2 folder: the SFT model, policy and reference")
     p.add_argument("--ref-model", help="reference model folder, if not --model")
@@ -365,9 +327,7 @@ def parse_args(argv=None):
                    help="print per-rank memory for --model (a folder or a config.json); needs no --data/--out")
     p.add_argument("--world-size", type=int, default=8, help="ranks, for --estimate-memory")
     # Full fine-tuning wants a far smaller lr than the authors' LoRA 1e-5; 64 pairs = 8 ranks x 8 micro-batches.
-    add_training_args(p, lr=5e-7, batch_size=64, epochs=1, micro_batch_size=1, save_every=100)
-    # sft's --out is required; here it is not, for --estimate-memory (conflict_handler="resolve" replaces it).
-    p.add_argument("--out", help="run folder: checkpoints step-NNNNNN/, final -> the last, metrics.jsonl")
+    add_training_args(p, lr=5e-7, batch_size=64, epochs=1, micro_batch_size=1, save_every=100, require_out=False)
     args = p.parse_args(argv)
     if not args.estimate_memory and not (args.data and args.out):
         p.error("--data and --out are required (unless --estimate-memory)")
@@ -385,7 +345,8 @@ def main(argv=None):
     if args.estimate_memory:
         config = Path(args.model) / "config.json" if Path(args.model).is_dir() else Path(args.model)
         cfg = ModelConfig.from_hf(json.loads(config.read_text()))
-        return print_memory(cfg, args.world_size, args.micro_batch_size, args.max_length)
+        return print_memory(cfg, args.world_size, args.micro_batch_size, args.max_length, args.lora_rank or 8,
+                            args.precompute_batch)
     rank, world_size, device = init_distributed()
     check_batch_sizes(args, world_size)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -424,6 +385,97 @@ def main(argv=None):
         bar_keys=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
         length=lambda e: len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])))
     teardown_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory on paper: what one rank holds, from the config's shapes alone. Each term is a tensor the code above keeps
+# (named as it is kept), and the peak is the largest of the moments below; tests/test_dpo.py holds the sum to the
+# resident memory of a real CPU step (vocabulary 152,064) within 15%.
+
+
+def estimate_memory(cfg: ModelConfig, world_size, micro_batch, seq_len, precompute_ref=False, checkpointing=True,
+                    lora_rank=0, compute_bytes=2, precompute_batch=4, chunk=None):
+    """{"held": {what: bytes}, "moments": {when: bytes}, "peak": bytes, "n_params": int} per rank for one DPO
+    training step (and the --precompute-ref pass). compute_bytes 2: bf16 compute on GPUs (FSDP2 mixed precision
+    when world_size > 1, autocast on one GPU); 4: fp32, as on CPU. Sequences are taken as all response (every
+    position scored), the worst case. Not counted: the CUDA context and NCCL buffers (1-3 GB), fragmentation."""
+    H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    kv, W, c, lora = cfg.num_key_value_heads * cfg.head_dim, world_size, compute_bytes, lora_rank > 0
+    block = 2 * H * H + 2 * H * kv + H + 2 * kv + 3 * H * I + 2 * H  # q,o + k,v + biases + MLP + 2 norms
+    root = V * H * (1 if cfg.tie_word_embeddings else 2) + H
+    n_params, n = L * block + root, 2 * micro_batch * seq_len  # tokens per forward: chosen + rejected rows
+    n_lora = L * lora_rank * (9 * H + 2 * kv + 3 * I)  # A [r, in] + B [out, r] on q, k, v, o, gate, up, down
+    trainable = n_lora if lora else n_params
+    gathered = c * (root + 2 * block) if W > 1 else 0  # FSDP2: the root, and a block running + one prefetched
+    block_acts = n * (10 * H + 5 * kv + 4 * I) * c  # what autograd saves in one block (test_memory_estimate)
+    chunk_logits = (chunk or LOGPS_CHUNK) * V * (4 + 2 * (c == 2))  # model.token_logps: fp32 (+ bf16 matmul out)
+    ref_bytes = c if lora else 2 if c == 2 and W > 1 else 4  # main(): the policy's dtype as FSDP or autocast sees it
+    held = {
+        # fp32 master weights; LoRA: the frozen base in the compute dtype + fp32 adapters
+        "parameters": ((c * n_params + 4 * n_lora) if lora else 4 * n_params) / W,
+        "AdamW moments (2 x fp32)": 8 * trainable / W,
+        "reference model": 0 if lora or precompute_ref else ref_bytes * n_params / W,
+        "gathered root + 2 blocks (FSDP2, compute dtype)": gathered,
+        "autocast's bf16 copies of the fp32 weights (1 GPU)": 2 * n_params if W == 1 and c == 2 and not lora else 0,
+        # checkpointed: each block's input + one block's, recomputed in backward
+        "activations": L * n * H * c + block_acts if checkpointing else L * block_acts,
+        "hidden states at the scored positions": 2 * n * H * c,
+        "one chunk of logits (token_logps)": chunk_logits,
+        "head gradient, fp32, summed over chunks": 0 if lora else 4 * V * H + 2 * V * H * (c == 2),
+        "gradients (fp32)": 4 * trainable / W,
+        "gradients of the gathered units": 0 if lora else gathered,
+        # torch.optim.AdamW's foreach path (the default on GPUs) makes one temporary per moment list; on CPU it
+        # loops over tensors, one at a time
+        "AdamW step temporaries": 4 * trainable / W if c == 2 else 4 * (n_lora // L // 7 if lora else V * H),
+    }
+    h = list(held.values())
+    static = sum(h[:5])
+    moments = {
+        "forward": static + h[5] + h[6] + h[7],
+        "backward through the head": static + h[5] + h[6] + h[7] + h[8] + (h[10] if W > 1 else 0),
+        "optimizer step": static + h[9] + h[10] + h[11],
+    }
+    if precompute_ref:  # before the policy exists: the reference alone, no grad, 2 x precompute_batch rows
+        n_pre = 2 * precompute_batch * seq_len
+        moments["--precompute-ref pass"] = (ref_bytes * n_params / W + gathered + n_pre * (4 * H + 3 * I) * c
+                                           + 2 * n_pre * H * c + chunk_logits)
+    return {"held": held, "moments": moments, "peak": max(moments.values()), "n_params": n_params}
+
+
+def print_memory(cfg, world_size, micro_batch, seq_len, lora_rank=8, precompute_batch=4):
+    """The --estimate-memory table: full fine-tuning (live or precomputed reference) and LoRA, bf16 on GPUs."""
+    print(f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; world {world_size}, "
+          f"micro batch {micro_batch} pairs (= {2 * micro_batch} rows) x {seq_len} tokens, bf16 compute, "
+          f"--precompute-batch {precompute_batch}. GiB per rank:\n")
+    cases = {"full, live ref, no ckpt": dict(checkpointing=False), "full, live ref, ckpt": {},
+             "full, precomputed ref, ckpt": dict(precompute_ref=True),
+             f"LoRA r={lora_rank}, ckpt": dict(lora_rank=lora_rank)}
+    est = [estimate_memory(cfg, world_size, micro_batch, seq_len, precompute_batch=precompute_batch, **kw)
+           for kw in cases.values()]
+    print("| | " + " | ".join(cases) + " |")
+    print("|---|" + "---|" * len(cases))
+    rows = [(k, [e["held"][k] for e in est]) for k in est[0]["held"]]
+    rows += [(f"*at the {k}*", [e["moments"].get(k, 0) for e in est]) for k in est[2]["moments"]]
+    for name, values in rows:
+        if any(values):
+            print(f"| {name} | " + " | ".join(f"{v / 2**30:.1f}" if v else "-" for v in values) + " |")
+    print("| **peak** | " + " | ".join(f"**{e['peak'] / 2**30:.1f}**" for e in est) + " |")
+    print(f"\n{est[0]['n_params'] / 1e9:.2f}B parameters; add 1-3 GiB for the CUDA context and NCCL buffers.")
+
+
+def warn_if_precompute_does_not_fit(args, device, world_size):
+    """--precompute-batch against the GPU's memory, from estimate_memory; the largest batch that fits is suggested."""
+    if device.type != "cuda":
+        return
+    config = json.loads((Path(args.ref_model or args.model) / "config.json").read_text())
+    cfg, total = ModelConfig.from_hf(config), torch.cuda.get_device_properties(device).total_memory - 3 * 2**30
+    c = 2 if getattr(torch, args.dtype) == torch.bfloat16 else 4
+    need = lambda b: estimate_memory(cfg, world_size, 1, args.max_length, True, compute_bytes=c,  # noqa: E731
+                                     precompute_batch=b)["moments"]["--precompute-ref pass"]
+    if need(args.precompute_batch) > total:
+        fits = max((b for b in range(1, args.precompute_batch) if need(b) <= total), default=0)
+        print0(f"warning: --precompute-batch {args.precompute_batch} needs ~{need(args.precompute_batch) / 2**30:.0f}"
+               f" GiB per GPU, more than the {total / 2**30:.0f} GiB usable; {fits or 'no batch'} would fit")
 
 
 if __name__ == "__main__":

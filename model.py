@@ -255,8 +255,11 @@ class TokenLogps(torch.autograd.Function):
             w = weight.to(dtype)
             for s in range(0, len(hidden), chunk_size):
                 logits = (hidden[s:s + chunk_size].to(dtype) @ w.t()).float()
-                lse[s:s + chunk_size] = torch.logsumexp(logits, -1)
                 logps[s:s + chunk_size] = logits.gather(1, targets[s:s + chunk_size, None]).squeeze(1)
+                # logsumexp in place (torch.logsumexp would allocate a second chunk-sized temporary)
+                top = logits.amax(-1, keepdim=True)
+                lse[s:s + chunk_size] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(1))
+                del logits  # before the next chunk's matmul, or two chunks are alive at once
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.dtype, ctx.chunk_size = dtype, chunk_size
         return logps.sub_(lse)
@@ -284,6 +287,7 @@ class TokenLogps(torch.autograd.Function):
                         grad_weight.addmm_(g.t(), h)
                     else:
                         grad_weight += g.t() @ h
+                del g
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 

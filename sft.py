@@ -350,10 +350,10 @@ def batch_indices(step, n_examples, batch_size, seed, rank=0, world_size=1, leng
 # The training loop, shared with dpo.py: batches in the order above, schedule, metrics, checkpoints, resume.
 
 
-def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_every=50):
+def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_every=50, require_out=True):
     """The flags sft.py and dpo.py share (each with its own defaults)."""
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    parser.add_argument("--out", required=True, help="run folder: checkpoints step-NNNNNN/ and metrics.jsonl")
+    parser.add_argument("--out", required=require_out, help="run folder: checkpoints step-NNNNNN/ and metrics.jsonl")
     parser.add_argument("--epochs", type=float, default=epochs, help="passes over the data (unless --steps)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch, summed over ranks")

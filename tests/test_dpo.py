@@ -364,13 +364,18 @@ def test_rejected_reply_is_cut_after_its_first_wrong_line(world, tmp_path):
 # Memory on paper
 
 
+QWEN7B = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+
+
 def test_memory_estimate():
-    qwen7b = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
-    est = dpo.estimate_memory(qwen7b, 8, 1, 4096)
+    est = dpo.estimate_memory(QWEN7B, 8, 1, 4096)
     assert est["n_params"] == 7_615_616_512  # Qwen2.5-7B's parameter count (its safetensors index: 15.23 GB bf16)
-    assert est["parameters (fp32, sharded)"] == 4 * 7_615_616_512 / 8
-    assert dpo.estimate_memory(qwen7b, 8, 1, 4096, precompute_ref=True)["reference model (bf16, sharded)"] == 0
+    assert est["held"]["parameters"] == 4 * 7_615_616_512 / 8
+    assert dpo.estimate_memory(QWEN7B, 8, 1, 4096, precompute_ref=True)["held"]["reference model"] == 0
+    lora = dpo.estimate_memory(QWEN7B, 8, 1, 4096, lora_rank=8)
+    assert lora["held"]["reference model"] == 0 and lora["held"]["head gradient, fp32, summed over chunks"] == 0
+    assert lora["held"]["AdamW moments (2 x fp32)"] == 8 * 20_185_088 / 8  # peft's count of r=8 on all 7 layers
     # The activation formula against what autograd really saves for one block of a small model (bf16).
     cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=352, num_hidden_layers=1,
                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
@@ -388,8 +393,31 @@ def test_memory_estimate():
     cos, sin = (torch.ones(2, 64, 16, dtype=torch.bfloat16),) * 2
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.layers[0](x, cos, sin)
-    no_ckpt = dpo.estimate_memory(cfg, 1, 1, 64, checkpointing=False)["activations"]  # 1 layer x 2 rows x 64
+    no_ckpt = dpo.estimate_memory(cfg, 1, 1, 64, checkpointing=False)["held"]["activations"]  # 1 layer x 2 rows x 64
     assert sum(saved.values()) == pytest.approx(no_ckpt, rel=0.15)
+
+
+@pytest.mark.parametrize("case", ["full", "lora", "precompute"])
+def test_memory_estimate_matches_a_measured_step(tmp_path_factory, case):
+    """estimate_memory's peak against the peak resident memory of the real thing on CPU (fp32, one process): two DPO
+    steps (full fine-tuning with a live reference; LoRA with the adapter-off reference) or the --precompute-ref pass,
+    of a 2-layer model with Qwen2.5's vocabulary (152,064: the head dominates, as it does the loss), each in a fresh
+    process. glibc's mmap threshold is pinned so that freed tensors leave the resident set (the default moves it up
+    to 32 MB as big blocks are freed, and memory then lingers in the heap)."""
+    folder = tmp_path_factory.getbasetemp() / "vocab152k"
+    cfg = ModelConfig(vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    if not (folder / "config.json").is_file():
+        save(init_weights(Transformer(cfg)), folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(folder), case, "512", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.splitlines()[-1])["peak"]
+    est = dpo.estimate_memory(cfg, 1, 1, 512, precompute_ref=case == "precompute", checkpointing=False,
+                              lora_rank=8 if case == "lora" else 0, compute_bytes=4, precompute_batch=1)
+    predicted = est["moments"]["--precompute-ref pass"] if case == "precompute" else est["peak"]
+    assert measured == pytest.approx(predicted, rel=0.15), (measured / 2**20, predicted / 2**20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
