@@ -405,18 +405,19 @@ def test_memory_estimate_matches_a_measured_step(tmp_path_factory, case):
     process. glibc's mmap threshold is pinned so that freed tensors leave the resident set (the default moves it up
     to 32 MB as big blocks are freed, and memory then lingers in the heap)."""
     folder = tmp_path_factory.getbasetemp() / "vocab152k"
-    cfg = ModelConfig(vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = ModelConfig(vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     if not (folder / "config.json").is_file():
         save(init_weights(Transformer(cfg)), folder)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(folder), case, "512", "1"],
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(folder), case, "384", "1"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.splitlines()[-1])["peak"]
-    est = dpo.estimate_memory(cfg, 1, 1, 512, precompute_ref=case == "precompute", checkpointing=False,
+    est = dpo.estimate_memory(cfg, 1, 1, 384, precompute_ref=case == "precompute", checkpointing=False,
                               lora_rank=8 if case == "lora" else 0, compute_bytes=4, precompute_batch=1)
     predicted = est["moments"]["--precompute-ref pass"] if case == "precompute" else est["peak"]
+    print(f"{case}: measured {measured / 2**20:.0f} MiB, estimated {predicted / 2**20:.0f} MiB")
     assert measured == pytest.approx(predicted, rel=0.15), (measured / 2**20, predicted / 2**20)
 
 
@@ -498,6 +499,57 @@ def test_precompute_ref_matches_live_reference(world, single_run, tmp_path):
     with pytest.raises(Exception):
         dpo.main(run_args(world, tmp_path / "again", "--precompute-ref", "--steps", "1"))
     cache.unlink()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_precomputed_reference_computes_in_the_policy_dtype(world, tmp_path, monkeypatch, dtype):
+    """Step 0 is ln 2 with a precomputed reference whatever --dtype is. CPU autocast is switched on here for bf16 (as
+    on GPUs): a reference scored under bf16 autocast while the policy trains in fp32 would miss ln 2 by ~1e-3."""
+    import sft
+    cpu_autocast = lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16,  # noqa: E731
+                                                        enabled=dtype == torch.bfloat16)
+    monkeypatch.setattr(sft, "autocast", cpu_autocast)
+    monkeypatch.setattr(dpo, "autocast", cpu_autocast)
+    data = tmp_path / "pairs.jsonl"  # its own reference cache, beside this copy
+    data.write_bytes(world.data.read_bytes())
+    args = run_args(world, tmp_path / "run", "--precompute-ref", "--dtype", dtype, "--steps", "1")
+    args[args.index("--data") + 1] = str(data)
+    dpo.main(args)
+    # bf16: the precompute pass batches 4 pairs, training 2, and bf16 matmuls of other shapes round differently
+    # (6e-5 here); the fp32 policy against the old bf16 reference was off by 5e-3.
+    assert metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6 if dtype == "float32" else 3e-4)
+
+
+RESHARD_PROBE = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+import dpo, sft
+from torch.distributed.tensor import DTensor
+rank, world_size, device = sft.init_distributed()
+out = {}
+for name, ref in (("prepare_model", sft.prepare_model(sft.load_model(sys.argv[1]), device, world_size).eval()),
+                  ("load_reference", dpo.load_reference(sys.argv[1], device, world_size, torch.float32))):
+    with torch.no_grad():
+        ref(torch.tensor([[1, 2, 3]]))
+    out[name] = {"root": isinstance(ref.embed_tokens.weight, DTensor), "block": isinstance(ref.layers[0].mlp.up_proj.weight, DTensor)}
+if rank == 0:
+    print(json.dumps(out))
+sft.teardown_distributed()
+"""
+
+
+def test_reference_root_is_resharded_after_its_forward(world, tmp_path):
+    """FSDP2 leaves the root (embedding, norm, head) gathered after a forward, waiting for a backward; a frozen
+    reference never runs one, so load_reference reshards it after each forward. Sharded = a DTensor parameter."""
+    script = tmp_path / "probe.py"
+    script.write_text(RESHARD_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(world.model), str(ROOT)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sharded == {"prepare_model": {"root": False, "block": True}, "load_reference": {"root": True, "block": True}}
 
 
 def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path):
