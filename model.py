@@ -619,9 +619,11 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.lora_enabled:
             return y
-        # As PEFT: the adapter sees x in its own dtype (autocast or FSDP's bf16 gather override that), the sum is cast
-        # back to the base output's dtype.
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        # As PEFT: without autocast the adapter sees x in its own dtype and the sum is cast back to the base's dtype.
+        # Under autocast x stays as it is (PEFT's fp32 copy would be cast back to bf16 and saved: one more activation).
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
         return (y + delta * self.scaling).to(y.dtype)
 
 
