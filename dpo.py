@@ -8,12 +8,16 @@ its starting point, the reference ref:
 
     loss = -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))))
 
-with log-probs SUMMED over the response tokens. The MedCritical authors used this sigmoid loss with beta 0.3, a cosine
-schedule and 5% warmup (LoRA, lr 1e-5); the defaults here are for full fine-tuning of Qwen2.5-7B on 8 x 80 GB.
+with log-probs SUMMED over the response tokens (model.token_logps: the head in chunks, never [tokens, vocab] whole).
+The MedCritical authors used this sigmoid loss with beta 0.3, a cosine schedule and 5% warmup, LoRA rank 8 and lr
+1e-5; the defaults here are for full fine-tuning of Qwen2.5-7B on 8 x 80 GB, --lora-rank gives the authors' recipe
+(the reference is then the policy with its adapters off: no second model).
 
     python dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo            # one process
     torchrun --nproc-per-node 8 dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo \\
         --precompute-ref                                 # 8 GPUs; add --resume to continue after a kill
+    python dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo-lora --lora-rank 8 --lr 1e-5 \\
+        --epochs 10 --min-lr-ratio 0 --batch-size 16 --max-length 2048 --max-pairs 1000   # the authors', 1 GPU
     python dpo.py --estimate-memory --model Qwen2.5-7B-Instruct --world-size 8   # per-rank memory, allocates nothing
 
 The data is the conversational preference JSONL that TRL reads, one pair a line, extra keys kept as metadata:
@@ -321,6 +325,7 @@ def parse_args(argv=None):
                    help="score each rejected reply only through the line where it first differs from its chosen")
     p.add_argument("--max-length", type=int, default=4096, help="prompt + reply tokens per sequence")
     p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens kept when cutting a pair")
+    p.add_argument("--max-pairs", type=int, default=0, help="train on the first N usable pairs (0: all)")
     p.add_argument("--precompute-ref", action="store_true", help="reference log-probs once, then free the model")
     p.add_argument("--precompute-batch", type=int, default=4, help="pairs per forward when precomputing")
     p.add_argument("--estimate-memory", action="store_true",
@@ -353,6 +358,8 @@ def main(argv=None):
     pad_id = special_ids(tokenizer)["endoftext"]  # any id: padding is masked and after every real token
     examples, counts = load_pairs(args.data, tokenizer, args.max_length, args.max_prompt_length,
                                   args.truncate_rejected)
+    if args.max_pairs and len(examples) > args.max_pairs:  # LLaMA-Factory's max_samples (the authors': 1000)
+        counts["left_out_by_max_pairs"], examples = len(examples) - args.max_pairs, examples[:args.max_pairs]
     print0(f"{args.data}: {json.dumps(counts)}")
     checkpoint, start_step = resume_point(args, examples)
     seed_all(args.seed + rank)  # LoRA's A is drawn on rank 0 (and broadcast): the same on 1 or N ranks

@@ -12,7 +12,9 @@ untied LM head on 7B (tied on 0.5B-3B). Parameter names are Hugging Face's, so c
     out = generate(model, [tok.encode(text).ids], max_new_tokens=512, stop_ids=(151645, 151643))
 
 Run `python model.py --help` for a quick sampling command (a checkpoint folder, or a small random model).
-Multi-GPU training wraps this model with `shard_model` (FSDP2, one unit per decoder block, then the root).
+Multi-GPU training wraps this model with `shard_model` (FSDP2, one unit per decoder block, then the root). Training
+scores tokens with `model(tokens, logits_at=..., targets=...)` (token_logps: the head in chunks, no [n, V] logits)
+and may add LoRA adapters (add_lora, lora_disabled, save_adapter in PEFT's format).
 """
 import argparse
 import contextlib

@@ -14,10 +14,13 @@ the number of GPUs leave the objective unchanged. Trained tokens are each assist
     torchrun --nproc-per-node 8 sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft
     torchrun --nproc-per-node 8 sft.py ... --resume      # continue from the last complete checkpoint in --out
     python sft.py --init-config tiny.json --tokenizer tok/ --data text.jsonl --out runs/pre   # random init
+    python sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft-lora --lora-rank 8   # LoRA, 1 GPU
 
 One code path for 1 or N processes, CPU (gloo) or GPU (nccl): FSDP2 shards each decoder block then the root,
 fp32 master weights, bf16 compute on GPU. Checkpoints are Hugging Face folders (load with model.load, vLLM,
-transformers) plus the optimizer (sharded, torch.distributed.checkpoint), step and RNG states.
+transformers) plus the optimizer (sharded, torch.distributed.checkpoint), step and RNG states. With --lora-rank the
+base is frozen in the compute dtype and only fp32 adapters train; a checkpoint holds the merged model and, in
+adapter/, the adapter in PEFT's format (peft, vLLM --lora-modules); a resume rebuilds base + adapter.
 """
 import argparse
 import functools
@@ -368,7 +371,8 @@ def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_e
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
     parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
-                        help="compute dtype on GPU (CPU computes in fp32; weights and AdamW are always fp32)")
+                        help="compute dtype on GPU (CPU computes in fp32; weights and AdamW are fp32, a frozen LoRA "
+                        "base is stored in this dtype)")
     parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on a frozen "
                         "base (0: full fine-tuning)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default 2 x rank)")

@@ -123,6 +123,7 @@ def run_case(loss, path, seq_len, hidden, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="short sequences and 1 timed step, a smoke run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each case (its fastest is reported)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: "loss:path" in a child process
     args = parser.parse_args()
     seq_len, hidden, steps = (256, 32, 1) if args.small else (1024, 64, 3)
@@ -136,16 +137,20 @@ def main():
         print("TRL not installed: its column is left out")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     results = {}
-    for loss in ("dpo", "sft"):
-        for path in paths:
-            done = subprocess.run([sys.executable, __file__, "--case", f"{loss}:{path}"] + ["--small"] * args.small,
-                                  env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{loss}:{path} failed:\n{done.stderr[-3000:]}")
-            results[loss, path] = json.loads(done.stdout.strip().splitlines()[-1])
+    for _ in range(args.repeats):  # the cases alternate, so a busy moment on a shared machine hits all of them
+        for loss in ("dpo", "sft"):
+            for path in paths:
+                done = subprocess.run([sys.executable, __file__, "--case", f"{loss}:{path}"] + ["--small"] * args.small,
+                                      env=env, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{loss}:{path} failed:\n{done.stderr[-3000:]}")
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                old = results.setdefault((loss, path), r)  # the fastest run's time; the peak does not vary
+                old["seconds"] = min(old["seconds"], r["seconds"])
     r = results["dpo", "before"]
     print(f"\n{r['device']}, torch {torch.__version__}, 1 thread; vocab 152,064, hidden {hidden}, 2 layers, fp32; "
-          f"chunk {model_py.LOGPS_CHUNK} positions; median of {steps} steps after a warm-up\n")
+          f"chunk {model_py.LOGPS_CHUNK} positions; median of {steps} steps after a warm-up, fastest of {args.repeats} "
+          "runs\n")
     print("| step | scored positions | log-probs | step peak MiB | vs before | s / step | vs before |")
     print("|---|---|---|---|---|---|---|")
     for loss in ("dpo", "sft"):

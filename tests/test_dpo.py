@@ -552,10 +552,10 @@ def test_reference_root_is_resharded_after_its_forward(world, tmp_path):
     assert sharded == {"prepare_model": {"root": False, "block": True}, "load_reference": {"root": True, "block": True}}
 
 
-def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path):
-    out = tmp_path / "killed"
+def kill_at_step_2_then_resume(world, out, *extra):
+    """Run dpo.py in a process, SIGKILL it once step 2's checkpoint exists, then resume the run to its end here."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "dpo.py"), *run_args(world, out, "--save-every", "2")],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dpo.py"), *run_args(world, out, *extra, "--save-every", "2")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not (out / "step-000002").exists() and proc.poll() is None:
@@ -565,8 +565,12 @@ def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "step-000006").exists()
-    dpo.main(run_args(world, out, "--save-every", "2", "--resume"))
-    assert_same_run(single_run, out, rel=1e-6)
+    dpo.main(run_args(world, out, *extra, "--save-every", "2", "--resume"))
+
+
+def test_resume_after_kill_equals_uninterrupted_run(world, single_run, tmp_path):
+    kill_at_step_2_then_resume(world, tmp_path / "killed")
+    assert_same_run(single_run, tmp_path / "killed", rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,17 +623,5 @@ def test_lora_two_processes_match_one(world, lora_run, tmp_path):
 
 def test_lora_resume_after_kill_equals_uninterrupted_run(world, lora_run, tmp_path):
     """The resume state is the base (--model) + the checkpoint's adapter + its AdamW moments."""
-    out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "dpo.py"), *run_args(world, out, *LORA, "--save-every", "2")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while not (out / "step-000002").exists() and proc.poll() is None:
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (out / "step-000006").exists()
-    dpo.main(run_args(world, out, *LORA, "--save-every", "2", "--resume"))
-    assert_same_run(lora_run, out, rel=1e-6)
+    kill_at_step_2_then_resume(world, tmp_path / "killed", *LORA)
+    assert_same_run(lora_run, tmp_path / "killed", rel=1e-6)
