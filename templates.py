@@ -203,37 +203,62 @@ def load_cmexam(path, return_skipped=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Answer extraction: the letters of the LAST explicit answer statement. The <think> block gets no special
-# treatment: a final answer after </think> is later, so it wins; without one, the reasoning's last conclusion is
-# the best reading there is. Matching runs on NFKC text, so full-width letters, colons and brackets become ASCII.
+# Answer extraction: the final answer as a careful grader reads it. Matching runs on NFKC text, so full-width
+# letters, colons and brackets become ASCII. Candidates are explicit answer statements ("strong": 答案：X, 【答案】X,
+# 答：X, Answer: X, JSON "answer", \boxed{X}, 正确选项为X, 答案不是A而是B) and choices ("weak": 故选X, 应选X),
+# which explanations also use for other things ("易误选A", "首选B超"). The last candidate wins, except that after
+# the last answer LINE (a strong statement that starts its line) only strong statements count: the explanation a
+# model writes after "答案：B" does not override it, a restated answer does. Not candidates: a hedge ("A或B", "A还是B"
+# yields no answer), a conditional ("如果……则应选D"), the format example echoed ("如“答案：AC”"), a negated choice
+# ("不选A", "误选A"), a letter that begins a word (B超, A型, C反应蛋白). The <think> block gets no special
+# treatment: a final answer after </think> is later, so it wins; without one, the reasoning's last conclusion is the
+# best reading there is. A letter where the model gave none is worse than a miss, so every rule errs towards "".
 
-_PREFIX = "|".join([
-    r"答案\**\s*(?:应该?是|应该?为|应选|就是|是|为|选)?\s*(?:选项)?",  # 答案：/答案是/正确答案为/最终答案应为
+_STRONG = "|".join([
+    r"(?<!原)(?<!错误)(?<!错误的)答案\**\s*[】\]」』]?\s*(?:应该?是|应该?为|应选|就是|是|为|选)?\s*(?:选项)?",
+    r"答案\s*并?不是[^。\n]{0,20}?而(?:应该?)?(?:是|为|选)",  # 答案不是A，而是B
     r"正确(?:选项|的选项|的是)\s*(?:应该?是|应该?为|是|为)?",
-    r"(?<!不)(?<!未)选择?(?!项)",  # 故选 / 本题选 / 应选, but not 选项A, 不选A
-    r"(?i:answer)\**\s*(?:(?i:is)\b)?",  # Answer: / the answer is
+    r"(?<![\u4e00-\u9fff])答\s*(?=:)",  # 答：C, but not 回答/解答
+    r"(?i:(?:correct|right|best)\s+(?:option|choice)s?)\s*(?:(?i:is|are)\b)?",  # The correct option is B
+    r"(?i:answer)[\"']?\s*(?:(?i:is)\b)?\s*(?:(?i:option|choice)\b)?",  # Answer: / the answer is / "answer": "C"
     r"<answer>",
-    r"\\boxed\{",
+    r"\\boxed\{(?:\\(?:text|textbf|mathrm|mathbf)\{)?",
 ])
+_WEAK = r"(?<!不)(?<!未)(?<!误)(?<!错)(?<!勿)(?<!不能)(?<!不应)(?<!不可)(?<!不宜)(?<!不该)(?<!不应该)选择?(?!项)"
+_LETTER = r"[A-Ea-e](?:项|选项)?"
 _ANSWER = re.compile(
-    rf"(?:{_PREFIX})\**\s*:?\s*[(\[【\"“'*]*\s*"
-    r"(?P<letters>[A-Ea-e]项?(?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]项?"  # AC, A、C, A项和C项, A and C
-    r"|\s*,\s*[A-Ea-e](?!\s*(?:选?项|[是为错对正不均都也可的])))*)"  # "A,C" yet not "C,D项错误"
-    r"(?![A-Za-z])(?!\s*[吗?])")  # not the start of an English word; not a question
+    rf"(?:(?P<strong>{_STRONG})|(?P<weak>{_WEAK}))\**\s*:?\s*[(\[【\"“'*「『]*\s*"
+    rf"(?P<letters>{_LETTER}(?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]项?"  # AC, A、C, A项和C项, A and C
+    r"|\s*[,;]\s*[A-Ea-e](?!\s*(?:选?项|[是为错对正不均都也可的])))*)"  # "A,C", "A;C" yet not "C,D项错误"
+    r"(?P<hedge>\s*,?\s*(?:或者?|还是|抑或|(?i:or)\b)\s*[(\[\"“'「]?\s*[A-Ea-e](?![A-Za-z]))?"  # A或B: no answer
+    r"(?![A-Za-z])(?!\s*[吗?])(?!-?(?:超|型|族|细胞|群|肽|反应蛋白|二聚体|受体))")  # not a word, not a question
+_LINE_START = re.compile(r"[\s*#>\-•·$【\[(]*(?:(?:最终|最后|正确|参考|标准)的?|(?i:final|the|my|correct)\s+)*")
+_CONDITION = re.compile(r"(?:如果|假如|倘若|假设|要是|否则|(?<!如)若(?!干)|(?i:\bif\b))"  # unless a conclusion follows
+                        r"(?!.*(?:故|因此|所以|综上|总之|(?i:\bso\b|therefore)))")
+_ECHO = re.compile(r"(?:如|例如|比如|格式为?|格式是|写成|写作|形如)\s*[“\"「『'‘(]?\s*$")
 
 
 def extract_answer(text) -> str:
-    """Sorted unique letters of the last explicit answer statement in a model output, "" if there is none."""
+    """Sorted unique letters of the final answer in a model output, "" if there is none (rules above)."""
     text = unicodedata.normalize("NFKC", text or "")
-    answer = ""
+    candidates = []  # (answer, strong, starts its line)
     for m in _ANSWER.finditer(text):
         letters = re.sub(r"\s+and\s+", "、", m["letters"])
         if not letters.isupper():  # lower case only as separate letters, never a word ("is bad", "is a good")
             words = any(len(run) > 1 for run in re.findall(r"[A-Ea-e]+", letters))
             if words or re.match(r"\s+[A-Za-z]", text[m.end():]):
                 continue
-        answer = "".join(sorted(set(re.sub(r"[^A-E]", "", letters.upper()))))
-    return answer
+        line = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+        sentence = re.split(r"[。!?;\n]", text[:m.start()])[-1]
+        if _ECHO.search(line) or _CONDITION.search(sentence):
+            continue
+        answer = "" if m["hedge"] else "".join(sorted(set(re.sub(r"[^A-E]", "", letters.upper()))))
+        strong = m["strong"] is not None
+        candidates.append((answer, strong, strong and _LINE_START.fullmatch(line) is not None))
+    lines = [i for i, (_, _, at_line_start) in enumerate(candidates) if at_line_start]
+    if lines:
+        candidates = candidates[:lines[-1] + 1] + [c for c in candidates[lines[-1] + 1:] if c[1]]
+    return candidates[-1][0] if candidates else ""
 
 
 def is_well_formed(text) -> bool:
