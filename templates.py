@@ -261,6 +261,19 @@ def extract_answer(text) -> str:
     return candidates[-1][0] if candidates else ""
 
 
+def merge_think(text) -> str:
+    """One <think> block from a reply with several. A reasoning teacher (QwQ) opens <think> itself, so the prompt's
+    own instruction to reason inside <think>...</think> can leave two openings (nested) or two blocks in a row, and a
+    server's reasoning field put back into tags adds another. Everything before the last </think> is the reasoning:
+    the tags inside it are dropped. A reply with at most one opening and one closing is returned unchanged."""
+    if text.count("<think>") <= 1 and text.count("</think>") <= 1:
+        return text
+    head, closing, tail = text.rpartition("</think>")
+    if not closing:  # several openings and no closing: cut off inside the reasoning, left malformed
+        return text
+    return "<think>\n" + re.sub(r"(?:\s*</?think>\s*)+", "\n\n", head).strip() + "\n</think>" + tail
+
+
 def is_well_formed(text) -> bool:
     """Our output format: one <think>...</think> block first, then an explicit answer after it."""
     text = text.strip()
@@ -357,6 +370,23 @@ def critique_messages(row, wrong_trajectory, hint_answer=None):
         f"因此不要提及原解答或本次检查。{OUTPUT_FORMAT}")}]
 
 
+# A kept text (an SFT trajectory, a chosen correction) is trained as the answer to the plain student prompt, so it
+# must not refer to what only its own prompt showed: the original solution and the check (critique_messages), the
+# exemplar (teacher_messages) or, where one was shown, the hint (_hint). The phrases are the prompts' own words and
+# the ways a model echoes them; medical text uses 提示 ("indicates") and 检查 ("examination") all the time, so those
+# count only in the forms below.
+PROMPT_REFERENCES = ("原解答", "原答案", "原来的解答", "原来的答案", "之前的解答", "之前的答案", "上述解答", "本次检查",
+                     "最终答案是错误的", "示例")
+HINT_REFERENCES = ("提示:", "题目提示", "根据提示", "按照提示", "结合提示", "提示中", "提示的答案", "提示答案", "这个提示",
+                   "该提示", "本题的正确答案", "正确答案是", "正确答案为", "已知答案", "给定的答案", "独立解题")
+
+
+def prompt_reference(text, hinted=False) -> str:
+    """The first phrase of `text` that refers to the prompt (HINT_REFERENCES too if a hint was shown), "" if none."""
+    text = unicodedata.normalize("NFKC", text)
+    return next((p for p in PROMPT_REFERENCES + (HINT_REFERENCES if hinted else ()) if p in text), "")
+
+
 def extract_correction(text) -> str:
     """The corrected solution after the last CORRECTION_MARK of a critique output, "" if it has none."""
     parts = re.split(r"【\s*修正后的解答\s*】[:：]?", text)
@@ -387,11 +417,11 @@ class TeacherError(Exception):
         self.kind, self.retry_after = kind, retry_after
 
 
-def _request_once(cfg, messages):
+def _request_once(cfg, messages, extra=None):
     base = cfg.base_url.rstrip("/")
     url = base + ("" if base.endswith("/v1") else "/v1") + "/chat/completions"
     body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "max_tokens": cfg.max_tokens}
+            "max_tokens": cfg.max_tokens, **(extra or {})}
     headers = {"Content-Type": "application/json"}
     if os.environ.get(cfg.api_key_env):
         headers["Authorization"] = "Bearer " + os.environ[cfg.api_key_env]
@@ -423,15 +453,15 @@ def _request_once(cfg, messages):
     return content.strip()
 
 
-def chat_completion(cfg, messages, stats=None) -> str:
+def chat_completion(cfg, messages, stats=None, extra=None) -> str:
     """The teacher's reply text. Retries 429, 5xx, timeouts, connection errors and unusable bodies with
     exponential backoff; raises TeacherError at once on other 4xx. `stats` (a Counter) counts requests and
-    failures by kind."""
+    failures by kind; `extra` adds fields to the request body (vLLM's top_k, allowed_token_ids)."""
     stats = Counter() if stats is None else stats
     for attempt in range(cfg.max_retries + 1):
         stats["requests"] += 1
         try:
-            return _request_once(cfg, messages)
+            return _request_once(cfg, messages, extra)
         except TeacherError as e:
             stats[e.kind] += 1
             retryable = e.kind in ("http_429", "timeout", "connection", "bad_response") or e.kind.startswith("http_5")
@@ -455,8 +485,14 @@ def _distill_one(cfg, row, tries, hint_fallback):
             text = chat_completion(cfg, teacher_messages(row, row["answer"] if hint else None), stats)
         except TeacherError:
             return None, stats
+        merged = merge_think(text)
+        stats["think_merged"] += merged != text
+        text = merged
         predicted.append(extract_answer(text))
         if predicted[-1] == row["answer"]:
+            if prompt_reference(text, hint):
+                stats["prompt_reference"] += 1
+                continue
             if is_well_formed(text):
                 # The user turn is the STUDENT prompt: the student must learn to reason without seeing templates.
                 messages = student_messages(row) + [{"role": "assistant", "content": text}]
@@ -475,6 +511,14 @@ def append_jsonl(f, record):
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())  # a killed run loses at most the records in flight, never a written one
+
+
+def write_jsonl(path, items):
+    """Replace a JSONL file atomically: a kill leaves the old file or the new one, never half of either."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), "utf-8")
+    os.replace(tmp, path)
 
 
 def done_ids(path):
@@ -520,7 +564,9 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    summary.update(teacher_requests=stats.pop("requests", 0), malformed=stats.pop("malformed", 0), errors=dict(stats))
+    summary.update(teacher_requests=stats.pop("requests", 0), malformed=stats.pop("malformed", 0),
+                   dropped_prompt_reference=stats.pop("prompt_reference", 0),
+                   think_merged=stats.pop("think_merged", 0), errors=dict(stats))
     print(json.dumps(summary))
     return summary
 
