@@ -234,20 +234,29 @@ HAND_PREDICTIONS = [mc(0, "A", "A"), mc(1, "C", "B"), mc(2, "CA", "AC"), mc(3, "
 
 
 def test_score_by_category_hand_computed():
-    report = E.score(HAND_PREDICTIONS, hand_rows())
+    report = E.score(HAND_PREDICTIONS, hand_rows(), dropped=[("line 9", "no answer"), ("line 12", "no options")])
     assert report["protocol"] == "cot" and report["questions"] == 9
     assert (report["scored"], report["missing"], report["skipped"]) == (7, 1, {"prompt_too_long": 1})
-    # Wilson 95% for 4/7 by hand (z = 1.959964): center (4 + z^2/2) / (7 + z^2) = 5.920729 / 10.841459 = 0.546119,
-    # half z / (7 + z^2) * sqrt(4 * 3 / 7 + z^2 / 4) = 0.180783 * 1.635436 = 0.295661.
-    assert report["overall"] == {"n": 7, "correct": 4, "accuracy": pytest.approx(4 / 7), "ci95": pytest.approx(
-        [0.250458, 0.841780], abs=2e-6)}
+    # Right: ids 0, 2 (CA == AC), 8. Id 5 has the right letter but hit --max-new-tokens: wrong.
+    # Wilson 95% for 3/7 by hand (z = 1.959964): center (3 + z^2/2) / (7 + z^2) = 4.920729 / 10.841459 = 0.453881,
+    # half z / (7 + z^2) * sqrt(3 * 4 / 7 + z^2 / 4) = 0.180783 * 1.635436 = 0.295661.
+    assert report["overall"] == {"n": 7, "correct": 3, "accuracy": pytest.approx(3 / 7), "ci95": pytest.approx(
+        [0.158220, 0.749542], abs=2e-6)}
     n_correct = lambda s: (s["n"], s["correct"])  # noqa: E731
-    assert n_correct(report["answer_type"]["single"]) == (4, 2)  # ids 0 1 4 5: 0 and 5 right
+    assert n_correct(report["strict"]) == (9, 3)  # the skipped id 6 and the missing id 7 count wrong
+    assert n_correct(report["finished_only"]) == (6, 3)  # id 5 left out
+    assert report["dropped_at_load"] == {"n": 2, "reasons": {"no answer": 1, "no options": 1}}
+    # letters over the 7 scored: gold A in 0 2 3 8, B in 1 8, C in 2 3 8, D in 4, E in 5; predicted A 0 2 3 8,
+    # B 8, C 1 2 8, E 5 (id 4 answered nothing)
+    assert report["letters"] == {"A": {"gold": 4, "predicted": 4}, "B": {"gold": 2, "predicted": 1},
+                                 "C": {"gold": 3, "predicted": 3}, "D": {"gold": 1}, "E": {"gold": 1, "predicted": 1}}
+    assert report["answer_mass_mean"] is None and report["needs_options"]["needs"]["n"] == 0
+    assert n_correct(report["answer_type"]["single"]) == (4, 1)  # ids 0 1 4 5: 0 right
     assert n_correct(report["answer_type"]["multiple"]) == (3, 2)  # ids 2 3 8: CA == AC right, A != AC
     assert set(report["columns"]) == {"Disease Group", "Difficulty level"}
-    assert {v: n_correct(s) for v, s in report["columns"]["Disease Group"].items()} == {"呼吸": (4, 3), "循环": (3, 1)}
+    assert {v: n_correct(s) for v, s in report["columns"]["Disease Group"].items()} == {"呼吸": (4, 2), "循环": (3, 1)}
     difficulty = report["columns"]["Difficulty level"]
-    assert {v: n_correct(s) for v, s in difficulty.items()} == {"1": (4, 3), "2": (2, 0), "(missing)": (1, 1)}
+    assert {v: n_correct(s) for v, s in difficulty.items()} == {"1": (4, 3), "2": (2, 0), "(missing)": (1, 0)}
     assert list(difficulty) == ["1", "2", "(missing)"]  # largest group first
     # Wilson 95% by hand: 3/4 -> center (3 + z^2/2) / (4 + z^2) = 0.62753, half z / (4 + z^2) * sqrt(3/4 + z^2/4)
     # = 0.32689; 0/2 -> [0, (z^2) / (2 + z^2)] = [0, 0.65762].
@@ -256,7 +265,8 @@ def test_score_by_category_hand_computed():
     assert report["no_answer"] == {"n": 1, "share": pytest.approx(1 / 7)}
     assert report["truncated"]["n"] == 1
     table = E.format_report(report)
-    assert "57.1" in table and "呼吸" in table and "skipped prompt_too_long: 1" in table and "MISSING" in table
+    assert "42.9" in table and "呼吸" in table and "skipped prompt_too_long: 1" in table and "MISSING" in table
+    assert "33.3% of 9" in table and "50.0% of 6" in table and "rows dropped at load: 2" in table
 
 
 def test_wilson_matches_newcombe_1998():
@@ -393,7 +403,8 @@ def judge_server():
 
 def test_judge_mode_against_a_stub_endpoint(random_ckpt, tmp_path, judge_server):
     url, prompts = judge_server
-    report = run(random_ckpt, tmp_path, "--mode", "judge", "--max-new-tokens", 4, "--batch-size", 8,
+    report = run(random_ckpt, tmp_path, "--mode", "judge", "--judge-protocol", "rubric", "--max-new-tokens", 4,
+                 "--batch-size", 8,
                  "--judge-base-url", url, "--judge-model", "stub", "--judge-max-retries", 0,
                  "--judge-concurrency", 3)
     records = {r["id"]: r for r in read(tmp_path / "judge.predictions.jsonl")}
@@ -408,7 +419,7 @@ def test_judge_mode_against_a_stub_endpoint(random_ckpt, tmp_path, judge_server)
         gold = "；".join(row["options"][letter] for letter in row["answer"])
         assert f"【标准答案】\n{gold}\n\n【考生回答】\n" in prompt
     counts = [sum(row["id"] % 4 == k for row in ROWS) for k in range(4)]  # ids 0-28: 8, 7, 7, 7
-    assert report["protocol"] == "judge" and report["no_answer"] is None
+    assert report["protocol"] == "judge/rubric" and report["no_answer"] is None
     assert (report["scored"], report["overall"]["correct"]) == (counts[0] + counts[1], counts[0])
     assert report["skipped"] == {"judge_unparseable": counts[2], "judge_http_500": counts[3]}
 
