@@ -396,8 +396,8 @@ def score(predictions, rows, dropped=()) -> dict:
         by_id[rec["id"]] = rec
     protocol = protocol_of(predictions)
     mode = protocol and protocol.split("/")[0]
-    nonfinite = [rec["id"] for rec in predictions if not all(math.isfinite(v) for v in
-                                                              [rec.get("answer_mass", 0), *rec.get("probs", {}).values()])]
+    nonfinite = [rec["id"] for rec in predictions
+                 if not all(math.isfinite(v) for v in [rec.get("answer_mass", 0), *rec.get("probs", {}).values()])]
     if nonfinite:
         raise ValueError(f"non-finite scores in {len(nonfinite)} predictions (e.g. id {nonfinite[0]}): the model "
                          "produced NaN/inf logits; refusing to score")
@@ -652,11 +652,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for field in dataclasses.fields(T.TeacherConfig):  # the judge endpoint, judge mode only
-        per_protocol = field.name in JUDGE_SAMPLING["authors"]
+        per_protocol = field.name in JUDGE_SAMPLING["authors"]  # default: JUDGE_SAMPLING[--judge-protocol]
         parser.add_argument("--judge-" + field.name.replace("_", "-"), type=type(field.default),
                             default=None if per_protocol else field.default,
-                            help=f"judge mode: TeacherConfig.{field.name}" + (" (default: per --judge-protocol, "
-                                                                              "JUDGE_SAMPLING)" if per_protocol else ""))
+                            help=f"judge mode: TeacherConfig.{field.name}" + (" (default: per --judge-protocol)"
+                                                                              if per_protocol else ""))
     parser.add_argument("--judge-allowed-token-ids", default=",".join(map(str, AUTHORS_VERDICT_IDS)),
                         help="authors: the judge tokenizer's ids of '1' and '2', sent as vLLM's allowed_token_ids "
                              "with top_k 2 as ForJudge.py does; 'none' for a server that rejects those fields")

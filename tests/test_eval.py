@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -368,87 +369,12 @@ def test_resume_refuses_other_settings(random_ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The authors' protocol against a stub OpenAI-compatible judge that answers right / wrong / garbage / HTTP 500.
+# Both judge protocols against a stub OpenAI-compatible judge that answers right / wrong / garbage / HTTP 500. The
+# authors' prompts (Processingfiles/ForTest.py and ForJudge.py of github destinybird/SP-Huatuo) are transcribed
+# here from their scripts, not taken from E.
 
-JUDGE_REPLIES = {0: (200, "<think>先想想。判定：错误</think>\n回答与标准答案一致。\n判定：正确"),
-                 1: (200, "回答的诊断与标准答案不同。\n判定：错误"), 2: (200, "我觉得还行吧"), 3: (500, None)}
-
-
-@pytest.fixture
-def judge_server():
-    prompts = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][-1]["content"]
-            prompts.append(prompt)
-            row = next(r for r in ROWS if f"【题干】\n{r['question']}\n\n" in prompt)
-            status, text = JUDGE_REPLIES[row["id"] % 4]
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]} if text
-                              else {"error": "boom"}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 64  # several judge requests in flight; the default backlog of 5 can drop some
-
-    server = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", prompts
-    server.shutdown()
-    server.server_close()
-
-
-def test_judge_mode_against_a_stub_endpoint(random_ckpt, tmp_path, judge_server):
-    url, prompts = judge_server
-    report = run(random_ckpt, tmp_path, "--mode", "judge", "--judge-protocol", "rubric", "--max-new-tokens", 4,
-                 "--batch-size", 8,
-                 "--judge-base-url", url, "--judge-model", "stub", "--judge-max-retries", 0,
-                 "--judge-concurrency", 3)
-    records = {r["id"]: r for r in read(tmp_path / "judge.predictions.jsonl")}
-    assert sorted(records) == IDS and len(prompts) == len(IDS)
-    for row in ROWS:
-        r, kind = records[row["id"]], row["id"] % 4
-        stem_only = T.chat([{"role": "user", "content": row["question"]}])
-        assert r["prompt_hash"] == hashlib.sha256(stem_only.encode()).hexdigest()[:16]
-        assert r["correct"] == {0: True, 1: False, 2: None, 3: None}[kind]
-        assert r["skipped"] == {0: None, 1: None, 2: "judge_unparseable", 3: "judge_http_500"}[kind]
-        prompt = next(p for p in prompts if f"【题干】\n{row['question']}\n\n" in p)
-        gold = "；".join(row["options"][letter] for letter in row["answer"])
-        assert f"【标准答案】\n{gold}\n\n【考生回答】\n" in prompt
-    counts = [sum(row["id"] % 4 == k for row in ROWS) for k in range(4)]  # ids 0-28: 8, 7, 7, 7
-    assert report["protocol"] == "judge/rubric" and report["no_answer"] is None
-    assert (report["scored"], report["overall"]["correct"]) == (counts[0] + counts[1], counts[0])
-    assert report["skipped"] == {"judge_unparseable": counts[2], "judge_http_500": counts[3]}
-
-
-def test_parse_verdict():
-    assert E.parse_verdict("理由……\n判定：正确") is True
-    assert E.parse_verdict("判定: 错误") is False  # half-width colon
-    assert E.parse_verdict("<think>判定：正确吗？</think>\n判定：错误") is False  # the verdict after the thinking
-    assert E.parse_verdict("无法判断") is None
-
-
-def test_parse_token_verdict():
-    assert E.parse_token_verdict("1") is True and E.parse_token_verdict(" 2\n") is False
-    assert E.parse_token_verdict("<think>\n1\n</think>\n\n") is True  # a reasoning parser filed the token as thinking
-    for text in ("12", "1。", "正确", "", "3"):
-        assert E.parse_token_verdict(text) is None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The authors' protocol (Processingfiles/ForTest.py and ForJudge.py of github destinybird/SP-Huatuo), against a
-# stub judge that checks every request. The prompts below are transcribed from their scripts, not taken from E.
-
-AUTHORS_STUDENT = "你是一位医学专家，请先深呼吸，然后用中文一步一步地思考并回答这个问题，给出分点罗列的解释：问题：{q}？只解释这一个问题即可"
+AUTHORS_STUDENT = ("你是一位医学专家，请先深呼吸，然后用中文一步一步地思考并回答这个问题，给出分点罗列的解释："
+                   "问题：{q}？只解释这一个问题即可")
 AUTHORS_JUDGE = ("这是一位小模型对问题的回复内容，根据其内容判断其是否做到了正确回复。问题：{q}？答案是：{a}，小模型回复：{r}。"
                  "如果正确，则只直接回复1。如果错误，则只直接回复2")
 JUDGE_PREFIX = AUTHORS_JUDGE.split("{q}")[0]
@@ -495,6 +421,48 @@ def stub_judge():
         server.server_close()
 
 
+JUDGE_REPLIES = {0: (200, "<think>先想想。判定：错误</think>\n回答与标准答案一致。\n判定：正确"),
+                 1: (200, "回答的诊断与标准答案不同。\n判定：错误"), 2: (200, "我觉得还行吧"), 3: (500, None)}
+
+
+def test_judge_mode_against_a_stub_endpoint(random_ckpt, tmp_path, stub_judge):
+    url, bodies = stub_judge(lambda row, prompt, body: JUDGE_REPLIES[row["id"] % 4])
+    report = run(random_ckpt, tmp_path, "--mode", "judge", "--judge-protocol", "rubric", "--max-new-tokens", 4,
+                 "--batch-size", 8,
+                 "--judge-base-url", url, "--judge-model", "stub", "--judge-max-retries", 0,
+                 "--judge-concurrency", 3)
+    records = {r["id"]: r for r in read(tmp_path / "judge.predictions.jsonl")}
+    prompts = [body["messages"][-1]["content"] for body in bodies]
+    assert sorted(records) == IDS and len(prompts) == len(IDS)
+    for row in ROWS:
+        r, kind = records[row["id"]], row["id"] % 4
+        stem_only = T.chat([{"role": "user", "content": row["question"]}])
+        assert r["prompt_hash"] == hashlib.sha256(stem_only.encode()).hexdigest()[:16]
+        assert r["correct"] == {0: True, 1: False, 2: None, 3: None}[kind]
+        assert r["skipped"] == {0: None, 1: None, 2: "judge_unparseable", 3: "judge_http_500"}[kind]
+        prompt = next(p for p in prompts if f"【题干】\n{row['question']}\n\n" in p)
+        gold = "；".join(row["options"][letter] for letter in row["answer"])
+        assert f"【标准答案】\n{gold}\n\n【考生回答】\n" in prompt
+    counts = [sum(row["id"] % 4 == k for row in ROWS) for k in range(4)]  # ids 0-28: 8, 7, 7, 7
+    assert report["protocol"] == "judge/rubric" and report["no_answer"] is None
+    assert (report["scored"], report["overall"]["correct"]) == (counts[0] + counts[1], counts[0])
+    assert report["skipped"] == {"judge_unparseable": counts[2], "judge_http_500": counts[3]}
+
+
+def test_parse_verdict():
+    assert E.parse_verdict("理由……\n判定：正确") is True
+    assert E.parse_verdict("判定: 错误") is False  # half-width colon
+    assert E.parse_verdict("<think>判定：正确吗？</think>\n判定：错误") is False  # the verdict after the thinking
+    assert E.parse_verdict("无法判断") is None
+
+
+def test_parse_token_verdict():
+    assert E.parse_token_verdict("1") is True and E.parse_token_verdict(" 2\n") is False
+    assert E.parse_token_verdict("<think>\n1\n</think>\n\n") is True  # a reasoning parser filed the token as thinking
+    for text in ("12", "1。", "正确", "", "3"):
+        assert E.parse_token_verdict(text) is None
+
+
 def authors_args(url, *extra):
     return ["--mode", "judge", "--judge-base-url", url, "--judge-model", "stub", "--judge-max-retries", 0,
             "--judge-concurrency", 3, *extra]
@@ -510,7 +478,8 @@ def test_authors_protocol_exact_requests_and_failures_rejudged_on_resume(random_
     for row in ROWS:
         r = records[row["id"]]
         student = AUTHORS_STUDENT.format(q=row["question"])  # a raw prompt: no chat template
-        assert r["prompt_hash"] == hashlib.sha256(student.encode()).hexdigest()[:16] and r["judge_protocol"] == "authors"
+        assert r["prompt_hash"] == hashlib.sha256(student.encode()).hexdigest()[:16]
+        assert r["judge_protocol"] == "authors"
         gold = "；".join(row["options"][letter] for letter in row["answer"])
         body, = [b for b in bodies if b["messages"][-1]["content"].startswith(f"{JUDGE_PREFIX}{row['question']}？")]
         assert body == {"model": "stub", "temperature": 0.01, "top_p": 1.0, "max_tokens": 1, "top_k": 2,
@@ -652,7 +621,6 @@ def test_sampling_seed_per_batch_and_sample_seed_apart(random_ckpt, tmp_path, mo
     monkeypatch.setattr(E, "generate", lambda *a, **k: seeds.append(k["seed"]) or real(*a, **k))
     run(random_ckpt, tmp_path / "t", "--temperature", 0.8, "--seed", 5, "--batch-size", 8, "--max-new-tokens", 2)
     order = sorted(ROWS, key=lambda r: -len(TOK.encode(E.prompt_text(r, "cot"), add_special_tokens=False).ids))
-    import zlib
     assert seeds == [zlib.crc32(repr((5, order[i]["id"])).encode()) for i in range(0, len(order), 8)]
     assert len(set(seeds)) == len(seeds) == 4
     picked = {row["id"] for row in E.select_rows(SAMPLE_CSV, sample=6, seed=1)}

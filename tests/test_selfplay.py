@@ -158,7 +158,8 @@ def test_scripted_run_makes_exactly_the_hand_decided_pairs(tmp_path, rows, token
         "no_answer": 1, "truncated": 2, "wrong_samples_sent_to_critique": 5, "critique_skipped_too_long": 1,
         "correction_attempts": 8, "corrections_right": 6, "correction_success_rate": 0.75,
         "wrong_samples_corrected": 4, "corrections_unmarked": 1, "corrections_malformed": 1,
-        "corrections_truncated": 0, "corrections_right_dropped_prompt_reference": 0, "pairs": 2, "pairs_by_source": {"correction": 2}, "duplicate_pairs_dropped": 3,
+        "corrections_truncated": 0, "corrections_right_dropped_prompt_reference": 0, "pairs": 2,
+        "pairs_by_source": {"correction": 2}, "duplicate_pairs_dropped": 3,
         "teacher_calls": 0}
     assert summary["generated_tokens"] > 0
     assert json.loads((tmp_path / "summary.json").read_text())["pairs"] == 2
