@@ -230,7 +230,7 @@ _ANSWER = re.compile(
     rf"(?:(?P<strong>{_STRONG})|(?P<weak>{_WEAK}))\**\s*:?\s*[(\[【\"“'*「『]*\s*"
     rf"(?P<letters>{_LETTER}(?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]项?"  # AC, A、C, A项和C项, A and C
     r"|\s*[,;]\s*[A-Ea-e](?!\s*(?:选?项|[是为错对正不均都也可的])))*)"  # "A,C", "A;C" yet not "C,D项错误"
-    r"(?P<hedge>\s*,?\s*(?:或者?|还是|抑或|(?i:or)\b)\s*[(\[\"“'「]?\s*[A-Ea-e](?![A-Za-z]))?"  # A或B: no answer
+    r"(?P<hedge>\s*[,(]?\s*(?:或者?|还是|抑或|(?i:or)\b)\s*[(\[\"“'「]?\s*[A-Ea-e]+(?![A-Za-z]))?"  # A或B: no answer
     r"(?![A-Za-z])(?!\s*[吗?])(?!-?(?:超|型|族|细胞|群|肽|反应蛋白|二聚体|受体))")  # not a word, not a question
 _LINE_START = re.compile(r"[\s*#>\-•·$【\[(]*(?:(?:最终|最后|正确|参考|标准)的?|(?i:final|the|my|correct)\s+)*")
 _CONDITION = re.compile(r"(?:如果|假如|倘若|假设|要是|否则|(?<!如)若(?!干)|(?i:\bif\b))"  # unless a conclusion follows

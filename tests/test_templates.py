@@ -279,7 +279,7 @@ EXTRACTION_CASES = [
     ("答案：B。\n本题应选B而非D……若选D则……故选C", "B"), ("答案：A\n解析：A项正确；选C者混淆了……", "A"),
     # hedges are no answer, even after an earlier choice
     ("答案：A或B", ""), ("答案是A还是B，难以确定", ""), ("答案：C或者D", ""), ("The answer is A or B.", ""),
-    ("故选C。\n答案：A或B", ""),
+    ("故选C。\n答案：A或B", ""), ("因此选择C（或D）", ""), ("答案：AB或AC", ""),
     # no letter where the model gave none
     ("首选B超检查", ""), ("应选择B超检查（A对）", ""), ("本题易误选A", ""), ("如果是儿童，则应选D", ""),
     ("若为孕妇，应选C", ""), ("最后一行写“答案：X”，如“答案：AC”", ""), ("答案不是A", ""), ("正确答案不是A", ""),
