@@ -215,7 +215,7 @@ def load_cmexam(path, return_skipped=False):
 # best reading there is. A letter where the model gave none is worse than a miss, so every rule errs towards "".
 
 _STRONG = "|".join([
-    r"(?<!原)(?<!错误)(?<!错误的)答案\**\s*[】\]」』]?\s*(?:应该?是|应该?为|应选|就是|是|为|选)?\s*(?:选项)?",
+    r"(?<!原)(?<!错误)(?<!错误的)(?<!误选)(?<!误选择)答案\**\s*[】\]」』]?\s*(?:应该?是|应该?为|应选|就是|是|为|选)?\s*(?:选项)?",
     r"答案\s*并?不是[^。\n]{0,20}?而(?:应该?)?(?:是|为|选)",  # 答案不是A，而是B
     r"正确(?:选项|的选项|的是)\s*(?:应该?是|应该?为|是|为)?",
     r"(?<![\u4e00-\u9fff])答\s*(?=:)",  # 答：C, but not 回答/解答
@@ -231,7 +231,8 @@ _ANSWER = re.compile(
     rf"(?P<letters>{_LETTER}(?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]项?"  # AC, A、C, A项和C项, A and C
     r"|\s*[,;]\s*[A-Ea-e](?!\s*(?:选?项|[是为错对正不均都也可的])))*)"  # "A,C", "A;C" yet not "C,D项错误"
     r"(?P<hedge>\s*[,(]?\s*(?:或者?|还是|抑或|(?i:or)\b)\s*[(\[\"“'「]?\s*[A-Ea-e]+(?![A-Za-z]))?"  # A或B: no answer
-    r"(?![A-Za-z])(?!\s*[吗?])(?!-?(?:超|型|族|细胞|群|肽|反应蛋白|二聚体|受体))")  # not a word, not a question
+    r"(?![A-Za-z])(?!\s*[吗?])(?!-?(?:超|型|族|细胞|群|肽|反应蛋白|二聚体|受体))"  # not a word, not a question
+    r"(?![错对])(?!\s*(?:不是|错误|不对|不正确))")  # not an option's mark ("首选(C错)"), not "答案A不是……"
 _LINE_START = re.compile(r"[\s*#>\-•·$【\[(]*(?:(?:最终|最后|正确|参考|标准)的?|(?i:final|the|my|correct)\s+)*")
 _CONDITION = re.compile(r"(?:如果|假如|倘若|假设|要是|否则|(?<!如)若(?!干)|(?i:\bif\b))"  # unless a conclusion follows
                         r"(?!.*(?:故|因此|所以|综上|总之|(?i:\bso\b|therefore)))")
@@ -248,6 +249,8 @@ def extract_answer(text) -> str:
             words = any(len(run) > 1 for run in re.findall(r"[A-Ea-e]+", letters))
             if words or re.match(r"\s+[A-Za-z]", text[m.end():]):
                 continue
+        if re.fullmatch(r"答案", m["strong"] or "") and re.match(r"[\u4e00-\u9fff]", text[m.end():]):
+            continue  # "答案E固定连接体……": a bare 答案 and a letter running into prose names an option, not the answer
         line = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
         sentence = re.split(r"[。!?;\n]", text[:m.start()])[-1]
         if _ECHO.search(line) or _CONDITION.search(sentence):
