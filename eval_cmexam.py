@@ -7,21 +7,27 @@ Clinical Department, Medical Discipline, Difficulty level). MedCritical (Su et a
 test split. Three protocols, and every report says which one it used:
 
   cot     multiple choice, chain of thought (the standard protocol): the student prompt (templates.student_messages),
-          greedy generation, templates.extract_answer; correct iff the predicted letter SET equals the gold set.
+          greedy generation, templates.extract_answer; correct iff the predicted letter SET equals the gold set and
+          the model finished its reply (one cut off at --max-new-tokens scores wrong, counted).
   direct  multiple choice without generation, a cheap deterministic baseline: one forward pass over a prompt that
           ends inside the assistant turn with "答案：" already written; the option letters are read off the
           next-token distribution (rule in choose_letters).
-  judge   the authors' protocol: the question stem only (no options), a free answer, and an OpenAI-compatible judge
-          (QwQ-32B for the authors) deciding right or wrong against the gold options' text (JUDGE_PROMPT).
+  judge   the question stem only (no options), a free answer, and an OpenAI-compatible judge (QwQ-32B for the
+          authors) deciding right or wrong against the gold options' text. --judge-protocol authors (default) is the
+          authors' scripts exactly (github destinybird/SP-Huatuo, Processingfiles/ForTest.py and ForJudge.py):
+          their raw prompt, 0.7 / 0.9, 450 new tokens, their judge prompt with the whole reply, a one-token "1"/"2"
+          verdict; --judge-protocol rubric is our stricter variant (JUDGE_PROMPT), with no published peer.
 
     python eval_cmexam.py --model Qwen2.5-7B-Instruct --data test_with_annotations.csv --out runs/eval
-    python eval_cmexam.py --model ckpt --data val.csv --out runs/eval --mode direct --sample 500 --seed 0
+    python eval_cmexam.py --model ckpt --data val.csv --out runs/eval --mode direct --sample 500 --sample-seed 0
     python eval_cmexam.py --model ckpt --data test.csv --out runs/eval --mode judge \\
         --judge-base-url http://127.0.0.1:8000 --judge-model QwQ-32B
+    python eval_cmexam.py --compare runs/eval_a runs/eval_b      # paired: which questions flipped, McNemar
 
 One process on one GPU (a 7B model in bf16 fits on one; no torchrun). Predictions are appended to
 <out>/<mode>.predictions.jsonl as they are made, so a killed run started again with the same command resumes where it
-stopped; the report (terminal table and <out>/<mode>.report.json) always covers every selected question.
+stopped (in judge mode it also re-judges, from the stored replies, every question whose judge call failed); the
+report (terminal table and <out>/<mode>.report.json) always covers every selected question.
 """
 import argparse
 import dataclasses
@@ -31,6 +37,7 @@ import math
 import random
 import re
 import unicodedata
+import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -48,9 +55,24 @@ PROTOCOLS = {
            "letter set with the gold letters",
     "direct": "multiple choice, direct: no generation; option letters scored from the next-token distribution "
               "after '答案：'; exact match of the letter set with the gold letters",
-    "judge": "the authors' protocol: question stem only, free answer, an LLM judge compares it with the gold "
-             "options' text",
+    "judge": "question stem only, free answer, an LLM judge compares it with the gold options' text",
 }
+JUDGE_PROTOCOLS = {
+    "authors": "the authors' scripts exactly: raw prompt, temperature 0.7 / top_p 0.9, 450 new tokens, the whole "
+               "reply judged with their prompt, one-token verdict 1 (right) / 2 (wrong)",
+    "rubric": "ours: chat template, greedy, the answer after </think> judged with a stricter rubric (JUDGE_PROMPT)",
+}
+# Student sampling per protocol: (max_new_tokens, temperature, top_p). cot's cap is the longest reply our Stage 1
+# data holds (distill lets the teacher write TeacherConfig.max_tokens = 8192; sft.py trains up to 8192 tokens), so
+# a trained student is never cut off mid-answer; a reply that still hits it is looping, and scores wrong. At batch 32
+# a 7B model's KV cache for (625 + 8192) tokens is ~16 GB in bf16.
+STUDENT_SAMPLING = {"cot": (T.TeacherConfig.max_tokens, 0.0, 1.0), "rubric": (T.TeacherConfig.max_tokens, 0.0, 1.0),
+                    "authors": (450, 0.7, 0.9)}
+# The judge's sampling: the authors' ForJudge.py asks vLLM for max_tokens 1, temperature 0.01, top_k 2 and
+# allowed_token_ids = the ids of "1" and "2" (16 and 17 in Qwen2.5's and QwQ's vocabulary); top_p is vLLM's 1.0.
+JUDGE_SAMPLING = {"authors": {"temperature": 0.01, "top_p": 1.0, "max_tokens": 1},
+                  "rubric": {"temperature": 0.5, "top_p": 0.9, "max_tokens": 8192}}
+AUTHORS_VERDICT_IDS = (16, 17)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts. cot uses the student prompt unchanged, so a trained student is evaluated exactly as it was trained.
@@ -59,13 +81,25 @@ DIRECT_INSTRUCTION = "请直接写出正确选项的字母（多选题按字母�
 DIRECT_ANSWER_START = "答案："  # written inside the assistant turn; the next token is the answer
 
 
-def prompt_text(row, mode) -> str:
+# The authors' prompts, character for character (ForTest.py, ForJudge.py). ForTest.py hands the student prompt to
+# vLLM's LLM.generate as a plain string: no chat template. ForJudge.py wraps its prompt in the judge's chat template
+# with the system message below, and sends the reply cut after "只解释这一个问题即可" if the model echoed the prompt.
+AUTHORS_STUDENT_PROMPT = ("你是一位医学专家，请先深呼吸，然后用中文一步一步地思考并回答这个问题，给出分点罗列的解释："
+                          "问题：{question}？只解释这一个问题即可")
+AUTHORS_JUDGE_SYSTEM = "You are a helpful assistant."
+AUTHORS_JUDGE_PROMPT = ("这是一位小模型对问题的回复内容，根据其内容判断其是否做到了正确回复。问题：{question}？"
+                        "答案是：{answer}，小模型回复：{response}。如果正确，则只直接回复1。如果错误，则只直接回复2")
+
+
+def prompt_text(row, mode, judge_protocol="authors") -> str:
     if mode == "cot":
         return T.chat(T.student_messages(row))
     if mode == "direct":
         return T.chat([{"role": "user", "content": f"{T.format_question(row)}\n\n{DIRECT_INSTRUCTION}"}]) \
             + DIRECT_ANSWER_START
-    return T.chat([{"role": "user", "content": row["question"]}])  # judge: the stem alone, as the authors do
+    if judge_protocol == "authors":
+        return AUTHORS_STUDENT_PROMPT.format(question=row["question"])
+    return T.chat([{"role": "user", "content": row["question"]}])  # rubric: the stem alone, as a user turn
 
 
 JUDGE_PROMPT = """\
@@ -85,11 +119,17 @@ JUDGE_PROMPT = """\
 请简要说明理由，最后一行只写“判定：正确”或“判定：错误”。"""
 
 
-def judge_messages(row, output):
-    """The judge sees the stem, the gold options' text (no letters: the model never saw the options) and the
-    model's final answer (the text after its last </think>, or all of it if it has none)."""
-    answer = output.rsplit("</think>", 1)[-1].strip() or output.strip()
+def judge_messages(row, output, protocol="authors"):
+    """The judge sees the stem, the gold options' text (no letters: the model never saw the options) and the reply:
+    all of it (authors) or the final answer after its last </think> (rubric)."""
     gold = "；".join(row["options"][letter] for letter in row["answer"])
+    if protocol == "authors":
+        response = output.strip()
+        if "只解释这一个问题即可" in response:
+            response = response.split("只解释这一个问题即可")[-1].strip()
+        return [{"role": "system", "content": AUTHORS_JUDGE_SYSTEM}, {"role": "user", "content": (
+            AUTHORS_JUDGE_PROMPT.format(question=row["question"], answer=gold, response=response))}]
+    answer = output.rsplit("</think>", 1)[-1].strip() or output.strip()
     return [{"role": "user", "content": JUDGE_PROMPT.format(question=row["question"], gold=gold, answer=answer)}]
 
 
@@ -98,6 +138,14 @@ def parse_verdict(text):
     text = unicodedata.normalize("NFKC", text).rsplit("</think>", 1)[-1]
     verdicts = re.findall(r"判定\W*(正确|错误)", text)
     return None if not verdicts else verdicts[-1] == "正确"
+
+
+def parse_token_verdict(text):
+    """The authors' one-token verdict, strictly: "1" right, "2" wrong, anything else None (a counted judge failure:
+    a server that ignored allowed_token_ids). A reasoning parser may file the token as thinking, which the client
+    returns inside <think> tags; they are not part of the verdict."""
+    token = re.sub(r"</?think>", "", text).strip()
+    return {"1": True, "2": False}.get(token)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,6 +212,9 @@ def record(row, mode, prompt, **fields):
 
 def predict_direct(model, tokenizer, batch, prompts, candidates):
     logits = next_token_logits(model, [prompts[row["id"]][1] for row in batch])  # left-padded, last position only
+    if not torch.isfinite(logits).all():
+        raise SystemExit(f"non-finite logits for the batch starting at question {batch[0]['id']}: refusing to score "
+                         f"(a broken checkpoint, or an overflow in {logits.dtype})")
     probs = logits.float().softmax(-1).cpu()
     records = []
     for row, p in zip(batch, probs):
@@ -179,37 +230,61 @@ def predict_direct(model, tokenizer, batch, prompts, candidates):
 def predict_generate(model, tokenizer, batch, prompts, args):
     """cot and judge: one batched generate call; decoded outputs keep special tokens except the final stop."""
     stop_ids = tuple(T.special_ids(tokenizer)[name] for name in ("im_end", "endoftext"))
+    # The seed comes from the batch's first question, so batches draw different noise and a resumed run the same.
+    seed = zlib.crc32(repr((args.seed, batch[0]["id"])).encode())
     outputs = generate(model, [prompts[row["id"]][1] for row in batch], args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids, seed=args.seed)
+                       temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids, seed=seed)
     records = []
     for row, new in zip(batch, outputs):
         finished = bool(new) and new[-1] in stop_ids
         text = tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=False)
         rec = record(row, args.mode, prompts[row["id"]][0], output=text, new_tokens=len(new), finished=finished)
+        if args.mode == "judge":
+            rec["judge_protocol"] = args.judge_protocol
         if args.mode == "cot":
             rec["extracted"] = T.extract_answer(text)
-            rec["correct"] = rec["extracted"] == row["answer"]
+            rec["correct"] = rec["extracted"] == row["answer"] and finished  # as credited() scores it
         records.append(rec)
     return records
 
 
-def judge_one(cfg, row, rec):
-    """Fills in the judge's verdict; a judge failure becomes a counted skip, never an exception."""
+def judge_one(judge, row, rec):
+    """Fills in the judge's verdict; a judge failure becomes a counted skip, never an exception. `judge` is
+    (TeacherConfig, protocol, extra request fields)."""
+    cfg, protocol, extra = judge
     try:
-        reply = T.chat_completion(cfg, judge_messages(row, rec["output"]))
+        reply = T.chat_completion(cfg, judge_messages(row, rec["output"], protocol), extra=extra)
     except T.TeacherError as e:
-        return {**rec, "skipped": f"judge_{e.kind}"}
-    verdict = parse_verdict(reply)
+        return {**rec, "correct": None, "skipped": f"judge_{e.kind}"}
+    verdict = (parse_token_verdict if protocol == "authors" else parse_verdict)(reply)
     return {**rec, "judge_output": reply, "correct": verdict, "skipped": None if verdict is not None
             else "judge_unparseable"}
 
 
-def run(model, tokenizer, rows, args, path, judge_cfg=None):
+def judge_failed(rec):
+    return str(rec.get("skipped") or "").startswith("judge_")
+
+
+def rejudge(judge, rows_by_id, path):
+    """Judge again, from the stored replies, every record of `path` whose judge call failed (nothing is generated
+    again), then replace the file atomically. Returns how many were re-judged."""
+    records = read_predictions(path)
+    failed = [i for i, rec in enumerate(records) if judge_failed(rec) and rec["id"] in rows_by_id]
+    with ThreadPoolExecutor(judge[0].concurrency) as pool:
+        for i, rec in zip(failed, pool.map(lambda i: judge_one(judge, rows_by_id[records[i]["id"]], records[i]),
+                                           failed)):
+            records[i] = rec
+    if failed:
+        T.write_jsonl(path, records)
+    return len(failed)
+
+
+def run(model, tokenizer, rows, args, path, judge=None):
     """Predict every row not yet in `path`, longest prompt first (a memory problem shows in the first batch)."""
     done = {rec["id"]: rec for rec in read_predictions(path)}
     prompts = {}
     for row in rows:
-        text = prompt_text(row, args.mode)
+        text = prompt_text(row, args.mode, args.judge_protocol)
         prompts[row["id"]] = (text, tokenizer.encode(text, add_special_tokens=False).ids)
     changed = [i for i, rec in done.items() if i in prompts and rec["prompt_hash"] != prompt_hash(prompts[i][0])]
     if changed:
@@ -219,7 +294,7 @@ def run(model, tokenizer, rows, args, path, judge_cfg=None):
     context = model.config.max_position_embeddings
     budget = 0 if args.mode == "direct" else args.max_new_tokens
     candidates = answer_token_ids(tokenizer) if args.mode == "direct" else None
-    pool = ThreadPoolExecutor(judge_cfg.concurrency) if judge_cfg else None
+    pool = ThreadPoolExecutor(judge[0].concurrency) if judge else None
     judging = []
     bar = tqdm(total=len(pending), desc=args.mode, unit="question", dynamic_ncols=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -244,7 +319,7 @@ def run(model, tokenizer, rows, args, path, judge_cfg=None):
                     write(records)
                     continue
                 # The judge works in threads while the GPU generates the next batch.
-                judging += [pool.submit(judge_one, judge_cfg, row, rec) for row, rec in zip(batch, records)]
+                judging += [pool.submit(judge_one, judge, row, rec) for row, rec in zip(batch, records)]
                 finished = {fut for fut in judging if fut.done()}  # one snapshot: none dropped or written twice
                 judging = [fut for fut in judging if fut not in finished]
                 write([fut.result() for fut in finished])
@@ -276,23 +351,60 @@ def _stats(outcomes):
     return {"n": n, "correct": k, "accuracy": k / n if n else None, "ci95": wilson(k, n)}
 
 
-def score(predictions, rows) -> dict:
+# Which questions cannot be answered fairly without their options (the judge protocols hide them): stems that point
+# at the options (822 of the val split's 6,810) and gold options whose text means nothing alone (88 there).
+OPTION_STEM = re.compile(r"下列|以下|哪项|哪一项|哪个|选项")
+OPTION_GOLD = re.compile(r"^(?:以上|上述)|^[A-E](?:[+、和与及][A-E])+|^(?:都|均|全|皆)(?:是|对|不是|不对|正确|错误|可以|有|无)$")
+
+
+def needs_options(row):
+    stem = bool(OPTION_STEM.search(row["question"]))
+    gold = any(OPTION_GOLD.search(row["options"][letter]) for letter in row["answer"])
+    return stem, gold
+
+
+def credited(rec, gold=None):
+    """Whether a scored (not skipped) record counts as right. Multiple choice: the letter SET equals the gold set
+    ("CA" == "AC" != "A") and the reply was finished (a cot reply cut off at --max-new-tokens scores wrong).
+    Judge: the verdict on whatever was written (the authors' 450-token cap is part of their protocol); the report's
+    finished-only accuracy shows what truncation did."""
+    if rec["mode"] == "judge":
+        return bool(rec["correct"])
+    return "".join(sorted(set(rec["extracted"]))) == (gold or rec["gold"]) and rec.get("finished") is not False
+
+
+def protocol_of(predictions):
+    """"cot", "direct", "judge/authors" or "judge/rubric"; an error if the records mix protocols."""
+    names = {rec["mode"] + ("/" + rec.get("judge_protocol", "rubric") if rec["mode"] == "judge" else "")
+             for rec in predictions}
+    if len(names) > 1:
+        raise ValueError(f"predictions mix protocols {sorted(names)}")
+    return names.pop() if names else None
+
+
+def score(predictions, rows, dropped=()) -> dict:
     """Accuracy overall, by single/multiple answer and by each annotation column present, over the `rows` that
-    have a scored prediction. Multiple-choice records are re-scored here as letter SETS ("CA" == "AC" != "A");
-    judge records carry the judge's verdict. Skipped records (prompt too long, judge failure) are counted by reason
-    and left out of the accuracies; rows with no prediction at all are counted as missing."""
+    have a scored prediction (`credited` says which are right); records skipped (prompt too long, judge failure)
+    are counted by reason and left out, rows with no prediction counted as missing. Also: the accuracy with every
+    skipped, missing or truncated question counted wrong (strict) and on finished replies only, the rows `dropped`
+    at load ([(where, reason)]), predicted vs gold letter counts, direct mode's mean answer mass, and the questions
+    that need their options. Refuses (ValueError) duplicates, mixed protocols and non-finite direct-mode scores."""
     by_id = {}
     for rec in predictions:
         if rec["id"] in by_id:
             raise ValueError(f"duplicate predictions for id {rec['id']}")
         by_id[rec["id"]] = rec
-    modes = {rec["mode"] for rec in predictions}
-    if len(modes) > 1:
-        raise ValueError(f"predictions mix protocols {sorted(modes)}")
-    mode = modes.pop() if modes else None
+    protocol = protocol_of(predictions)
+    mode = protocol and protocol.split("/")[0]
+    nonfinite = [rec["id"] for rec in predictions
+                 if not all(math.isfinite(v) for v in [rec.get("answer_mass", 0), *rec.get("probs", {}).values()])]
+    if nonfinite:
+        raise ValueError(f"non-finite scores in {len(nonfinite)} predictions (e.g. id {nonfinite[0]}): the model "
+                         "produced NaN/inf logits; refusing to score")
     columns = [c for c in ANNOTATION_COLUMNS if any(c in row for row in rows)]
-    overall, kinds, groups = [], defaultdict(list), {c: defaultdict(list) for c in columns}
-    skipped, missing, no_answer, truncated = Counter(), 0, 0, 0
+    overall, finished_only, kinds, groups = [], [], defaultdict(list), {c: defaultdict(list) for c in columns}
+    skipped, missing, no_answer, truncated, masses = Counter(), 0, 0, 0, []
+    letters, options, need_stem, need_gold = {x: Counter() for x in T.LETTERS}, defaultdict(list), 0, 0
     for row in rows:
         rec = by_id.get(row["id"])
         if rec is None:
@@ -301,26 +413,41 @@ def score(predictions, rows) -> dict:
         if rec.get("skipped"):
             skipped[rec["skipped"]] += 1
             continue
-        if mode == "judge":
-            correct = bool(rec["correct"])
-        else:
-            correct = "".join(sorted(set(rec["extracted"]))) == row["answer"]
+        correct = credited(rec, row["answer"])
+        if mode != "judge":
             no_answer += not rec["extracted"]
+            for x in row["answer"]:
+                letters[x]["gold"] += 1
+            for x in set(rec["extracted"]):
+                letters[x]["predicted"] += 1
+        masses += [rec["answer_mass"]] if "answer_mass" in rec else []
         truncated += rec.get("finished") is False
+        if rec.get("finished") is not False:
+            finished_only.append(correct)
         overall.append(correct)
         kinds["multiple" if len(row["answer"]) > 1 else "single"].append(correct)
         for c in columns:
             value = str(row.get(c) or "").strip()
             groups[c][value if value.lower() not in ("", "nan") else "(missing)"].append(correct)
+        stem, gold = needs_options(row)
+        need_stem, need_gold = need_stem + stem, need_gold + gold
+        options["needs" if stem or gold else "rest"].append(correct)
     scored = len(overall)
     return {
-        "protocol": mode, "protocol_description": PROTOCOLS.get(mode), "questions": len(rows), "scored": scored,
-        "missing": missing, "skipped": dict(skipped), "overall": _stats(overall),
+        "protocol": protocol, "protocol_description": PROTOCOLS.get(mode) if mode != "judge" else
+        f"{PROTOCOLS['judge']}; {JUDGE_PROTOCOLS[protocol.split('/')[1]]}", "questions": len(rows),
+        "scored": scored, "missing": missing, "skipped": dict(skipped), "overall": _stats(overall),
+        "strict": _stats(overall + [False] * (len(rows) - scored)), "finished_only": _stats(finished_only),
         "answer_type": {kind: _stats(kinds[kind]) for kind in ("single", "multiple")},
         "columns": {c: {v: _stats(o) for v, o in sorted(groups[c].items(), key=lambda kv: (-len(kv[1]), kv[0]))}
                     for c in columns},
         "no_answer": None if mode == "judge" else {"n": no_answer, "share": no_answer / scored if scored else None},
         "truncated": {"n": truncated, "share": truncated / scored if scored else None},
+        "dropped_at_load": {"n": len(dropped), "reasons": dict(Counter(reason for _, reason in dropped))},
+        "letters": None if mode == "judge" else {x: dict(letters[x]) for x in T.LETTERS},
+        "answer_mass_mean": sum(masses) / len(masses) if masses else None,
+        "needs_options": {"stem": need_stem, "gold_text": need_gold, "needs": _stats(options["needs"]),
+                          "rest": _stats(options["rest"])},
     }
 
 
@@ -329,6 +456,10 @@ def _cell(text, width):
     text = str(text)
     shown = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
     return text + " " * max(0, width - shown)
+
+
+def _pct(s):
+    return "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% of {s['n']}"
 
 
 def format_report(report) -> str:
@@ -349,57 +480,227 @@ def format_report(report) -> str:
     notes.append(f"hit --max-new-tokens: {report['truncated']['n']}")
     notes += [f"skipped {reason}: {n}" for reason, n in report["skipped"].items()]
     notes += [f"MISSING (no prediction): {report['missing']}"] if report["missing"] else []
-    return "\n".join(out + ["; ".join(notes)])
+    notes += [f"rows dropped at load: {report['dropped_at_load']['n']}"]
+    out.append("; ".join(notes))
+    out.append(f"strict (skipped, missing and truncated counted wrong): {_pct(report['strict'])}; "
+               f"finished replies only: {_pct(report['finished_only'])}")
+    if report["letters"]:
+        out.append("letters predicted / gold: " + ", ".join(
+            f"{x} {c.get('predicted', 0)}/{c.get('gold', 0)}" for x, c in report["letters"].items()))
+    if report["answer_mass_mean"] is not None:
+        out.append(f"mean probability on the answer tokens: {report['answer_mass_mean']:.3f}")
+    need = report["needs_options"]
+    out.append(f"questions that need their options (stem {need['stem']}, gold text {need['gold_text']}): "
+               f"{_pct(need['needs'])}; the rest: {_pct(need['rest'])}")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paired comparison of two runs on the same questions, and the judge's calibration against exact match.
+
+
+def paired_ci(a, b, c, d, z=1.959963984540054):
+    """95% interval for p1 - p2 = (b - c) / n from a paired 2x2 table (a both right, b only the first, c only the
+    second, d neither): Newcombe, Statistics in Medicine 17:2635 (1998), method 10, the Wilson intervals of p1 and
+    p2 combined with their correlation phi (continuity-corrected, and 0 where a margin is empty)."""
+    n = a + b + c + d
+    if n == 0:
+        return None
+    p1, p2 = (a + b) / n, (a + c) / n
+    (l1, u1), (l2, u2) = wilson(a + b, n, z), wilson(a + c, n, z)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    ad_bc = a * d - b * c
+    corrected = ad_bc - n / 2 if ad_bc > n / 2 else (0 if ad_bc >= 0 else ad_bc)
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    lower = p1 - p2 - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = p1 - p2 + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    return [max(-1.0, lower), min(1.0, upper)]
+
+
+def mcnemar_exact(b, c):
+    """Exact two-sided McNemar p-value: the binomial test of b successes in b + c trials at 1/2, in integers."""
+    tail = sum(math.comb(b + c, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2 ** (b + c))  # int / int: exact until the float it is returned as
+
+
+def compare_predictions(preds_a, preds_b) -> dict:
+    """Paired comparison of two prediction lists (records of eval_cmexam's predictions files) of one protocol.
+
+    Returns a dict: protocol; n, the questions scored in both (in both lists, skipped in neither, same gold); their
+    split both_right + only_a + only_b + neither = n; accuracy_a, accuracy_b on those n; difference = accuracy_a -
+    accuracy_b; ci95, its paired 95% interval (paired_ci, Newcombe's method 10); mcnemar_p, the exact McNemar
+    p-value (two-sided binomial on only_a vs only_b); only_in_a / only_in_b, questions in one list alone; skipped_a
+    / skipped_b, questions in both that one run skipped (left out of n)."""
+    protocols = protocol_of(preds_a), protocol_of(preds_b)
+    if protocols[0] != protocols[1]:
+        raise ValueError(f"cannot pair runs of different protocols: {protocols[0]} vs {protocols[1]}")
+    a, b = ({rec["id"]: rec for rec in preds} for preds in (preds_a, preds_b))
+    both = [i for i in a if i in b]
+    differ = [i for i in both if a[i]["gold"] != b[i]["gold"]]
+    if differ:
+        raise ValueError(f"{len(differ)} questions (e.g. id {differ[0]}) have other gold answers: not the same data")
+    paired = [i for i in both if not a[i].get("skipped") and not b[i].get("skipped")]
+    table = Counter((credited(a[i]), credited(b[i])) for i in paired)
+    cells = table[True, True], table[True, False], table[False, True], table[False, False]
+    n = len(paired)
+    return {"protocol": protocols[0], "n": n, "both_right": cells[0], "only_a": cells[1], "only_b": cells[2],
+            "neither": cells[3], "accuracy_a": (cells[0] + cells[1]) / n if n else None,
+            "accuracy_b": (cells[0] + cells[2]) / n if n else None,
+            "difference": (cells[1] - cells[2]) / n if n else None, "ci95": paired_ci(*cells),
+            "mcnemar_p": mcnemar_exact(cells[1], cells[2]), "only_in_a": len(a) - len(both),
+            "only_in_b": len(b) - len(both), "skipped_a": sum(bool(a[i].get("skipped")) for i in both),
+            "skipped_b": sum(bool(b[i].get("skipped")) for i in both)}
+
+
+def format_comparison(c, name_a="A", name_b="B") -> str:
+    diff = "-" if c["difference"] is None else f"{100 * c['difference']:+.1f} points"
+    ci = "" if c["ci95"] is None else f", 95% CI [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] (paired)"
+    acc = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    return "\n".join([
+        f"paired comparison, protocol {c['protocol']}: A = {name_a}, B = {name_b}",
+        f"{c['n']} questions scored in both    B right  B wrong",
+        f"  A right                      {c['both_right']:>7}  {c['only_a']:>7}",
+        f"  A wrong                      {c['only_b']:>7}  {c['neither']:>7}",
+        f"accuracy A {acc(c['accuracy_a'])}, B {acc(c['accuracy_b'])}; A - B {diff}{ci}; "
+        f"exact McNemar p = {c['mcnemar_p']:.4g} ({c['only_a'] + c['only_b']} questions flipped)",
+        f"left out: only in A {c['only_in_a']}, only in B {c['only_in_b']}, skipped in A {c['skipped_a']}, "
+        f"skipped in B {c['skipped_b']}"])
+
+
+def predictions_file(path):
+    """A predictions file, or a run folder holding exactly one *.predictions.jsonl."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.predictions.jsonl"))
+        if len(found) != 1:
+            raise SystemExit(f"{path}: expected one *.predictions.jsonl, found {[f.name for f in found]}; "
+                             "name the file")
+        path = found[0]
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such predictions file")
+    return path
+
+
+def calibrate(judge, rows, cot_path, out_path) -> dict:
+    """Judge the cot replies of `cot_path` whose exact-match verdict is known (scored, finished) with this judge
+    protocol, and count how often the judge agrees with exact match (and Cohen's kappa). Resumable like a run:
+    out_path gets one record per question, and failed judge calls are judged again on the next run."""
+    rows_by_id = {row["id"]: row for row in rows}
+    known = [rec for rec in read_predictions(predictions_file(cot_path)) if rec["id"] in rows_by_id
+             and rec["mode"] == "cot" and not rec.get("skipped") and rec.get("finished") is not False]
+    rejudge(judge, rows_by_id, out_path)
+    done = {rec["id"] for rec in read_predictions(out_path)}
+    todo = [{**rec, "mode": "judge", "judge_protocol": judge[1], "exact_match": credited(rec)}
+            for rec in known if rec["id"] not in done]
+    with open(out_path, "a", encoding="utf-8") as f, ThreadPoolExecutor(judge[0].concurrency) as pool:
+        for rec in pool.map(lambda rec: judge_one(judge, rows_by_id[rec["id"]], rec), todo):
+            T.append_jsonl(f, rec)
+    judged = [rec for rec in read_predictions(out_path) if not rec.get("skipped")]
+    cells = Counter((bool(rec["correct"]), rec["exact_match"]) for rec in judged)
+    n = len(judged)
+    agree = cells[True, True] + cells[False, False]
+    chance = ((cells[True, True] + cells[True, False]) * (cells[True, True] + cells[False, True]) +
+              (cells[False, True] + cells[False, False]) * (cells[True, False] + cells[False, False])) / n ** 2 \
+        if n else None
+    return {"protocol": f"judge/{judge[1]}", "cot_predictions": str(cot_path), "judged": n,
+            "judge_failures": len(known) - n, "agreement": agree / n if n else None,
+            "kappa": (agree / n - chance) / (1 - chance) if n and chance < 1 else None,
+            "judge_right_exact_right": cells[True, True], "judge_right_exact_wrong": cells[True, False],
+            "judge_wrong_exact_right": cells[False, True], "judge_wrong_exact_wrong": cells[False, False]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def select_rows(path, limit=None, sample=None, seed=0):
-    rows = T.load_cmexam(path)
+def select_rows(path, limit=None, sample=None, seed=0, return_dropped=False):
+    rows, dropped = T.load_cmexam(path, return_skipped=True)
     if len({row["id"] for row in rows}) != len(rows):
         raise SystemExit(f"{path}: question ids are not unique, so predictions could not be matched or resumed")
     if sample is not None:
         picked = set(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
         rows = [row for i, row in enumerate(rows) if i in picked]
-    return rows[:limit]
+    return (rows[:limit], dropped) if return_dropped else rows[:limit]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hugging Face Qwen2 checkpoint folder")
+    parser.add_argument("--model", help="Hugging Face Qwen2 checkpoint folder")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
-    parser.add_argument("--data", required=True, help="CMExam .csv/.json/.jsonl (official test_with_annotations.csv)")
-    parser.add_argument("--out", required=True, help="folder for <mode>.predictions.jsonl, .report.json, .run.json")
+    parser.add_argument("--data", help="CMExam .csv/.json/.jsonl (official test_with_annotations.csv)")
+    parser.add_argument("--out", help="folder for <mode>.predictions.jsonl, .report.json, .run.json")
     parser.add_argument("--mode", choices=PROTOCOLS, default="cot")
+    parser.add_argument("--judge-protocol", choices=JUDGE_PROTOCOLS, default="authors",
+                        help="judge mode: the authors' scripts exactly (the only judged numbers published), or our "
+                             "stricter rubric variant")
+    parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                        help="paired comparison of two prediction files (or run folders) of one protocol; "
+                             "writes <out>/compare.json if --out is given")
+    parser.add_argument("--judge-calibrate", metavar="COT_PREDICTIONS",
+                        help="judge mode without a model: judge these cot replies and report agreement with exact "
+                             "match")
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--limit", type=int, help="only the first N questions of the file")
-    pick.add_argument("--sample", type=int, help="a random N questions (seeded by --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="for --sample and for sampling at --temperature > 0")
+    pick.add_argument("--sample", type=int, help="a random N questions (seeded by --sample-seed)")
+    parser.add_argument("--sample-seed", type=int, default=0, help="for --sample")
+    parser.add_argument("--seed", type=int, default=0, help="for sampling at --temperature > 0")
     parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call / forward pass")
-    parser.add_argument("--max-new-tokens", type=int, default=2048, help="long chains of thought need ~2k")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, help="default: 8192 (cot, rubric: the longest reply of the "
+                        "Stage 1 data; see STUDENT_SAMPLING), 450 (authors)")
+    parser.add_argument("--temperature", type=float, help="default: 0 = greedy (cot, rubric), 0.7 (authors)")
+    parser.add_argument("--top-p", type=float, help="default: 1.0 (cot, rubric), 0.9 (authors)")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for field in dataclasses.fields(T.TeacherConfig):  # the judge endpoint, judge mode only
-        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
-                            help=f"judge mode: TeacherConfig.{field.name}")
+        per_protocol = field.name in JUDGE_SAMPLING["authors"]  # default: JUDGE_SAMPLING[--judge-protocol]
+        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=type(field.default),
+                            default=None if per_protocol else field.default,
+                            help=f"judge mode: TeacherConfig.{field.name}" + (" (default: per --judge-protocol)"
+                                                                              if per_protocol else ""))
+    parser.add_argument("--judge-allowed-token-ids", default=",".join(map(str, AUTHORS_VERDICT_IDS)),
+                        help="authors: the judge tokenizer's ids of '1' and '2', sent as vLLM's allowed_token_ids "
+                             "with top_k 2 as ForJudge.py does; 'none' for a server that rejects those fields")
     args = parser.parse_args(argv)
 
-    rows = select_rows(args.data, args.limit, args.sample, args.seed)
+    if args.compare:
+        files = [predictions_file(p) for p in args.compare]
+        result = {**compare_predictions(*(read_predictions(f) for f in files)), "a": str(files[0]), "b": str(files[1])}
+        print(format_comparison(result, *files))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+        return result
+    if not args.data or not args.out or not (args.model or args.judge_calibrate):
+        parser.error("--data, --out and --model are required (--model not with --judge-calibrate)")
+    student = STUDENT_SAMPLING[args.judge_protocol if args.mode == "judge" else "cot"]
+    for name, value in zip(("max_new_tokens", "temperature", "top_p"), student):
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    rows, dropped = select_rows(args.data, args.limit, args.sample, args.sample_seed, return_dropped=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    judge_cfg = T.TeacherConfig(**{f.name: getattr(args, "judge_" + f.name)
+    judge_cfg = T.TeacherConfig(**{f.name: getattr(args, "judge_" + f.name) if getattr(args, "judge_" + f.name)
+                                   is not None else JUDGE_SAMPLING[args.judge_protocol][f.name]
                                    for f in dataclasses.fields(T.TeacherConfig)})
+    extra = {}
+    if args.judge_protocol == "authors" and args.judge_allowed_token_ids.lower() != "none":
+        extra = {"top_k": 2, "allowed_token_ids": [int(i) for i in args.judge_allowed_token_ids.split(",")]}
+    judge = (judge_cfg, args.judge_protocol, extra)
+    if args.judge_calibrate:
+        path = out / f"judge-{args.judge_protocol}.calibration.jsonl"
+        result = calibrate(judge, rows, args.judge_calibrate, path)
+        path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+        return result
     # Settings that change a prediction: a resumed run must use the same ones, or its file would mix two runs.
     settings = {"mode": args.mode, "model": str(Path(args.model).resolve()), "dtype": args.dtype}
     if args.mode != "direct":
         settings.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed if args.temperature > 0 else None)
     if args.mode == "judge":
-        settings.update(judge_model=judge_cfg.model, judge_temperature=judge_cfg.temperature)
+        settings.update(judge_protocol=args.judge_protocol, judge_model=judge_cfg.model,
+                        judge_temperature=judge_cfg.temperature, judge_top_p=judge_cfg.top_p,
+                        judge_max_tokens=judge_cfg.max_tokens, judge_extra=extra)
     run_file = out / f"{args.mode}.run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != settings:
         raise SystemExit(f"{run_file} holds other settings: {run_file.read_text()}; use another --out to compare")
@@ -409,10 +710,18 @@ def main(argv=None):
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise SystemExit(f"{args.model}: non-finite weights in {len(broken)} tensors (e.g. {broken[0]}): refusing to "
+                         "score a broken checkpoint")
     path = out / f"{args.mode}.predictions.jsonl"
-    run(model, tokenizer, rows, args, path, judge_cfg if args.mode == "judge" else None)
+    if args.mode == "judge":
+        n = rejudge(judge, {row["id"]: row for row in rows}, path)
+        if n:
+            print(f"re-judged {n} stored replies whose judge call had failed")
+    run(model, tokenizer, rows, args, path, judge if args.mode == "judge" else None)
 
-    report = {**score(read_predictions(path), rows), "settings": {**settings, "data": args.data}}
+    report = {**score(read_predictions(path), rows, dropped), "settings": {**settings, "data": args.data}}
     (out / f"{args.mode}.report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     print(format_report(report))
     return report

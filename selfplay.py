@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from tqdm import tqdm
 from model import generate, load, load_tokenizer
 from sft import latest_checkpoints
 from templates import (append_jsonl, chat, critique_messages, done_ids, extract_answer, extract_correction,
-                       is_well_formed, load_cmexam, special_ids, student_messages)
+                       is_well_formed, load_cmexam, prompt_reference, special_ids, student_messages, write_jsonl)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config. Defaults are for Qwen2.5-7B: at its ~70% accuracy on CMExam, 1 - 0.7^4 = 76% of questions have at least
@@ -173,11 +172,11 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
         for c, (text, finished, tokens) in enumerate(corrections):
             solution = extract_correction(text)
             predicted, well_formed = extract_answer(solution), is_well_formed(solution)
-            right = predicted == rows[i]["answer"]
+            right, reference = predicted == rows[i]["answer"], prompt_reference(solution, cfg.hint)
             sample["corrections"].append({"predicted": predicted, "right": right, "marked": bool(solution),
                                           "well_formed": well_formed, "finished": finished, "tokens": tokens,
-                                          "text": text})
-            if "correction" in sources and right and well_formed and finished:
+                                          "refers_to_prompt": reference, "text": text})
+            if "correction" in sources and right and well_formed and finished and not reference:
                 pairs[i].append(make_pair(rows[i], solution, text_of(i, s), round=round_, sample=s,
                                           source="correction", correction=c, hint=cfg.hint,
                                           answer=rows[i]["answer"], rejected_answer=sample["predicted"]))
@@ -213,13 +212,6 @@ def read_committed(pairs_path, samples_path):
     if len(committed) < len(pairs):
         write_jsonl(pairs_path, committed)
     return records, committed
-
-
-def write_jsonl(path, items):
-    """Replace a JSONL file atomically: a kill leaves the old file or the new one, never half of either."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), "utf-8")
-    os.replace(tmp, path)
 
 
 def check_config(out_dir, cfg):
@@ -300,7 +292,8 @@ def tally(records) -> Counter:
             for c in corrections:
                 n.update(corrections_right=c["right"], corrections_unmarked=not c["marked"],
                          corrections_truncated=not c["finished"], correction_tokens=c["tokens"],
-                         corrections_malformed=c["marked"] and not c["well_formed"])
+                         corrections_malformed=c["marked"] and not c["well_formed"],
+                         corrections_right_dropped_prompt_reference=c["right"] and bool(c.get("refers_to_prompt")))
     return n
 
 
@@ -319,6 +312,7 @@ def summarize(records, pairs) -> dict:
             "wrong_samples_corrected": n["wrong_samples_corrected"],
             "corrections_unmarked": n["corrections_unmarked"], "corrections_malformed": n["corrections_malformed"],
             "corrections_truncated": n["corrections_truncated"],
+            "corrections_right_dropped_prompt_reference": n["corrections_right_dropped_prompt_reference"],
             "pairs": len(pairs), "pairs_by_source": dict(sorted(Counter(p["source"] for p in pairs).items())),
             "duplicate_pairs_dropped": n["duplicate_pairs"],
             "generated_tokens": n["sample_tokens"] + n["correction_tokens"],

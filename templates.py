@@ -203,37 +203,78 @@ def load_cmexam(path, return_skipped=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Answer extraction: the letters of the LAST explicit answer statement. The <think> block gets no special
-# treatment: a final answer after </think> is later, so it wins; without one, the reasoning's last conclusion is
-# the best reading there is. Matching runs on NFKC text, so full-width letters, colons and brackets become ASCII.
+# Answer extraction: the final answer as a careful grader reads it. Matching runs on NFKC text, so full-width
+# letters, colons and brackets become ASCII. Candidates are explicit answer statements ("strong": 答案：X, 【答案】X,
+# 答：X, Answer: X, JSON "answer", \boxed{X}, 正确选项为X, 答案不是A而是B) and choices ("weak": 故选X, 应选X),
+# which explanations also use for other things ("易误选A", "首选B超"). The last candidate wins, except that after
+# the last answer LINE (a strong statement that starts its line) only strong statements count: the explanation a
+# model writes after "答案：B" does not override it, a restated answer does. Not candidates: a hedge ("A或B", "A还是B"
+# yields no answer), a conditional ("如果……则应选D"), the format example echoed ("如“答案：AC”"), a negated choice
+# ("不选A", "误选A"), a letter that begins a word (B超, A型, C反应蛋白). The <think> block gets no special
+# treatment: a final answer after </think> is later, so it wins; without one, the reasoning's last conclusion is the
+# best reading there is. A letter where the model gave none is worse than a miss, so every rule errs towards "".
 
-_PREFIX = "|".join([
-    r"答案\**\s*(?:应该?是|应该?为|应选|就是|是|为|选)?\s*(?:选项)?",  # 答案：/答案是/正确答案为/最终答案应为
+_STRONG = "|".join([
+    r"(?<!原)(?<!错误)(?<!错误的)(?<!误选)(?<!误选择)答案\**\s*[】\]」』]?\s*(?:应该?是|应该?为|应选|就是|是|为|选)?\s*(?:选项)?",
+    r"答案\s*并?不是[^。\n]{0,20}?而(?:应该?)?(?:是|为|选)",  # 答案不是A，而是B
     r"正确(?:选项|的选项|的是)\s*(?:应该?是|应该?为|是|为)?",
-    r"(?<!不)(?<!未)选择?(?!项)",  # 故选 / 本题选 / 应选, but not 选项A, 不选A
-    r"(?i:answer)\**\s*(?:(?i:is)\b)?",  # Answer: / the answer is
+    r"(?<![\u4e00-\u9fff])答\s*(?=:)",  # 答：C, but not 回答/解答
+    r"(?i:(?:correct|right|best)\s+(?:option|choice)s?)\s*(?:(?i:is|are)\b)?",  # The correct option is B
+    r"(?i:answer)[\"']?\s*(?:(?i:is)\b)?\s*(?:(?i:option|choice)\b)?",  # Answer: / the answer is / "answer": "C"
     r"<answer>",
-    r"\\boxed\{",
+    r"\\boxed\{(?:\\(?:text|textbf|mathrm|mathbf)\{)?",
 ])
+_WEAK = r"(?<!不)(?<!未)(?<!误)(?<!错)(?<!勿)(?<!不能)(?<!不应)(?<!不可)(?<!不宜)(?<!不该)(?<!不应该)选择?(?!项)"
+_LETTER = r"[A-Ea-e](?:项|选项)?"
 _ANSWER = re.compile(
-    rf"(?:{_PREFIX})\**\s*:?\s*[(\[【\"“'*]*\s*"
-    r"(?P<letters>[A-Ea-e]项?(?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]项?"  # AC, A、C, A项和C项, A and C
-    r"|\s*,\s*[A-Ea-e](?!\s*(?:选?项|[是为错对正不均都也可的])))*)"  # "A,C" yet not "C,D项错误"
-    r"(?![A-Za-z])(?!\s*[吗?])")  # not the start of an English word; not a question
+    rf"(?:(?P<strong>{_STRONG})|(?P<weak>{_WEAK}))\**\s*:?\s*[(\[【\"“'*「『]*\s*"
+    rf"(?P<letters>{_LETTER}(?:(?:\s*[、和及与/&]\s*|\s+and\s+|\s*)[A-Ea-e]项?"  # AC, A、C, A项和C项, A and C
+    r"|\s*[,;]\s*[A-Ea-e](?!\s*(?:选?项|[是为错对正不均都也可的])))*)"  # "A,C", "A;C" yet not "C,D项错误"
+    r"(?P<hedge>\s*[,(]?\s*(?:或者?|还是|抑或|(?i:or)\b)\s*[(\[\"“'「]?\s*[A-Ea-e]+(?![A-Za-z]))?"  # A或B: no answer
+    r"(?![A-Za-z])(?!\s*[吗?])(?!-?(?:超|型|族|细胞|群|肽|反应蛋白|二聚体|受体))"  # not a word, not a question
+    r"(?![错对])(?!\s*(?:不是|错误|不对|不正确))")  # not an option's mark ("首选(C错)"), not "答案A不是……"
+_LINE_START = re.compile(r"[\s*#>\-•·$【\[(]*(?:(?:最终|最后|正确|参考|标准)的?|(?i:final|the|my|correct)\s+)*")
+_CONDITION = re.compile(r"(?:如果|假如|倘若|假设|要是|否则|(?<!如)若(?!干)|(?i:\bif\b))"  # unless a conclusion follows
+                        r"(?!.*(?:故|因此|所以|综上|总之|(?i:\bso\b|therefore)))")
+_ECHO = re.compile(r"(?:如|例如|比如|格式为?|格式是|写成|写作|形如)\s*[“\"「『'‘(]?\s*$")
 
 
 def extract_answer(text) -> str:
-    """Sorted unique letters of the last explicit answer statement in a model output, "" if there is none."""
+    """Sorted unique letters of the final answer in a model output, "" if there is none (rules above)."""
     text = unicodedata.normalize("NFKC", text or "")
-    answer = ""
+    candidates = []  # (answer, strong, starts its line)
     for m in _ANSWER.finditer(text):
         letters = re.sub(r"\s+and\s+", "、", m["letters"])
         if not letters.isupper():  # lower case only as separate letters, never a word ("is bad", "is a good")
             words = any(len(run) > 1 for run in re.findall(r"[A-Ea-e]+", letters))
             if words or re.match(r"\s+[A-Za-z]", text[m.end():]):
                 continue
-        answer = "".join(sorted(set(re.sub(r"[^A-E]", "", letters.upper()))))
-    return answer
+        if re.fullmatch(r"答案", m["strong"] or "") and re.match(r"[\u4e00-\u9fff]", text[m.end():]):
+            continue  # "答案E固定连接体……": a bare 答案 and a letter running into prose names an option, not the answer
+        line = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+        sentence = re.split(r"[。!?;\n]", text[:m.start()])[-1]
+        if _ECHO.search(line) or _CONDITION.search(sentence):
+            continue
+        answer = "" if m["hedge"] else "".join(sorted(set(re.sub(r"[^A-E]", "", letters.upper()))))
+        strong = m["strong"] is not None
+        candidates.append((answer, strong, strong and _LINE_START.fullmatch(line) is not None))
+    lines = [i for i, (_, _, at_line_start) in enumerate(candidates) if at_line_start]
+    if lines:
+        candidates = candidates[:lines[-1] + 1] + [c for c in candidates[lines[-1] + 1:] if c[1]]
+    return candidates[-1][0] if candidates else ""
+
+
+def merge_think(text) -> str:
+    """One <think> block from a reply with several. A reasoning teacher (QwQ) opens <think> itself, so the prompt's
+    own instruction to reason inside <think>...</think> can leave two openings (nested) or two blocks in a row, and a
+    server's reasoning field put back into tags adds another. Everything before the last </think> is the reasoning:
+    the tags inside it are dropped. A reply with at most one opening and one closing is returned unchanged."""
+    if text.count("<think>") <= 1 and text.count("</think>") <= 1:
+        return text
+    head, closing, tail = text.rpartition("</think>")
+    if not closing:  # several openings and no closing: cut off inside the reasoning, left malformed
+        return text
+    return "<think>\n" + re.sub(r"(?:\s*</?think>\s*)+", "\n\n", head).strip() + "\n</think>" + tail
 
 
 def is_well_formed(text) -> bool:
@@ -332,6 +373,23 @@ def critique_messages(row, wrong_trajectory, hint_answer=None):
         f"因此不要提及原解答或本次检查。{OUTPUT_FORMAT}")}]
 
 
+# A kept text (an SFT trajectory, a chosen correction) is trained as the answer to the plain student prompt, so it
+# must not refer to what only its own prompt showed: the original solution and the check (critique_messages), the
+# exemplar (teacher_messages) or, where one was shown, the hint (_hint). The phrases are the prompts' own words and
+# the ways a model echoes them; medical text uses 提示 ("indicates") and 检查 ("examination") all the time, so those
+# count only in the forms below.
+PROMPT_REFERENCES = ("原解答", "原答案", "原来的解答", "原来的答案", "之前的解答", "之前的答案", "上述解答", "本次检查",
+                     "最终答案是错误的", "示例")
+HINT_REFERENCES = ("提示:", "题目提示", "根据提示", "按照提示", "结合提示", "提示中", "提示的答案", "提示答案", "这个提示",
+                   "该提示", "本题的正确答案", "正确答案是", "正确答案为", "已知答案", "给定的答案", "独立解题")
+
+
+def prompt_reference(text, hinted=False) -> str:
+    """The first phrase of `text` that refers to the prompt (HINT_REFERENCES too if a hint was shown), "" if none."""
+    text = unicodedata.normalize("NFKC", text)
+    return next((p for p in PROMPT_REFERENCES + (HINT_REFERENCES if hinted else ()) if p in text), "")
+
+
 def extract_correction(text) -> str:
     """The corrected solution after the last CORRECTION_MARK of a critique output, "" if it has none."""
     parts = re.split(r"【\s*修正后的解答\s*】[:：]?", text)
@@ -362,11 +420,11 @@ class TeacherError(Exception):
         self.kind, self.retry_after = kind, retry_after
 
 
-def _request_once(cfg, messages):
+def _request_once(cfg, messages, extra=None):
     base = cfg.base_url.rstrip("/")
     url = base + ("" if base.endswith("/v1") else "/v1") + "/chat/completions"
     body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "max_tokens": cfg.max_tokens}
+            "max_tokens": cfg.max_tokens, **(extra or {})}
     headers = {"Content-Type": "application/json"}
     if os.environ.get(cfg.api_key_env):
         headers["Authorization"] = "Bearer " + os.environ[cfg.api_key_env]
@@ -398,15 +456,15 @@ def _request_once(cfg, messages):
     return content.strip()
 
 
-def chat_completion(cfg, messages, stats=None) -> str:
+def chat_completion(cfg, messages, stats=None, extra=None) -> str:
     """The teacher's reply text. Retries 429, 5xx, timeouts, connection errors and unusable bodies with
     exponential backoff; raises TeacherError at once on other 4xx. `stats` (a Counter) counts requests and
-    failures by kind."""
+    failures by kind; `extra` adds fields to the request body (vLLM's top_k, allowed_token_ids)."""
     stats = Counter() if stats is None else stats
     for attempt in range(cfg.max_retries + 1):
         stats["requests"] += 1
         try:
-            return _request_once(cfg, messages)
+            return _request_once(cfg, messages, extra)
         except TeacherError as e:
             stats[e.kind] += 1
             retryable = e.kind in ("http_429", "timeout", "connection", "bad_response") or e.kind.startswith("http_5")
@@ -430,8 +488,14 @@ def _distill_one(cfg, row, tries, hint_fallback):
             text = chat_completion(cfg, teacher_messages(row, row["answer"] if hint else None), stats)
         except TeacherError:
             return None, stats
+        merged = merge_think(text)
+        stats["think_merged"] += merged != text
+        text = merged
         predicted.append(extract_answer(text))
         if predicted[-1] == row["answer"]:
+            if prompt_reference(text, hint):
+                stats["prompt_reference"] += 1
+                continue
             if is_well_formed(text):
                 # The user turn is the STUDENT prompt: the student must learn to reason without seeing templates.
                 messages = student_messages(row) + [{"role": "assistant", "content": text}]
@@ -450,6 +514,14 @@ def append_jsonl(f, record):
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())  # a killed run loses at most the records in flight, never a written one
+
+
+def write_jsonl(path, items):
+    """Replace a JSONL file atomically: a kill leaves the old file or the new one, never half of either."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), "utf-8")
+    os.replace(tmp, path)
 
 
 def done_ids(path):
@@ -495,7 +567,9 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    summary.update(teacher_requests=stats.pop("requests", 0), malformed=stats.pop("malformed", 0), errors=dict(stats))
+    summary.update(teacher_requests=stats.pop("requests", 0), malformed=stats.pop("malformed", 0),
+                   dropped_prompt_reference=stats.pop("prompt_reference", 0),
+                   think_merged=stats.pop("think_merged", 0), errors=dict(stats))
     print(json.dumps(summary))
     return summary
 

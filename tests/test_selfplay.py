@@ -158,7 +158,8 @@ def test_scripted_run_makes_exactly_the_hand_decided_pairs(tmp_path, rows, token
         "no_answer": 1, "truncated": 2, "wrong_samples_sent_to_critique": 5, "critique_skipped_too_long": 1,
         "correction_attempts": 8, "corrections_right": 6, "correction_success_rate": 0.75,
         "wrong_samples_corrected": 4, "corrections_unmarked": 1, "corrections_malformed": 1,
-        "corrections_truncated": 0, "pairs": 2, "pairs_by_source": {"correction": 2}, "duplicate_pairs_dropped": 3,
+        "corrections_truncated": 0, "corrections_right_dropped_prompt_reference": 0, "pairs": 2,
+        "pairs_by_source": {"correction": 2}, "duplicate_pairs_dropped": 3,
         "teacher_calls": 0}
     assert summary["generated_tokens"] > 0
     assert json.loads((tmp_path / "summary.json").read_text())["pairs"] == 2
@@ -171,6 +172,23 @@ def test_scripted_run_makes_exactly_the_hand_decided_pairs(tmp_path, rows, token
     assert records[q0["id"]]["samples"][1]["corrections"][0]["text"] == critique(traj("q0 改", "C"))
     assert records[q4["id"]]["samples"][0]["critique"] == "too_long"
     assert (records[q1["id"]]["pairs"], records[q1["id"]]["duplicates"]) == (1, 3)
+
+
+def test_corrections_that_refer_to_the_prompt_are_dropped_and_counted(tmp_path, rows, tokenizer, model_dir,
+                                                                   monkeypatch):
+    q0 = rows[0]
+    wrong = traj("q0 错", "A")
+    fixes = [traj("原解答第二步错了，改为C", "C"), traj("题目提示正确答案是C，所以", "C"), traj("q0 改", "C")]
+    for hint, kept, dropped in ((False, fixes[1:], 1), (True, fixes[2:], 2)):
+        sampler = Scripted(tokenizer, [q0], {q0["id"]: [(wrong, True)]},
+                           {wrong: [(critique(fix), True) for fix in fixes]})
+        monkeypatch.setattr(S, "sample_texts", sampler)
+        cfg = S.SelfPlayConfig(samples=1, corrections=3, hint=hint, max_new_tokens=1000, critique_max_new_tokens=1000)
+        summary = S.make_pairs(model_dir, tokenizer, [q0], tmp_path / str(hint), cfg)
+        assert [p["chosen"][0]["content"] for p in read_jsonl(tmp_path / str(hint) / "pairs.jsonl")] == kept
+        assert summary["corrections_right"] == 3 and summary["corrections_right_dropped_prompt_reference"] == dropped
+        record, = read_jsonl(tmp_path / str(hint) / "samples.jsonl")
+        assert record["samples"][0]["corrections"][0]["refers_to_prompt"] == "原解答"
 
 
 def test_trl_reads_the_pairs(tmp_path, rows, tokenizer, model_dir, monkeypatch):

@@ -200,7 +200,8 @@ def test_distill_keeps_only_correct_trajectories(stub, tmp_path):
     n_wrong = sum(r["id"] % 5 == 0 for r in ROWS)
     assert summary == {"questions": 29, "already_done": 0, "kept": 29 - n_wrong, "kept_with_hint": 0,
                        "failed": n_wrong, "errored": 0, "teacher_requests": len(server.requests),
-                       "malformed": sum(r["id"] % 5 == 3 for r in ROWS), "errors": {"http_500": 6}}
+                       "malformed": sum(r["id"] % 5 == 3 for r in ROWS), "dropped_prompt_reference": 0,
+                       "think_merged": 0, "errors": {"http_500": 6}}
     rows = {row["id"]: row for row in ROWS}
     for record in read_jsonl(out):
         row = rows[record["id"]]
@@ -225,6 +226,46 @@ def test_hint_is_an_explicit_recorded_fallback(stub, tmp_path):
     for record in read_jsonl(tmp_path / "hinted.jsonl"):
         assert record["hint"] is True and record["tries"] == 3
         assert "提示" not in record["messages"][0]["content"]  # the student never sees the hint
+
+
+def test_nested_think_is_merged_and_texts_that_refer_to_the_prompt_are_dropped(stub, tmp_path):
+    """QwQ opens <think> itself, so a reply may hold a second opening, or (reasoning field put back) two blocks;
+    either is merged into one block and kept. A right trajectory that mentions the exemplar, or (hinted) the
+    hint, is dropped and counted, and the next try asked."""
+    def behave(row, hinted, n):
+        kind, gold = row["id"] % 4, row["answer"]
+        if kind == 0:
+            return ok(f"<think>\n好的，我按要求作答。\n<think>\n推理\n</think>\n答案：{gold}")
+        if kind == 1:
+            return 200, {"choices": [{"message": {"content": f"<think>\n推理\n</think>\n答案：{gold}",
+                                                  "reasoning_content": "先想想"}}]}, 0
+        if kind == 2:
+            return ok(trajectory(gold).replace("审题", "按照示例审题") if n == 1 else trajectory(gold))
+        return ok(trajectory(gold).replace("审题", "题目提示正确答案是" + gold) if hinted else trajectory(wrong(row)))
+    server = stub(behave)
+    out = tmp_path / "sft.jsonl"
+    summary = T.distill(config(server.url), SAMPLE_CSV, out, tries=1, hint_fallback=True, limit=8)
+    assert (summary["kept"], summary["failed"], summary["malformed"]) == (6, 2, 0)
+    assert (summary["think_merged"], summary["dropped_prompt_reference"]) == (4, 2 + 2)  # ids 2, 6; ids 3, 7
+    kept = {r["id"]: r["messages"][-1]["content"] for r in read_jsonl(out)}
+    rows = {row["id"]: row for row in ROWS}
+    assert kept[0] == f"<think>\n好的，我按要求作答。\n\n推理\n</think>\n答案：{rows[0]['answer']}"
+    assert kept[1] == f"<think>\n先想想\n\n推理\n</think>\n答案：{rows[1]['answer']}"
+    assert kept[2] == trajectory(rows[2]["answer"]) and all(T.is_well_formed(t) for t in kept.values())
+    assert sorted(r["id"] for r in read_jsonl(tmp_path / "sft.failed.jsonl")) == [3, 7]
+
+
+def test_prompt_reference_phrases():
+    assert T.prompt_reference("原解答第二步错了") == "原解答" and T.prompt_reference("与示例一样") == "示例"
+    assert T.prompt_reference("心电图提示心肌梗死，需进一步检查。") == ""  # medical 提示 / 检查
+    assert T.prompt_reference("题目提示正确答案是B") == ""  # no hint shown: not a leak
+    assert T.prompt_reference("题目提示正确答案是B", hinted=True) == "题目提示"
+    assert T.prompt_reference("所以正确答案是B。", hinted=True) == "正确答案是"
+    hint = T._hint("B")  # every hint phrase the prompt itself uses is caught when echoed
+    assert T.prompt_reference(hint, hinted=True) and T.prompt_reference(hint) == ""
+    critique = T.critique_messages({"question": "q", "options": {"A": "a", "B": "b"}, "answer": "B"}, "x")
+    assert T.prompt_reference(critique[0]["content"]) == "原解答"
+    assert T.prompt_reference(T.teacher_messages({"question": "q", "options": {"A": "a"}, "answer": "A"})[0]["content"])
 
 
 def test_teacher_errors_leave_the_question_for_the_next_run(stub, tmp_path):

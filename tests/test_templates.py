@@ -266,6 +266,29 @@ EXTRACTION_CASES = [
     ("答案：C，D项错误", "C"), ("答案是B，因为A项是禁忌", "B"), ("The answer is B because it fits.", "B"),
     # truncated inside <think>: the reasoning's last conclusion is the only reading there is
     ("<think>\n逐项分析……故选E，再核对一下", "E"),
+    # exam, JSON, boxed-text and English forms that baselines write (issue 14)
+    ("【答案】B", "B"), ("【答案】：E", "E"), ("答：C", "C"), ('{"answer": "C"}', "C"),
+    ('```json\n{"answer": "AD", "reason": "……"}\n```', "AD"), ("答案：「C」", "C"), (r"$\boxed{\text{B}}$", "B"),
+    (r"\boxed{\textbf{D}}", "D"), ("The correct option is B", "B"), ("The correct option is B.", "B"),
+    ("So the answer is option D.", "D"), ("答案不是A，而是B", "B"), ("答案：A;C", "AC"), ("答案：A；C", "AC"),
+    ("## Final Response\n正确答案是 **B. 急性前壁心肌梗死**", "B"),
+    ("故选A而不选D（A对），若肺失肃降……此题为单选题，故选A", "A"),  # a conditional ended by a conclusion
+    # the answer line wins over the explanation written after it; a restated answer still counts
+    ("答案：B\n解析：本题易误选A，因为……", "B"), ("答案：C\n如果题干改为老年患者，则应选D。", "C"),
+    ("答案：E\n首选B超检查可明确诊断。", "E"), ("答案：B\n（多选题按字母顺序连写，如“答案：AC”）", "B"),
+    ("答案：B。\n本题应选B而非D……若选D则……故选C", "B"), ("答案：A\n解析：A项正确；选C者混淆了……", "A"),
+    # hedges are no answer, even after an earlier choice
+    ("答案：A或B", ""), ("答案是A还是B，难以确定", ""), ("答案：C或者D", ""), ("The answer is A or B.", ""),
+    ("故选C。\n答案：A或B", ""), ("因此选择C（或D）", ""), ("答案：AB或AC", ""),
+    # no letter where the model gave none
+    ("首选B超检查", ""), ("应选择B超检查（A对）", ""), ("本题易误选A", ""), ("如果是儿童，则应选D", ""),
+    ("若为孕妇，应选C", ""), ("最后一行写“答案：X”，如“答案：AC”", ""), ("答案不是A", ""), ("正确答案不是A", ""),
+    ("原答案是D，需要重新考虑", ""), ("错误答案是A", ""), ("不能选A，因为……", ""), ('{"answer": null}', ""),
+    ("答：这个问题需要结合病史。", ""), ("The correct option is a bit unclear", ""), ("答案：B超提示胆囊结石", ""),
+    ("回答：患者应首选C反应蛋白检查", ""), ("血型为A型", ""),
+    # misreads found in the val split's explanations (human text)
+    ("故不作为首选(C错)。", ""), ("有权进行比较、鉴别和挑选(E对)。", ""), ("不作首选(BCD错)", ""), ("答案A不是固定桥结构", ""),
+    ("答案B错误，固定桥的连接体", ""), ("答案E固定连接体相当于天然牙", ""), ("本例不能仅凭肿大淋巴结而误选择答案E。", ""),
 ]
 
 
