@@ -23,7 +23,6 @@ One process on one GPU (a 7B model in bf16 fits on one; no torchrun). Prediction
 <out>/<mode>.predictions.jsonl as they are made, so a killed run started again with the same command resumes where it
 stopped; the report (terminal table and <out>/<mode>.report.json) always covers every selected question.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -32,7 +31,7 @@ import random
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import torch
@@ -193,10 +192,11 @@ def predict_generate(model, tokenizer, batch, prompts, args):
     return records
 
 
-def judge_one(cfg, row, rec):
-    """Fills in the judge's verdict; a judge failure becomes a counted skip, never an exception."""
+def judge_one(cfg, row, rec, run=None):
+    """Fills in the judge's verdict; a judge failure becomes a counted skip. Only a TeacherFatal (the run must stop:
+    refused key, unreachable judge) is raised."""
     try:
-        reply = T.chat_completion(cfg, judge_messages(row, rec["output"]))
+        reply = T.chat_completion(cfg, judge_messages(row, rec["output"]), run=run)
     except T.TeacherError as e:
         return {**rec, "skipped": f"judge_{e.kind}"}
     verdict = parse_verdict(reply)
@@ -213,13 +213,14 @@ def run(model, tokenizer, rows, args, path, judge_cfg=None):
         prompts[row["id"]] = (text, tokenizer.encode(text, add_special_tokens=False).ids)
     changed = [i for i, rec in done.items() if i in prompts and rec["prompt_hash"] != prompt_hash(prompts[i][0])]
     if changed:
-        raise SystemExit(f"{path}: {len(changed)} stored predictions (e.g. id {changed[0]}) were made from other "
-                         f"prompts (data or templates changed); use another --out")
+        raise T.UserError(f"{path}: {len(changed)} stored predictions (e.g. id {changed[0]}) were made from other "
+                          f"prompts (data or templates changed); use another --out")
     pending = sorted((row for row in rows if row["id"] not in done), key=lambda r: -len(prompts[r["id"]][1]))
     context = model.config.max_position_embeddings
     budget = 0 if args.mode == "direct" else args.max_new_tokens
     candidates = answer_token_ids(tokenizer) if args.mode == "direct" else None
-    pool = ThreadPoolExecutor(judge_cfg.concurrency) if judge_cfg else None
+    # Daemon threads, one TeacherRun: Ctrl-C or a fatal judge error (refused key, dead server) stops every request.
+    submit, judge_run = (T.daemon_pool(judge_cfg.concurrency), T.TeacherRun()) if judge_cfg else (None, None)
     judging = []
     bar = tqdm(total=len(pending), desc=args.mode, unit="question", dynamic_ncols=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -240,20 +241,28 @@ def run(model, tokenizer, rows, args, path, judge_cfg=None):
                     write(predict_direct(model, tokenizer, batch, prompts, candidates))
                     continue
                 records = predict_generate(model, tokenizer, batch, prompts, args)
-                if pool is None:
+                if submit is None:
                     write(records)
                     continue
                 # The judge works in threads while the GPU generates the next batch.
-                judging += [pool.submit(judge_one, judge_cfg, row, rec) for row, rec in zip(batch, records)]
+                judging += [submit(judge_one, judge_cfg, row, rec, judge_run) for row, rec in zip(batch, records)]
                 finished = {fut for fut in judging if fut.done()}  # one snapshot: none dropped or written twice
                 judging = [fut for fut in judging if fut not in finished]
                 write([fut.result() for fut in finished])
             for fut in as_completed(judging):
+                judging.remove(fut)
                 write([fut.result()])
+        except BaseException:  # Ctrl-C or a fatal judge error: stop the judge, keep the verdicts already in
+            if submit:
+                judge_run.stop.set()
+                write([fut.result() for fut in judging if fut.done() and not fut.cancelled() and not fut.exception()])
+            raise
         finally:
             bar.close()
-            if pool:
-                pool.shutdown(wait=False, cancel_futures=True)
+            if submit:
+                for fut in judging:
+                    fut.cancel()
+                submit(None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,7 +368,7 @@ def format_report(report) -> str:
 def select_rows(path, limit=None, sample=None, seed=0):
     rows = T.load_cmexam(path)
     if len({row["id"] for row in rows}) != len(rows):
-        raise SystemExit(f"{path}: question ids are not unique, so predictions could not be matched or resumed")
+        raise T.UserError(f"{path}: question ids are not unique, so predictions could not be matched or resumed")
     if sample is not None:
         picked = set(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
         rows = [row for i, row in enumerate(rows) if i in picked]
@@ -367,30 +376,32 @@ def select_rows(path, limit=None, sample=None, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = T.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="Hugging Face Qwen2 checkpoint folder")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     parser.add_argument("--data", required=True, help="CMExam .csv/.json/.jsonl (official test_with_annotations.csv)")
     parser.add_argument("--out", required=True, help="folder for <mode>.predictions.jsonl, .report.json, .run.json")
-    parser.add_argument("--mode", choices=PROTOCOLS, default="cot")
+    parser.add_argument("--mode", choices=PROTOCOLS, default="cot", help="protocol (see above)")
     pick = parser.add_mutually_exclusive_group()
-    pick.add_argument("--limit", type=int, help="only the first N questions of the file")
-    pick.add_argument("--sample", type=int, help="a random N questions (seeded by --seed)")
+    pick.add_argument("--limit", type=T.positive_int, help="only the first N questions of the file")
+    pick.add_argument("--sample", type=T.positive_int, help="a random N questions (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0, help="for --sample and for sampling at --temperature > 0")
-    parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call / forward pass")
-    parser.add_argument("--max-new-tokens", type=int, default=2048, help="long chains of thought need ~2k")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=T.positive_int, default=32, help="questions per generate call / forward pass")
+    parser.add_argument("--max-new-tokens", type=T.positive_int, default=2048, help="long chains of thought need ~2k")
+    parser.add_argument("--temperature", type=T.nonnegative_float, default=0.0, help="0 = greedy (deterministic)")
+    parser.add_argument("--top-p", type=T.probability, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", help="weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     for field in dataclasses.fields(T.TeacherConfig):  # the judge endpoint, judge mode only
-        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
-                            help=f"judge mode: TeacherConfig.{field.name}")
+        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=T.teacher_arg_type(field),
+                            default=field.default, help=f"judge mode: TeacherConfig.{field.name}")
     args = parser.parse_args(argv)
 
-    rows = select_rows(args.data, args.limit, args.sample, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.mode}.predictions.jsonl"
+    T.lock_output(path)  # one writer per mode: two would append the same questions twice
+    rows = select_rows(args.data, args.limit, args.sample, args.seed)
     judge_cfg = T.TeacherConfig(**{f.name: getattr(args, "judge_" + f.name)
                                    for f in dataclasses.fields(T.TeacherConfig)})
     # Settings that change a prediction: a resumed run must use the same ones, or its file would mix two runs.
@@ -402,14 +413,13 @@ def main(argv=None):
         settings.update(judge_model=judge_cfg.model, judge_temperature=judge_cfg.temperature)
     run_file = out / f"{args.mode}.run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != settings:
-        raise SystemExit(f"{run_file} holds other settings: {run_file.read_text()}; use another --out to compare")
-    run_file.write_text(json.dumps(settings, indent=2) + "\n")
+        raise T.UserError(f"{run_file} holds other settings: {run_file.read_text()}; use another --out to compare")
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
-    path = out / f"{args.mode}.predictions.jsonl"
+        raise T.UserError(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
+    run_file.write_text(json.dumps(settings, indent=2) + "\n")  # only now: a mistyped --model records nothing
     run(model, tokenizer, rows, args, path, judge_cfg if args.mode == "judge" else None)
 
     report = {**score(read_predictions(path), rows), "settings": {**settings, "data": args.data}}
@@ -419,4 +429,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    T.run_main(main)

@@ -347,7 +347,7 @@ def test_resume_after_a_crash_and_a_torn_last_line(random_ckpt, tmp_path, monkey
 
 def test_resume_refuses_other_settings(random_ckpt, tmp_path):
     run(random_ckpt, tmp_path, "--limit", 2, "--max-new-tokens", 3)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(T.UserError, match="other settings"):
         run(random_ckpt, tmp_path, "--limit", 2, "--max-new-tokens", 4)
 
 
