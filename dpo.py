@@ -354,11 +354,13 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=positive_float, default=0.3, help="KL strength (the authors' 0.3)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: P(label flipped)")
     p.add_argument("--ipo", action="store_true", help="IPO loss instead of the sigmoid (beta = tau)")
-    p.add_argument("--rpo-alpha", type=nonnegative_float, default=0.0, help="weight of the chosen NLL term (Iterative RPO: 1)")
+    p.add_argument("--rpo-alpha", type=nonnegative_float, default=0.0,
+                   help="weight of the chosen NLL term (Iterative RPO: 1)")
     p.add_argument("--truncate-rejected", action="store_true",
                    help="score each rejected reply only through the line where it first differs from its chosen")
     p.add_argument("--max-length", type=checked(int, 2), default=4096, help="prompt + reply tokens per sequence")
-    p.add_argument("--max-prompt-length", type=positive_int, default=1024, help="prompt tokens kept when cutting a pair")
+    p.add_argument("--max-prompt-length", type=positive_int, default=1024,
+                   help="prompt tokens kept when cutting a pair")
     p.add_argument("--precompute-ref", action="store_true", help="reference log-probs once, then free the model")
     p.add_argument("--precompute-batch", type=positive_int, default=4, help="pairs per forward when precomputing")
     p.add_argument("--estimate-memory", action="store_true",

@@ -386,7 +386,8 @@ def main(argv=None):
     pick.add_argument("--limit", type=T.positive_int, help="only the first N questions of the file")
     pick.add_argument("--sample", type=T.positive_int, help="a random N questions (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0, help="for --sample and for sampling at --temperature > 0")
-    parser.add_argument("--batch-size", type=T.positive_int, default=32, help="questions per generate call / forward pass")
+    parser.add_argument("--batch-size", type=T.positive_int, default=32,
+                        help="questions per generate call / forward pass")
     parser.add_argument("--max-new-tokens", type=T.positive_int, default=2048, help="long chains of thought need ~2k")
     parser.add_argument("--temperature", type=T.nonnegative_float, default=0.0, help="0 = greedy (deterministic)")
     parser.add_argument("--top-p", type=T.probability, default=1.0, help="nucleus sampling mass")

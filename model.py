@@ -269,7 +269,7 @@ def read_config(path) -> dict:
     try:
         hf = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file}: not a JSON config ({e}); the checkpoint is damaged: save or download it again") from None
+        raise UserError(f"{file}: not a JSON config ({e}); damaged: save or download it again") from None
     if not isinstance(hf, dict):
         raise UserError(f"{file}: not a JSON object")
     return hf
@@ -279,7 +279,8 @@ def _open_safetensors(file, device="cpu"):
     try:
         return safe_open(file, framework="pt", device=str(device))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{file}: unreadable safetensors ({e}); truncated or damaged: save or download it again") from None
+        raise UserError(f"{file}: unreadable safetensors ({e}); truncated or damaged: save or download it again") \
+            from None
 
 
 def load(path, dtype=torch.float32, device="cpu") -> Transformer:
@@ -295,7 +296,8 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
         try:
             weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path / INDEX_FILE}: not a safetensors index ({e!r}); save or download it again") from None
+            raise UserError(f"{path / INDEX_FILE}: not a safetensors index ({e!r}); save or download it again") \
+                from None
     elif (path / "model.safetensors").is_file():
         with _open_safetensors(path / "model.safetensors") as f:
             weight_map = {name: "model.safetensors" for name in f.keys()}
@@ -326,7 +328,8 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
                 try:
                     state[name.removeprefix("model.")] = f.get_tensor(name).to(dtype)
                 except SafetensorError as e:
-                    raise UserError(f"{path / file}: tensor {name} unreadable ({e}); save or download it again") from None
+                    raise UserError(f"{path / file}: tensor {name} unreadable ({e}); save or download it again") \
+                        from None
     absent = sorted(name for name in expected if name.removeprefix("model.") not in state)
     if absent:  # the index promised them, the shard did not hold them
         raise UserError(f"{path}: tensors missing from their shard files: {[(n, weight_map[n]) for n in absent[:5]]}")
@@ -554,7 +557,8 @@ def main():
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="Hugging Face Qwen2 folder (config.json, *.safetensors, tokenizer.json); "
                         "none: a small random model")
-    parser.add_argument("--prompt", default="患者，男，45岁，胸痛3小时。最可能的诊断是什么？", help="the user message")
+    parser.add_argument("--prompt", default="患者，男，45岁，胸痛3小时。最可能的诊断是什么？",
+                        help="the user message")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to sample")
     parser.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass")

@@ -405,7 +405,8 @@ def main(argv=None):
             kind = {"top_p": probability, "top_k": nonnegative_int, "seed": int}.get(field.name) \
                 or types.get(type(field.default), type(field.default))
             parser.add_argument(flag, type=kind, default=field.default, help=f"SelfPlayConfig.{field.name}")
-    parser.add_argument("--shard", type=nonnegative_int, default=0, help="this process samples questions shard::num-shards")
+    parser.add_argument("--shard", type=nonnegative_int, default=0,
+                        help="this process samples questions shard::num-shards")
     parser.add_argument("--num-shards", type=positive_int, default=1, help="sampling processes, each on its shard")
     parser.add_argument("--merge", action="store_true", help="join the --num-shards shard files of round 1")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sampling device")

@@ -361,7 +361,8 @@ def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_e
     parser.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final lr = lr * this (cosine decay)")
     parser.add_argument("--warmup", type=fraction, default=0.05, help="linear warmup, as a fraction of the steps")
     parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW's, on matrices only")
-    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max global grad norm (0: no clipping)")
+    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
+                        help="max global grad norm (0: no clipping)")
     parser.add_argument("--save-every", type=positive_int, default=save_every,
                         help="checkpoint every N steps and at the end")
     parser.add_argument("--keep", type=nonnegative_int, default=2, help="complete checkpoints kept (0: all)")
@@ -423,8 +424,8 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
                         lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}", gnorm=f"{stats['grad_norm']:.2f}")
         bar.update()
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            path = save_checkpoint(args.out, step + 1, model, optimizer, {**data_state, "settings": settings}, keep=args.keep,
-                                   tokenizer=args.tokenizer or args.model)
+            path = save_checkpoint(args.out, step + 1, model, optimizer, {**data_state, "settings": settings},
+                                   keep=args.keep, tokenizer=args.tokenizer or args.model)
             if rank == 0:
                 bar.write(f"saved {path}")
         clock = time.perf_counter()
@@ -573,7 +574,8 @@ def main(argv=None):
     parser.add_argument("--init-config", help="config.json of a model to train from random init (instead of --model)")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     parser.add_argument("--data", required=True, help="JSONL of {messages}, {prompt, completion} or {text}")
-    parser.add_argument("--max-len", type=checked(int, 2), default=8192, help="max tokens per example (prompt + answer)")
+    parser.add_argument("--max-len", type=checked(int, 2), default=8192,
+                        help="max tokens per example (prompt + answer)")
     add_training_args(parser, lr=1e-5, batch_size=32, epochs=3)
     args = parser.parse_args(argv)
     if (args.model is None) == (args.init_config is None):

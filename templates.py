@@ -686,7 +686,8 @@ def done_ids(path):
             ids.add(json.loads(line)["id"])
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path}:{n}: not a record of this run (corrupt, or written by something else), so "
-                            f"it cannot be resumed; delete that line (sed -i '{n}d' {path}) or use another --out") from None
+                            f"it cannot be resumed; delete that line (sed -i '{n}d' {path}) or use another --out") \
+                from None
     return ids
 
 
@@ -743,7 +744,8 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    d = commands.add_parser("distill", help="Stage 1 data: ask the teacher, keep trajectories that reach the gold answer")
+    d = commands.add_parser("distill",
+                            help="Stage 1 data: ask the teacher, keep trajectories that reach the gold answer")
     d.add_argument("--data", required=True, help="CMExam .csv, .json or .jsonl")
     d.add_argument("--out", required=True, help="SFT JSONL (appended to; a rerun skips questions already in it)")
     d.add_argument("--tries", type=positive_int, default=4, help="teacher attempts per question")

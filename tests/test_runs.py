@@ -3,15 +3,13 @@ one-line errors for bad input, arguments checked at parse time, resume refusing 
 Most tests run the real command lines in subprocesses, since exit codes, stderr and process trees are the point."""
 import json
 import os
-import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 import dpo
 import eval_cmexam
@@ -21,7 +19,7 @@ import sft
 import templates as T
 from conftest import ROOT
 from test_selfplay import model_dir, rows, tokenizer  # noqa: F401 -- fixtures: a tiny checkpoint and tokenizer
-from test_sft import QUESTIONS, TINY, chat_record, tiny, write_jsonl  # noqa: F401 -- `tiny` is a fixture
+from test_sft import QUESTIONS, chat_record, tiny, write_jsonl  # noqa: F401 -- `tiny` is a fixture
 
 SAMPLE_CSV = ROOT / "tests" / "data" / "cmexam_sample.csv"
 FAKE_DPO = ROOT / "tests" / "selfplay_fake_dpo.py"
@@ -165,6 +163,18 @@ def test_mistyped_model_leaves_no_settings_behind(tmp_path, model_dir):  # noqa:
     eval_cmexam.main(["--model", str(model_dir), "--data", str(SAMPLE_CSV), "--out", str(out), "--limit", "1",
                       "--max-new-tokens", "2"])  # the corrected command is not refused
     assert (out / "cot.run.json").is_file()
+
+
+def test_a_dead_judge_stops_eval_and_records_no_question_as_judged(tmp_path, model_dir):  # noqa: F811
+    """Before, every question became a `judge_connection` skip on file, never judged again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(T.TeacherFatal, match="8 requests in a row could not connect"):
+        eval_cmexam.main(["--model", str(model_dir), "--data", str(SAMPLE_CSV), "--out", str(tmp_path), "--mode",
+                          "judge", "--limit", "12", "--max-new-tokens", "2", "--batch-size", "12",
+                          "--judge-base-url", f"http://127.0.0.1:{port}", "--judge-backoff-base", "0.01"])
+    assert (tmp_path / "judge.predictions.jsonl").read_text() == ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
