@@ -379,7 +379,7 @@ def test_a_refusing_or_broken_teacher_exits_non_zero(stub, tmp_path, status, nee
 
 
 def test_two_identical_runs_the_second_refuses_nothing_duplicated(stub, tmp_path):
-    server = stub(lambda row, hinted, n: (*ok(trajectory(row["answer"]))[:2], 0.1))
+    server = stub(lambda row, hinted, n: (*ok(trajectory(row["answer"]))[:2], 0.5))  # ~7 s: the second starts in time
     out = tmp_path / "sft.jsonl"
     args = ["distill", "--data", SAMPLE_CSV, "--out", out, "--base-url", server.url, "--concurrency", "2"]
     first = run_cli(*args)
