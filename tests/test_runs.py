@@ -3,6 +3,7 @@ one-line errors for bad input, arguments checked at parse time, resume refusing 
 Most tests run the real command lines in subprocesses, since exit codes, stderr and process trees are the point."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -175,6 +176,52 @@ def test_a_dead_judge_stops_eval_and_records_no_question_as_judged(tmp_path, mod
                           "judge", "--limit", "12", "--max-new-tokens", "2", "--batch-size", "12",
                           "--judge-base-url", f"http://127.0.0.1:{port}", "--judge-backoff-base", "0.01"])
     assert (tmp_path / "judge.predictions.jsonl").read_text() == ""
+
+
+def test_ctrl_c_in_judge_mode_stops_within_seconds_and_keeps_the_verdicts_in(tmp_path, model_dir):  # noqa: F811
+    """The judge answers even questions at once and hangs 30 s on odd ones; SIGINT must not wait for those."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    stems, asked = {row["question"]: row["id"] for row in T.load_cmexam(SAMPLE_CSV)}, []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+            question = next(i for stem, i in stems.items() if f"【题干】\n{stem}\n" in prompt)
+            asked.append(question)
+            time.sleep(30 if question % 2 else 0)
+            data = json.dumps({"choices": [{"message": {"content": "判定：正确"}}]}).encode()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    try:
+        proc = subprocess.Popen([sys.executable, *map(str, [
+            "eval_cmexam.py", "--model", model_dir, "--data", SAMPLE_CSV, "--out", tmp_path, "--mode", "judge",
+            "--max-new-tokens", 2, "--batch-size", 29, "--judge-concurrency", 4,
+            "--judge-base-url", f"http://127.0.0.1:{server.server_address[1]}"])], cwd=ROOT, env=ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: len(asked) >= 6, 120, "the judge to be asked")
+        time.sleep(0.5)  # 4 requests hang on odd questions by now
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.monotonic() - start < 5, stderr[-2000:]
+    finally:
+        server.shutdown()
+        server.server_close()
+    records = [json.loads(line) for line in (tmp_path / "judge.predictions.jsonl").read_text().splitlines()]
+    assert records and all(r["id"] % 2 == 0 and r["correct"] is True and r["skipped"] is None for r in records)
 
 
 # ----------------------------------------------------------------------------------------------------------------
