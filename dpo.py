@@ -25,7 +25,6 @@ The data is the conversational preference JSONL that TRL reads, one pair a line,
      "rejected": [{"role": "assistant", "content": ...}], "question_id": ..., ...}
 The training machinery (FSDP2 wrap, AdamW, warmup + cosine, checkpoints and resume, metrics log) is sft.py's.
 """
-import argparse
 import contextlib
 import functools
 import gc
@@ -38,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import LOGPS_CHUNK, ModelConfig, load_tokenizer, lora_disabled
+from model import LOGPS_CHUNK, ModelConfig, load_tokenizer, lora_disabled, read_config
 from sft import (add_training_args, all_reduce_sum, autocast, build_optimizer, check_batch_sizes, fit, get_rank,
                  init_distributed, load_checkpoint, load_model, lora_config, model_dtype, prepare_model, resume_point,
-                 seed_all, teardown_distributed)
-from templates import encode_chat, special_ids
+                 run_settings, seed_all, teardown_distributed)
+from templates import (ArgumentParser, UserError, checked, encode_chat, lock_output, nonnegative_float, positive_float,
+                       positive_int, run_main, special_ids)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loss
@@ -174,11 +174,17 @@ def load_pairs(path, tokenizer, max_length, max_prompt_length, truncate_rejected
     counts = dict(pairs=0, rejected_cut_after_first_wrong_line=0, prompt_truncated=0, responses_truncated=0,
                   skipped_bad=0, skipped_identical=0)
     examples, errors = [], []
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such data file")
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            prompt, chosen, rejected = encode_pair(tokenizer, json.loads(line), f"{path}:{n}")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:  # its "line 1 column 59" is within the line: name the file's line
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+            prompt, chosen, rejected = encode_pair(tokenizer, record, f"{path}:{n}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             counts["skipped_bad"] += 1
             errors.append(str(e))
@@ -203,7 +209,7 @@ def load_pairs(path, tokenizer, max_length, max_prompt_length, truncate_rejected
     if errors:
         print0(f"{path}: skipped {len(errors)} bad lines, e.g. {errors[0]}")
     if not examples:
-        raise ValueError(f"{path}: no usable preference pairs ({counts})")
+        raise UserError(f"{path}: no usable preference pairs ({counts})" + (f", e.g. {errors[0]}" if errors else ""))
     return examples, counts
 
 
@@ -311,26 +317,27 @@ def preference_loss(model, batch, args, ref=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face Qwen2 folder: the SFT model, policy and reference")
     p.add_argument("--ref-model", help="reference model folder, if not --model")
     p.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     p.add_argument("--data", help="preference pairs, JSONL (prompt / chosen / rejected)")
-    p.add_argument("--beta", type=float, default=0.3, help="KL strength (the authors' 0.3)")
+    p.add_argument("--beta", type=positive_float, default=0.3, help="KL strength (the authors' 0.3)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO: P(label flipped)")
     p.add_argument("--ipo", action="store_true", help="IPO loss instead of the sigmoid (beta = tau)")
-    p.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of the chosen NLL term (Iterative RPO: 1)")
+    p.add_argument("--rpo-alpha", type=nonnegative_float, default=0.0,
+                   help="weight of the chosen NLL term (Iterative RPO: 1)")
     p.add_argument("--truncate-rejected", action="store_true",
                    help="score each rejected reply only through the line where it first differs from its chosen")
-    p.add_argument("--max-length", type=int, default=4096, help="prompt + reply tokens per sequence")
-    p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens kept when cutting a pair")
-    p.add_argument("--max-pairs", type=int, default=0, help="train on the first N usable pairs (0: all)")
+    p.add_argument("--max-length", type=checked(int, 2), default=4096, help="prompt + reply tokens per sequence")
+    p.add_argument("--max-prompt-length", type=positive_int, default=1024,
+                   help="prompt tokens kept when cutting a pair")
+    p.add_argument("--max-pairs", type=checked(int, 0), default=0, help="train on the first N usable pairs (0: all)")
     p.add_argument("--precompute-ref", action="store_true", help="reference log-probs once, then free the model")
-    p.add_argument("--precompute-batch", type=int, default=4, help="pairs per forward when precomputing")
+    p.add_argument("--precompute-batch", type=positive_int, default=4, help="pairs per forward when precomputing")
     p.add_argument("--estimate-memory", action="store_true",
                    help="print per-rank memory for --model (a folder or a config.json); needs no --data/--out")
-    p.add_argument("--world-size", type=int, default=8, help="ranks, for --estimate-memory")
+    p.add_argument("--world-size", type=positive_int, default=8, help="ranks, for --estimate-memory")
     # Full fine-tuning wants a far smaller lr than the authors' LoRA 1e-5; 64 pairs = 8 ranks x 8 micro-batches.
     add_training_args(p, lr=5e-7, batch_size=64, epochs=1, micro_batch_size=1, save_every=100, require_out=False)
     args = p.parse_args(argv)
@@ -348,11 +355,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.estimate_memory:
-        config = Path(args.model) / "config.json" if Path(args.model).is_dir() else Path(args.model)
-        cfg = ModelConfig.from_hf(json.loads(config.read_text()))
+        cfg = ModelConfig.from_hf(read_config(args.model))
         return print_memory(cfg, args.world_size, args.micro_batch_size, args.max_length, args.lora_rank or 8,
                             args.precompute_batch)
     rank, world_size, device = init_distributed()
+    if rank == 0:  # one run per folder: a second one (or an orphan of a killed one) would interleave checkpoints
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        lock_output(args.out)
     check_batch_sizes(args, world_size)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     pad_id = special_ids(tokenizer)["endoftext"]  # any id: padding is masked and after every real token
@@ -361,7 +370,12 @@ def main(argv=None):
     if args.max_pairs and len(examples) > args.max_pairs:  # LLaMA-Factory's max_samples (the authors': 1000)
         counts["left_out_by_max_pairs"], examples = len(examples) - args.max_pairs, examples[:args.max_pairs]
     print0(f"{args.data}: {json.dumps(counts)}")
-    checkpoint, start_step = resume_point(args, examples)
+    # Resuming needs the same pairs, loss and reference too (the reference path: a resumed policy loads from the
+    # checkpoint, the reference from --ref-model / --model).
+    settings = run_settings(args, examples, beta=args.beta, label_smoothing=args.label_smoothing, ipo=args.ipo,
+                            rpo_alpha=args.rpo_alpha, reference=str(Path(args.ref_model or args.model).resolve()),
+                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, max_pairs=args.max_pairs)
+    checkpoint, start_step = resume_point(args, examples, settings)
     seed_all(args.seed + rank)  # LoRA's A is drawn on rank 0 (and broadcast): the same on 1 or N ranks
     dtype, lora = getattr(torch, args.dtype), lora_config(args)
     mixed_precision = device.type == "cuda" and dtype == torch.bfloat16
@@ -390,7 +404,7 @@ def main(argv=None):
     loss_fn = functools.partial(preference_loss, args=args, ref=ref)
     fit(args, policy, optimizer, examples, collate_fn, loss_fn, device, start_step, desc="dpo", info=counts,
         bar_keys=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
-        length=lambda e: len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])))
+        length=lambda e: len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])), settings=settings)
     teardown_distributed()
 
 
@@ -486,4 +500,4 @@ def warn_if_precompute_does_not_fit(args, device, world_size):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,7 +29,6 @@ One process on one GPU (a 7B model in bf16 fits on one; no torchrun). Prediction
 stopped (in judge mode it also re-judges, from the stored replies, every question whose judge call failed); the
 report (terminal table and <out>/<mode>.report.json) always covers every selected question.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -248,12 +247,12 @@ def predict_generate(model, tokenizer, batch, prompts, args):
     return records
 
 
-def judge_one(judge, row, rec):
-    """Fills in the judge's verdict; a judge failure becomes a counted skip, never an exception. `judge` is
-    (TeacherConfig, protocol, extra request fields)."""
+def judge_one(judge, row, rec, run=None):
+    """Fills in the judge's verdict; a judge failure becomes a counted skip. Only a TeacherFatal (the run must stop:
+    refused key, unreachable judge) is raised. `judge` is (TeacherConfig, protocol, extra request fields)."""
     cfg, protocol, extra = judge
     try:
-        reply = T.chat_completion(cfg, judge_messages(row, rec["output"], protocol), extra=extra)
+        reply = T.chat_completion(cfg, judge_messages(row, rec["output"], protocol), run=run, extra=extra)
     except T.TeacherError as e:
         return {**rec, "correct": None, "skipped": f"judge_{e.kind}"}
     verdict = (parse_token_verdict if protocol == "authors" else parse_verdict)(reply)
@@ -288,13 +287,14 @@ def run(model, tokenizer, rows, args, path, judge=None):
         prompts[row["id"]] = (text, tokenizer.encode(text, add_special_tokens=False).ids)
     changed = [i for i, rec in done.items() if i in prompts and rec["prompt_hash"] != prompt_hash(prompts[i][0])]
     if changed:
-        raise SystemExit(f"{path}: {len(changed)} stored predictions (e.g. id {changed[0]}) were made from other "
-                         f"prompts (data or templates changed); use another --out")
+        raise T.UserError(f"{path}: {len(changed)} stored predictions (e.g. id {changed[0]}) were made from other "
+                          f"prompts (data or templates changed); use another --out")
     pending = sorted((row for row in rows if row["id"] not in done), key=lambda r: -len(prompts[r["id"]][1]))
     context = model.config.max_position_embeddings
     budget = 0 if args.mode == "direct" else args.max_new_tokens
     candidates = answer_token_ids(tokenizer) if args.mode == "direct" else None
-    pool = ThreadPoolExecutor(judge[0].concurrency) if judge else None
+    # Daemon threads, one TeacherRun: Ctrl-C or a fatal judge error (refused key, dead server) stops every request.
+    submit, judge_run = (T.daemon_pool(judge[0].concurrency), T.TeacherRun()) if judge else (None, None)
     judging = []
     bar = tqdm(total=len(pending), desc=args.mode, unit="question", dynamic_ncols=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -315,20 +315,28 @@ def run(model, tokenizer, rows, args, path, judge=None):
                     write(predict_direct(model, tokenizer, batch, prompts, candidates))
                     continue
                 records = predict_generate(model, tokenizer, batch, prompts, args)
-                if pool is None:
+                if submit is None:
                     write(records)
                     continue
                 # The judge works in threads while the GPU generates the next batch.
-                judging += [pool.submit(judge_one, judge, row, rec) for row, rec in zip(batch, records)]
+                judging += [submit(judge_one, judge, row, rec, judge_run) for row, rec in zip(batch, records)]
                 finished = {fut for fut in judging if fut.done()}  # one snapshot: none dropped or written twice
                 judging = [fut for fut in judging if fut not in finished]
                 write([fut.result() for fut in finished])
             for fut in as_completed(judging):
+                judging.remove(fut)
                 write([fut.result()])
+        except BaseException:  # Ctrl-C or a fatal judge error: stop the judge, keep the verdicts already in
+            if submit:
+                judge_run.stop.set()
+                write([fut.result() for fut in judging if fut.done() and not fut.cancelled() and not fut.exception()])
+            raise
         finally:
             bar.close()
-            if pool:
-                pool.shutdown(wait=False, cancel_futures=True)
+            if submit:
+                for fut in judging:
+                    fut.cancel()
+                submit(None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -616,7 +624,7 @@ def calibrate(judge, rows, cot_path, out_path) -> dict:
 def select_rows(path, limit=None, sample=None, seed=0, return_dropped=False):
     rows, dropped = T.load_cmexam(path, return_skipped=True)
     if len({row["id"] for row in rows}) != len(rows):
-        raise SystemExit(f"{path}: question ids are not unique, so predictions could not be matched or resumed")
+        raise T.UserError(f"{path}: question ids are not unique, so predictions could not be matched or resumed")
     if sample is not None:
         picked = set(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
         rows = [row for i, row in enumerate(rows) if i in picked]
@@ -624,9 +632,9 @@ def select_rows(path, limit=None, sample=None, seed=0, return_dropped=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = T.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="Hugging Face Qwen2 checkpoint folder")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     parser.add_argument("--data", help="CMExam .csv/.json/.jsonl (official test_with_annotations.csv)")
     parser.add_argument("--out", help="folder for <mode>.predictions.jsonl, .report.json, .run.json")
     parser.add_argument("--mode", choices=PROTOCOLS, default="cot")
@@ -640,20 +648,22 @@ def main(argv=None):
                         help="judge mode without a model: judge these cot replies and report agreement with exact "
                              "match")
     pick = parser.add_mutually_exclusive_group()
-    pick.add_argument("--limit", type=int, help="only the first N questions of the file")
-    pick.add_argument("--sample", type=int, help="a random N questions (seeded by --sample-seed)")
+    pick.add_argument("--limit", type=T.positive_int, help="only the first N questions of the file")
+    pick.add_argument("--sample", type=T.positive_int, help="a random N questions (seeded by --sample-seed)")
     parser.add_argument("--sample-seed", type=int, default=0, help="for --sample")
     parser.add_argument("--seed", type=int, default=0, help="for sampling at --temperature > 0")
-    parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call / forward pass")
-    parser.add_argument("--max-new-tokens", type=int, help="default: 8192 (cot, rubric: the longest reply of the "
-                        "Stage 1 data; see STUDENT_SAMPLING), 450 (authors)")
-    parser.add_argument("--temperature", type=float, help="default: 0 = greedy (cot, rubric), 0.7 (authors)")
-    parser.add_argument("--top-p", type=float, help="default: 1.0 (cot, rubric), 0.9 (authors)")
+    parser.add_argument("--batch-size", type=T.positive_int, default=32, help="questions per generate call / forward pass")
+    parser.add_argument("--max-new-tokens", type=T.positive_int,
+                        help="(default: 8192 for cot and rubric, the longest reply of the Stage 1 data, see "
+                             "STUDENT_SAMPLING; 450 for authors)")
+    parser.add_argument("--temperature", type=T.nonnegative_float,
+                        help="(default: 0 = greedy for cot and rubric, 0.7 for authors)")
+    parser.add_argument("--top-p", type=T.probability, help="(default: 1.0 for cot and rubric, 0.9 for authors)")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for field in dataclasses.fields(T.TeacherConfig):  # the judge endpoint, judge mode only
         per_protocol = field.name in JUDGE_SAMPLING["authors"]  # default: JUDGE_SAMPLING[--judge-protocol]
-        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=type(field.default),
+        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=T.teacher_arg_type(field),
                             default=None if per_protocol else field.default,
                             help=f"judge mode: TeacherConfig.{field.name}" + (" (default: per --judge-protocol)"
                                                                               if per_protocol else ""))
@@ -679,6 +689,7 @@ def main(argv=None):
     rows, dropped = select_rows(args.data, args.limit, args.sample, args.sample_seed, return_dropped=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    T.lock_output(out / f"{args.mode}.predictions.jsonl")  # one writer per mode: two would append twice
     judge_cfg = T.TeacherConfig(**{f.name: getattr(args, "judge_" + f.name) if getattr(args, "judge_" + f.name)
                                    is not None else JUDGE_SAMPLING[args.judge_protocol][f.name]
                                    for f in dataclasses.fields(T.TeacherConfig)})
@@ -703,22 +714,22 @@ def main(argv=None):
                         judge_max_tokens=judge_cfg.max_tokens, judge_extra=extra)
     run_file = out / f"{args.mode}.run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != settings:
-        raise SystemExit(f"{run_file} holds other settings: {run_file.read_text()}; use another --out to compare")
-    run_file.write_text(json.dumps(settings, indent=2) + "\n")
+        raise T.UserError(f"{run_file} holds other settings: {run_file.read_text()}; use another --out to compare")
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
+        raise T.UserError(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
     broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if broken:
-        raise SystemExit(f"{args.model}: non-finite weights in {len(broken)} tensors (e.g. {broken[0]}): refusing to "
-                         "score a broken checkpoint")
+        raise T.UserError(f"{args.model}: non-finite weights in {len(broken)} tensors (e.g. {broken[0]}): refusing to "
+                          "score a broken checkpoint")
     path = out / f"{args.mode}.predictions.jsonl"
     if args.mode == "judge":
         n = rejudge(judge, {row["id"]: row for row in rows}, path)
         if n:
             print(f"re-judged {n} stored replies whose judge call had failed")
+    run_file.write_text(json.dumps(settings, indent=2) + "\n")  # only now: a mistyped --model records nothing
     run(model, tokenizer, rows, args, path, judge if args.mode == "judge" else None)
 
     report = {**score(read_predictions(path), rows, dropped), "settings": {**settings, "data": args.data}}
@@ -728,4 +739,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    T.run_main(main)

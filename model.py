@@ -16,7 +16,6 @@ Multi-GPU training wraps this model with `shard_model` (FSDP2, one unit per deco
 scores tokens with `model(tokens, logits_at=..., targets=...)` (token_logps: the head in chunks, no [n, V] logits)
 and may add LoRA adapters (add_lora, lora_disabled, save_adapter in PEFT's format).
 """
-import argparse
 import contextlib
 import json
 import math
@@ -27,8 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from templates import ArgumentParser, UserError, nonnegative_float, positive_int, probability, run_main
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the fields of a Hugging Face Qwen2 config.json that change the computation.
@@ -59,14 +60,14 @@ class ModelConfig:
         rope_parameters = {"rope_type": "default", "rope_theta": ...}. Features we do not implement are errors,
         not silent differences."""
         if hf.get("model_type") not in (None, "qwen2"):
-            raise ValueError(f"model_type {hf.get('model_type')!r} is not qwen2")
+            raise UserError(f"model_type {hf.get('model_type')!r} is not qwen2 (only Qwen2 / Qwen2.5 checkpoints load)")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"RoPE scaling {rope} is not supported (only the default rotary embedding)")
+            raise UserError(f"RoPE scaling {rope} is not supported (only the default rotary embedding)")
         if hf.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true is not supported (Qwen2.5 checkpoints ship it false)")
+            raise UserError("use_sliding_window=true is not supported (Qwen2.5 checkpoints ship it false)")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
+            raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in known}
         if "rope_theta" in rope:
@@ -75,9 +76,9 @@ class ModelConfig:
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         cfg = cls(**kwargs)
         if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(f"inconsistent head counts in {cfg}")
+            raise UserError(f"inconsistent head counts in {cfg}")
         if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
-            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}")
+            raise UserError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}")
         return cfg
 
     def to_hf(self, dtype: torch.dtype) -> dict:
@@ -331,20 +332,53 @@ def checkpoint_names(model: Transformer) -> dict:
     return {hf_name(n): p for n, p in params.items()}
 
 
+def read_config(path) -> dict:
+    """The config.json dict of a checkpoint folder (or of a config.json path), with one-line errors for a missing
+    folder, a missing file and a file that is not JSON."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"{path}: no such folder (expected a Hugging Face Qwen2 checkpoint folder: config.json, "
+                        "*.safetensors)")
+    if not file.is_file():
+        raise UserError(f"{path}: no config.json (expected a Hugging Face Qwen2 checkpoint folder)")
+    try:
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not a JSON config ({e}); damaged: save or download it again") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{file}: not a JSON object")
+    return hf
+
+
+def _open_safetensors(file, device="cpu"):
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file}: unreadable safetensors ({e}); truncated or damaged: save or download it again") \
+            from None
+
+
 def load(path, dtype=torch.float32, device="cpu") -> Transformer:
     """Load a Hugging Face Qwen2 folder. The model is built on the meta device and each tensor is assigned as it
     is read (converted to `dtype` on `device`), so peak memory is one copy of the weights, not two."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face Qwen2 checkpoint folder)")
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    hf = read_config(path)
+    try:
+        cfg = ModelConfig.from_hf(hf)
+    except UserError as e:
+        raise UserError(f"{path / 'config.json'}: {e}") from None
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path / INDEX_FILE}: not a safetensors index ({e!r}); save or download it again") \
+                from None
     elif (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", framework="pt") as f:
+        with _open_safetensors(path / "model.safetensors") as f:
             weight_map = {name: "model.safetensors" for name in f.keys()}
     else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor {INDEX_FILE}")
+        raise UserError(f"{path}: neither model.safetensors nor {INDEX_FILE}")
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -352,25 +386,29 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
     missing = sorted(set(expected) - set(weight_map))
     unexpected = sorted(set(weight_map) - set(expected) - {"lm_head.weight"})
     if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
     if unexpected:
-        raise KeyError(f"{path}: unexpected tensors {[(n, weight_map[n]) for n in unexpected[:5]]}")
+        raise UserError(f"{path}: unexpected tensors {[(n, weight_map[n]) for n in unexpected[:5]]}")
 
     state = {}
     for file in sorted(set(weight_map.values())):
         if not (path / file).is_file():
-            raise FileNotFoundError(f"{path / file}: shard named in {INDEX_FILE} is missing")
-        with safe_open(path / file, framework="pt", device=str(device)) as f:
+            raise UserError(f"{path / file}: shard named in {INDEX_FILE} is missing")
+        with _open_safetensors(path / file, device) as f:
             for name in f.keys():
                 if name not in expected:
                     continue  # a tied checkpoint that still stores lm_head.weight: the embedding is used
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
-                    raise ValueError(f"{path / file}: tensor {name} has shape {shape}, config implies {expected[name]}")
-                state[name.removeprefix("model.")] = f.get_tensor(name).to(dtype)
+                    raise UserError(f"{path / file}: tensor {name} has shape {shape}, config implies {expected[name]}")
+                try:
+                    state[name.removeprefix("model.")] = f.get_tensor(name).to(dtype)
+                except SafetensorError as e:
+                    raise UserError(f"{path / file}: tensor {name} unreadable ({e}); save or download it again") \
+                        from None
     absent = sorted(name for name in expected if name.removeprefix("model.") not in state)
     if absent:  # the index promised them, the shard did not hold them
-        raise KeyError(f"{path}: tensors missing from their shard files: {[(n, weight_map[n]) for n in absent[:5]]}")
+        raise UserError(f"{path}: tensors missing from their shard files: {[(n, weight_map[n]) for n in absent[:5]]}")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the Parameter; re-tie
@@ -441,9 +479,14 @@ def load_tokenizer(path):
     from tokenizers import Tokenizer
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"{path}: no such folder or file (expected a checkpoint folder with tokenizer.json)")
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no tokenizer.json")
-    return Tokenizer.from_file(str(file))
+        raise UserError(f"{file}: no tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+        raise UserError(f"{file}: not a tokenizer.json ({str(e)[:200]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -711,14 +754,17 @@ def load_adapter(model: Transformer, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", help="Hugging Face Qwen2 folder (config.json, *.safetensors, tokenizer.json)")
-    parser.add_argument("--prompt", default="患者，男，45岁，胸痛3小时。最可能的诊断是什么？")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="Hugging Face Qwen2 folder (config.json, *.safetensors, tokenizer.json); "
+                        "none: a small random model")
+    parser.add_argument("--prompt", default="患者，男，45岁，胸痛3小时。最可能的诊断是什么？",
+                        help="the user message")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to sample")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                        choices=["bfloat16", "float16", "float32"], help="weights and compute")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.model is None:
@@ -739,4 +785,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

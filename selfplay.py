@@ -17,7 +17,7 @@ the paper builds pairs from corrections). --hint shows the gold answer to the co
 and every record says whether it was on.
 
     python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay     # round 1's pairs only
-    python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay --rounds 2 --nproc 8 \
+    python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay --rounds 2 --nproc 8 \\
         --dpo-args "--precompute-ref --rpo-alpha 1"  # sample, torchrun dpo.py, sample with the new model, DPO
     # sampling on 8 GPUs: one process per GPU, each on its slice of the questions, then merge the files
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python selfplay.py ... --shard $i --num-shards 8 & done; wait
@@ -31,11 +31,13 @@ config.json and, with --rounds, the DPO run in dpo/ and done.json naming its fin
 so it is the commit log: a killed run resumes at the first uncommitted chunk with nothing lost or duplicated, and
 a round with a done.json is skipped.
 """
-import argparse
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import zlib
@@ -47,8 +49,10 @@ from tqdm import tqdm
 
 from model import generate, load, load_tokenizer
 from sft import latest_checkpoints
-from templates import (append_jsonl, chat, critique_messages, done_ids, extract_answer, extract_correction,
-                       is_well_formed, load_cmexam, prompt_reference, special_ids, student_messages, write_jsonl)
+from templates import (ArgumentParser, UserError, append_jsonl, chat, critique_messages, die_with_parent, done_ids,
+                       extract_answer, extract_correction, is_well_formed, load_cmexam, lock_output, nonnegative_float,
+                       nonnegative_int, positive_int, probability, prompt_reference, run_main, special_ids,
+                       student_messages, write_jsonl)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config. Defaults are for Qwen2.5-7B: at its ~70% accuracy on CMExam, 1 - 0.7^4 = 76% of questions have at least
@@ -222,7 +226,7 @@ def check_config(out_dir, cfg):
         old = json.loads(path.read_text())
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if changed:
-            raise SystemExit(f"{out_dir} was started with other settings (was, now): {changed}; use another --out")
+            raise UserError(f"{out_dir} was started with other settings (was, now): {changed}; use another --out")
     else:
         path.write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -335,8 +339,8 @@ def merge_shards(out_dir, rows, num_shards, model_path, round_=1) -> dict:
                                                     out_dir / f"samples{suffix}.jsonl")
         missing = {row["id"] for row in rows[shard::num_shards]} - {r["id"] for r in shard_records}
         if missing:
-            raise SystemExit(f"shard {shard} of {num_shards} has not finished ({len(missing)} questions left): "
-                             "rerun it")
+            raise UserError(f"shard {shard} of {num_shards} has not finished ({len(missing)} questions left): "
+                            "rerun it")
         records += shard_records
         pairs += shard_pairs
     pairs = list({pair_key(p): p for p in pairs}.values())
@@ -358,36 +362,54 @@ def run_dpo(args, model_path, pairs_path, out_dir):
     cmd = [*launcher, args.dpo_script, "--model", str(model_path), "--tokenizer", str(args.tokenizer or args.model),
            "--data", str(pairs_path), "--out", str(out_dir), "--resume", *shlex.split(args.dpo_args)]
     print("+ " + shlex.join(cmd), flush=True)
-    if subprocess.run(cmd).returncode:
-        raise SystemExit("DPO failed (its output is above); rerun the same command to resume")
+    # The DPO run dies with this process: the kernel signals it if we are killed (even by kill -9), and on Ctrl-C
+    # or any exception its whole process group (torchrun and its workers) is stopped here. Its own session keeps a
+    # terminal's Ctrl-C from reaching it before we decide.
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    try:
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if returncode:
+        raise UserError(f"DPO failed (exit {returncode}, its output is above); rerun the same command to resume")
     checkpoints = latest_checkpoints(out_dir)
     if not checkpoints:
-        raise SystemExit(f"DPO finished but left no complete checkpoint in {out_dir}")
+        raise UserError(f"DPO finished but left no complete checkpoint in {out_dir}")
     return checkpoints[-1]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="the SFT checkpoint (Hugging Face folder): round 1's student")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     parser.add_argument("--data", required=True, help="CMExam training questions (.csv, .json or .jsonl)")
     parser.add_argument("--out", required=True, help="output folder: round_1/, round_2/, ...")
-    parser.add_argument("--limit", type=int, help="only the first N questions")
-    parser.add_argument("--rounds", type=int, default=0, help="sample+DPO rounds; 0 = round 1's pairs only")
+    parser.add_argument("--limit", type=positive_int, help="only the first N questions")
+    parser.add_argument("--rounds", type=nonnegative_int, default=0, help="sample+DPO rounds; 0 = round 1's pairs only")
+    types = {int: positive_int, float: nonnegative_float}
     for field in dataclasses.fields(SelfPlayConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool:
             parser.add_argument(flag, action="store_true", help=f"SelfPlayConfig.{field.name}")
         else:
-            parser.add_argument(flag, type=type(field.default), default=field.default,
-                                help=f"SelfPlayConfig.{field.name} (default {field.default})")
-    parser.add_argument("--shard", type=int, default=0, help="this process samples questions shard::num-shards")
-    parser.add_argument("--num-shards", type=int, default=1)
+            kind = {"top_p": probability, "top_k": nonnegative_int, "seed": int}.get(field.name) \
+                or types.get(type(field.default), type(field.default))
+            parser.add_argument(flag, type=kind, default=field.default, help=f"SelfPlayConfig.{field.name}")
+    parser.add_argument("--shard", type=nonnegative_int, default=0,
+                        help="this process samples questions shard::num-shards")
+    parser.add_argument("--num-shards", type=positive_int, default=1, help="sampling processes, each on its shard")
     parser.add_argument("--merge", action="store_true", help="join the --num-shards shard files of round 1")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    parser.add_argument("--nproc", type=int, default=1, help="DPO processes (GPUs) for torchrun")
-    parser.add_argument("--dpo-script", default=str(Path(__file__).resolve().parent / "dpo.py"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sampling device")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                        help="sampling dtype")
+    parser.add_argument("--nproc", type=positive_int, default=1, help="DPO processes (GPUs) for torchrun")
+    parser.add_argument("--dpo-script", default=str(Path(__file__).resolve().parent / "dpo.py"), help="dpo.py to run")
     parser.add_argument("--dpo-args", default="", help='more dpo.py flags in one string, e.g. "--beta 0.3"')
     args = parser.parse_args(argv)
     cfg = SelfPlayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SelfPlayConfig)})
@@ -396,11 +418,17 @@ def main(argv=None):
     if not 0 <= args.shard < args.num_shards or (args.num_shards > 1 and args.rounds):
         parser.error("--shard i --num-shards n (0 <= i < n) only with --rounds 0; then --merge joins the files")
 
+    out, model_path = Path(args.out), Path(args.model)
+    # One writer per output: the whole folder, or with --num-shards this shard's files (and --merge round 1's).
+    (out / "round_1").mkdir(parents=True, exist_ok=True)
+    if args.num_shards > 1 and not args.merge:
+        lock_output(out / "round_1" / f"samples{shard_suffix(args.shard, args.num_shards)}.jsonl")
+    else:
+        lock_output(out)
     rows = load_cmexam(args.data)[:args.limit]
     if len({row["id"] for row in rows}) != len(rows):
-        raise SystemExit(f"{args.data}: question ids are not unique, so a run could not resume")
+        raise UserError(f"{args.data}: question ids are not unique, so a run could not resume")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    out, model_path = Path(args.out), Path(args.model)
     if args.merge:
         merge_shards(out / "round_1", rows, args.num_shards, model_path)
         return
@@ -416,10 +444,10 @@ def main(argv=None):
         if not args.rounds:
             break
         if not summary["pairs"]:
-            raise SystemExit(f"round {k} made no pairs: nothing for DPO to train on")
+            raise UserError(f"round {k} made no pairs: nothing for DPO to train on")
         model_path = run_dpo(args, model_path, round_dir / "pairs.jsonl", round_dir / "dpo")
         done.write_text(json.dumps({"checkpoint": str(model_path), "pairs": summary["pairs"]}) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

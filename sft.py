@@ -24,9 +24,11 @@ adapter/, the adapter in PEFT's format (peft, vLLM --lora-modules); a resume reb
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -45,8 +47,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from model import (LORA_TARGETS, LoRAConfig, ModelConfig, Transformer, add_lora, copy_tokenizer, init_weights, load,
-                   load_adapter, load_tokenizer, save, save_adapter, shard_model)
-from templates import encode_chat, special_ids
+                   load_adapter, load_tokenizer, read_config, save, save_adapter, shard_model)
+from templates import (ArgumentParser, UserError, checked, die_with_parent, encode_chat, lock_output,
+                       nonnegative_float, nonnegative_int, positive_float, positive_int, run_main, special_ids)
 
 # DCP saves/loads fine in one process without a process group; it just says so on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -61,6 +64,7 @@ def init_distributed():
     """-> (rank, world_size, device). nccl on CUDA, gloo on CPU; a plain single process without torchrun."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    die_with_parent()  # a killed torchrun must not leave its workers training on as orphans
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -119,8 +123,11 @@ def load_model(path=None, init_config=None, seed=0) -> Transformer:
     from a config.json), an empty meta-device model on every other rank (no memory; filled in prepare_model)."""
     if (path is None) == (init_config is None):
         raise ValueError("give exactly one of a checkpoint folder (--model) or a config.json (--init-config)")
-    hf = json.loads(Path(init_config or Path(path) / "config.json").read_text())
-    cfg = ModelConfig.from_hf(hf)
+    hf = read_config(init_config or path)
+    try:
+        cfg = ModelConfig.from_hf(hf)
+    except UserError as e:
+        raise UserError(f"{init_config or Path(path) / 'config.json'}: {e}") from None
     if get_rank() != 0:
         with torch.device("meta"):
             return Transformer(cfg)
@@ -357,17 +364,20 @@ def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_e
     """The flags sft.py and dpo.py share (each with its own defaults)."""
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     parser.add_argument("--out", required=require_out, help="run folder: checkpoints step-NNNNNN/ and metrics.jsonl")
-    parser.add_argument("--epochs", type=float, default=epochs, help="passes over the data (unless --steps)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch, summed over ranks")
-    parser.add_argument("--micro-batch-size", type=int, default=micro_batch_size, help="per rank per forward")
-    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * this (cosine decay)")
-    parser.add_argument("--warmup", type=float, default=0.05, help="linear warmup, as a fraction of the steps")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: no clipping)")
-    parser.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps and at the end")
-    parser.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (0: all)")
+    fraction = checked(float, 0, 1)
+    parser.add_argument("--epochs", type=positive_float, default=epochs, help="passes over the data (unless --steps)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="global batch, summed over ranks")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=micro_batch_size, help="per rank per forward")
+    parser.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
+    parser.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final lr = lr * this (cosine decay)")
+    parser.add_argument("--warmup", type=fraction, default=0.05, help="linear warmup, as a fraction of the steps")
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW's, on matrices only")
+    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
+                        help="max global grad norm (0: no clipping)")
+    parser.add_argument("--save-every", type=positive_int, default=save_every,
+                        help="checkpoint every N steps and at the end")
+    parser.add_argument("--keep", type=nonnegative_int, default=2, help="complete checkpoints kept (0: all)")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
     parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
@@ -402,16 +412,17 @@ def total_steps(args, n_examples):
 
 def check_batch_sizes(args, world_size):
     if args.batch_size % (world_size * args.micro_batch_size):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of world size {world_size} x "
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of world size {world_size} x "
                          f"--micro-batch-size {args.micro_batch_size} (every rank runs the same micro-batches)")
 
 
 def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0, desc="train", info=None,
-        bar_keys=(), length=None):
+        bar_keys=(), length=None, settings=None):
     """Train from start_step to the last step; checkpoints every args.save_every steps and at the end, and points
     out/final at the last one. `info` (e.g. data counts) goes into the metrics file's start record; the metrics
     named in `bar_keys` are shown on the progress bar beside loss, lr, tokens/s and grad norm. `length(example)`
-    (padded tokens it costs) groups each step's examples by length into micro-batches."""
+    (padded tokens it costs) groups each step's examples by length into micro-batches. `settings` (run_settings)
+    go into every checkpoint, for resume_point to compare."""
     rank, world_size = get_rank(), get_world_size()
     steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
     if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
@@ -423,6 +434,7 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
     # Saved with each checkpoint and checked on resume: the data position (= step) only means something for the
     # same examples, batch size and seed.
     data_state = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed, "steps": steps}
+    settings = run_settings(args, examples) if settings is None else settings
     metrics = MetricsLog(Path(args.out) / "metrics.jsonl", start_step, rank == 0)
     metrics.write(event="start", step=start_step, world_size=world_size, **data_state, **(info or {}))
     bar = tqdm(total=steps, initial=start_step, desc=desc, disable=rank != 0, dynamic_ncols=True)
@@ -443,8 +455,8 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
                         lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}", gnorm=f"{stats['grad_norm']:.2f}")
         bar.update()
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            path = save_checkpoint(args.out, step + 1, model, optimizer, data_state, keep=args.keep,
-                                   tokenizer=args.tokenizer or args.model)
+            path = save_checkpoint(args.out, step + 1, model, optimizer, {**data_state, "settings": settings},
+                                   keep=args.keep, tokenizer=args.tokenizer or args.model)
             if rank == 0:
                 bar.write(f"saved {path}")
         clock = time.perf_counter()
@@ -460,22 +472,39 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
     return stats
 
 
-def resume_point(args, examples):
-    """(checkpoint folder, step) to resume from, or (None, 0). Refuses a checkpoint made on other data, and a fresh
-    run into a folder that holds checkpoints (it would mix two runs)."""
+RESULT_ARGS = ("batch_size", "seed", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype")
+
+
+def run_settings(args, examples, **extra):
+    """What a resumed run must share with the checkpoint it continues, or it would be another run: the tokenized
+    examples (their sha256: another data file of the same length, another tokenizer or max length all differ), the
+    data order, the optimizer and the schedule, and `extra` (dpo.py: the loss and the reference). --steps counts
+    only where the schedule depends on it: a constant-lr run (no warmup, no decay) may be extended."""
+    constant_lr = args.warmup == 0 and args.min_lr_ratio == 1
+    return {"data_sha256": hashlib.sha256(pickle.dumps(examples, protocol=4)).hexdigest()[:16],
+            "examples": len(examples), **{k: getattr(args, k) for k in RESULT_ARGS},
+            "steps": None if constant_lr else total_steps(args, len(examples)), **extra}
+
+
+def resume_point(args, examples, settings=None):
+    """(checkpoint folder, step) to resume from, or (None, 0). Refuses a checkpoint made with other data or
+    settings (`settings`, default run_settings(args, examples)), and a fresh run into a folder that holds
+    checkpoints (it would mix two runs)."""
     found = latest_checkpoints(args.out)
     if found and not args.resume:
-        raise FileExistsError(f"{args.out} holds checkpoints (last: {found[-1].name}): pass --resume to continue "
-                              "that run, or choose another --out")
+        raise UserError(f"{args.out} holds checkpoints (last: {found[-1].name}): pass --resume to continue "
+                        "that run, or choose another --out")
     if not found:
         if args.resume and get_rank() == 0:
             print(f"--resume: no complete checkpoint in {args.out}; starting from step 0")
         return None, 0
     state = json.loads((found[-1] / "trainer_state.json").read_text())
-    now = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed}
-    if any(state.get(k) != v for k, v in now.items()):
-        raise ValueError(f"{found[-1]} was made with {({k: state.get(k) for k in now})}, this run has {now}: "
-                         "the saved data position would not match")
+    now = run_settings(args, examples) if settings is None else settings
+    old = state.get("settings") or {k: state.get(k) for k in ("examples", "batch_size", "seed")}  # older runs
+    differ = {k: (v, now.get(k)) for k, v in old.items() if v != now.get(k)}
+    if differ:
+        raise UserError(f"{found[-1]} was made with other data or settings, (then, now): {differ}; the saved data "
+                        "position and schedule would not match: pass the same ones, or choose another --out")
     return found[-1], state["step"]
 
 
@@ -491,6 +520,8 @@ def tokenize_records(path, tokenizer, max_len, verbose=True):
     counted, and the first few reported by line (if verbose: rank 0)."""
     eos = special_ids(tokenizer)["endoftext"]
     examples, counts = [], Counter()
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such data file")
 
     def skip(lineno, reason):
         counts["skipped: " + reason] += 1
@@ -568,13 +599,13 @@ def sft_loss(model, batch):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="Hugging Face Qwen2 folder to fine-tune")
     parser.add_argument("--init-config", help="config.json of a model to train from random init (instead of --model)")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model)")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     parser.add_argument("--data", required=True, help="JSONL of {messages}, {prompt, completion} or {text}")
-    parser.add_argument("--max-len", type=int, default=8192, help="max tokens per example (prompt + answer)")
+    parser.add_argument("--max-len", type=checked(int, 2), default=8192,
+                        help="max tokens per example (prompt + answer)")
     add_training_args(parser, lr=1e-5, batch_size=32, epochs=3)
     args = parser.parse_args(argv)
     if (args.model is None) == (args.init_config is None):
@@ -583,14 +614,18 @@ def main(argv=None):
         parser.error("--init-config needs --tokenizer")
 
     rank, world_size, device = init_distributed()
+    if rank == 0:  # one run per folder: a second one (or an orphan of a killed one) would interleave checkpoints
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        lock_output(args.out)
     check_batch_sizes(args, world_size)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     examples, counts = tokenize_records(args.data, tokenizer, args.max_len, verbose=rank == 0)
     if not examples:
-        raise ValueError(f"{args.data}: no usable example ({counts})")
+        raise UserError(f"{args.data}: no usable example ({counts})")
     if rank == 0:
         print(f"{args.data}: {len(examples)} examples, {json.dumps(counts)}")
-    checkpoint, start_step = resume_point(args, examples)
+    settings = run_settings(args, examples)
+    checkpoint, start_step = resume_point(args, examples, settings)
     seed_all(args.seed + rank)
 
     lora = lora_config(args)
@@ -599,7 +634,7 @@ def main(argv=None):
                        None if checkpoint and not lora else args.init_config, seed=args.seed)
     vocab = model.config.vocab_size
     if max(max(ids) for ids, _ in examples) >= vocab:
-        raise ValueError(f"token ids reach {max(max(ids) for ids, _ in examples)} but the model's vocab is {vocab}")
+        raise UserError(f"token ids reach {max(max(ids) for ids, _ in examples)} but the model's vocab is {vocab}")
     dtype = getattr(torch, args.dtype)
     model = prepare_model(model, device, world_size, model_dtype(args, device, lora),
                           mixed_precision=device.type == "cuda" and dtype == torch.bfloat16,
@@ -613,9 +648,9 @@ def main(argv=None):
     pad_id = special_ids(tokenizer)["endoftext"]
     collate = functools.partial(collate_sft, pad_id=pad_id, device=device)
     fit(args, model, optimizer, examples, collate, sft_loss, device, start_step, desc="sft", info=counts,
-        length=lambda example: len(example[0]))
+        length=lambda example: len(example[0]), settings=settings)
     teardown_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

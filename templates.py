@@ -13,20 +13,26 @@ Standard library only (tqdm for distill's progress bar); tokenizer arguments are
 """
 import argparse
 import csv
+import ctypes
 import dataclasses
+import fcntl
 import itertools
 import json
 import logging
 import os
+import queue
 import random
 import re
+import signal
+import sys
+import threading
 import time
 import unicodedata
 import http.client
 import urllib.error
 import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 
 log = logging.getLogger("templates")
@@ -131,6 +137,17 @@ def _parse_answer(value):
 
 def _read_records(path):
     """[(where, record dict or None)] and the column names, from a .csv, .json (a list) or .jsonl file."""
+    if path.suffix.lower() not in (".csv", ".json", ".jsonl"):
+        raise UserError(f"{path}: a CMExam file must end in .csv, .json or .jsonl (convert it, or rename it if it "
+                        "is one of them)")
+    try:
+        return _read_records_utf8(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 (byte {e.start}); CMExam files are UTF-8: convert it, e.g. "
+                        f"iconv -f GBK -t UTF-8 {path} > utf8{path.suffix}") from None
+
+
+def _read_records_utf8(path):
     if path.suffix.lower() == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
@@ -143,9 +160,13 @@ def _read_records(path):
         lines = enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         records = [(f"line {i}", _json_or_none(text)) for i, text in lines if text.strip()]
     else:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg}); a .json file holds one list of "
+                            "questions (one question a line is .jsonl)") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of questions")
+            raise UserError(f"{path}: expected a JSON list of questions")
         records = [(f"item {i}", record) for i, record in enumerate(data)]
     columns = {k for _, record in records if isinstance(record, dict) for k in record}
     return records, sorted(columns)
@@ -184,12 +205,12 @@ def load_cmexam(path, return_skipped=False):
     skipped with a warning naming their line and reason; return_skipped=True also returns [(where, reason)]."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CMExam file not found: {path}")
+        raise UserError(f"CMExam file not found: {path}")
     records, columns = _read_records(path)
     missing = [official for ours, official in REQUIRED_COLUMNS.items()
                if ours not in columns and official not in columns]
     if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}; it has {columns}")
+        raise UserError(f"{path}: missing required column(s) {missing}; it has {columns}")
     rows, skipped = [], []
     for index, (where, record) in enumerate(records):
         try:
@@ -397,6 +418,147 @@ def extract_correction(text) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Runs, shared by all six scripts (this file is the one they all import, and it needs only the standard library):
+# one-line errors for bad input, arguments checked at parse time, one writer per output, and workers that die with
+# their launcher.
+
+class UserError(ValueError):
+    """Bad input (data, checkpoint, argument, an output in use): run_main prints it as one line and exits 2.
+    Any other exception is a bug and keeps its traceback."""
+
+
+def die(message, code=2):
+    """`error: <what, where, what to do>` on stderr and exit `code`. Under torchrun rank 0 says it: the other ranks
+    wait first, since most errors strike every rank and torchrun stops them all once rank 0 has exited; a rank
+    still alive after the wait had an error of its own and says so."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        time.sleep(5)
+    print(f"error: {message}" if not rank else f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run_main(main):
+    """A script's entry point: UserError -> one line and exit 2, Ctrl-C -> one line and exit 130."""
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        die("interrupted; everything already written is kept (run the same command again to continue)", 130)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the description's line breaks (its example commands)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: argument --limit: ...`, exit 2), printed on rank 0 only."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        die(f"{message} (see {self.prog} --help)")
+
+
+def checked(kind, low, high=None, low_open=False):
+    """An argparse type: a `kind` (int or float) in [low, high], or (low, high] with low_open. A count of 0 or -1
+    would otherwise silently drop data (`rows[:-1]`) or crash deep in a stack."""
+    def parse(text):
+        value = kind(text)  # not a number: argparse reports "invalid <kind> value"
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = f"> {low}" if low_open else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{'' if high is None else f' and <= {high}'}, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int, nonnegative_int = checked(int, 1), checked(int, 0)
+positive_float, nonnegative_float, probability = checked(float, 0, low_open=True), checked(float, 0), \
+    checked(float, 0, 1, low_open=True)
+
+_LOCKS = {}  # lock file -> the open file holding its flock, kept for this process's lifetime
+
+
+def lock_output(path):
+    """Make this process the only writer of a run's output (a folder: <path>/.lock; a file: <path>.lock) until it
+    exits. A second run stops at once with the holder's PID. The lock is an flock, which the kernel releases when
+    its holder dies however it dies (kill -9 included), so a killed run's lock is simply taken over; the file
+    holding the PID stays behind and means nothing by itself. Asking again for a lock this process holds is a no-op
+    (a test or script calling several mains in one process). Under torchrun call it on rank 0 only."""
+    path = Path(path)
+    lock = path / ".lock" if path.is_dir() else path.with_name(path.name + ".lock")
+    key = str(lock.resolve())
+    if key in _LOCKS:
+        return _LOCKS[key]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().split(maxsplit=1) or ["?", "?"]
+        f.close()
+        raise UserError(f"{path} is in use by PID {holder[0]} (started {holder[-1].strip()}); wait for it or stop "
+                        "it, or choose another output") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {' '.join(sys.argv)[:200]}\n")
+    f.flush()
+    _LOCKS[key] = f
+    return f
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Looked up here, before any fork: a subprocess preexec_fn should not load libraries.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PARENT_AT_IMPORT = os.getppid()
+
+
+def die_with_parent(parent_pid=None):
+    """Linux: have the kernel send this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), so that a
+    torchrun worker or selfplay's DPO run never outlives a killed launcher as an orphan still writing the run's
+    folder. If the parent (`parent_pid`, by default the one this process had when this file was imported) already
+    died before the call, the race prctl(2) warns of, this process has been reparented and ends now. Elsewhere a
+    no-op. Also usable as a subprocess preexec_fn (it survives exec)."""
+    if _PRCTL is None:
+        return
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != (parent_pid or _PARENT_AT_IMPORT):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def daemon_pool(workers):
+    """submit(fn, *args) -> Future, run by `workers` daemon threads; submit(None) ends them. Unlike a
+    ThreadPoolExecutor's threads, daemon threads do not hold up the exit of a stopped run (Ctrl-C, a fatal teacher
+    error) while requests are in flight, which can last --timeout seconds each."""
+    tasks = queue.SimpleQueue()
+
+    def work():
+        while (task := tasks.get()) is not None:
+            fn, args, future = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: B036 -- handed to whoever waits on the future
+                    future.set_exception(e)
+
+    for _ in range(workers):
+        threading.Thread(target=work, daemon=True).start()
+
+    def submit(fn, *args):
+        if fn is None:
+            for _ in range(workers):
+                tasks.put(None)
+            return None
+        future = Future()
+        tasks.put((fn, args, future))
+        return future
+    return submit
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Teacher client: any OpenAI-compatible /v1/chat/completions (vLLM, DeepSeek, OpenAI), standard library only
 
 @dataclasses.dataclass
@@ -412,6 +574,13 @@ class TeacherConfig:
     backoff_base: float = 2.0  # retry k waits about backoff_base * 2**k seconds, x0.5-1.5 jitter
     backoff_max: float = 60.0
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from here at each request, never stored or logged
+    max_connection_failures: int = 8  # this many requests in a row that cannot connect stop the run
+
+
+def teacher_arg_type(field):
+    """The argparse type of a TeacherConfig field: counts >= 1 (retries >= 0), a timeout > 0, top_p in (0, 1]."""
+    special = {"max_retries": nonnegative_int, "timeout": positive_float, "top_p": probability}
+    return special.get(field.name) or {int: positive_int, float: nonnegative_float}.get(type(field.default), str)
 
 
 class TeacherError(Exception):
@@ -420,18 +589,39 @@ class TeacherError(Exception):
         self.kind, self.retry_after = kind, retry_after
 
 
+class TeacherFatal(UserError):
+    """The whole run must stop: the key was refused or cannot be sent, the server cannot be reached, or the run's
+    stop event was set. Not a TeacherError, so no per-question handler swallows it."""
+
+
+@dataclasses.dataclass
+class TeacherRun:
+    """What one run's concurrent requests share: `stop` ends them all (before the next attempt or during backoff),
+    and the count of consecutive requests that could not connect."""
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    reason: str = ""  # why it stopped, if a request stopped it
+    connection_failures: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
 def _request_once(cfg, messages, extra=None):
     base = cfg.base_url.rstrip("/")
     url = base + ("" if base.endswith("/v1") else "/v1") + "/chat/completions"
     body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
             "max_tokens": cfg.max_tokens, **(extra or {})}
     headers = {"Content-Type": "application/json"}
-    if os.environ.get(cfg.api_key_env):
-        headers["Authorization"] = "Bearer " + os.environ[cfg.api_key_env]
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    key = os.environ.get(cfg.api_key_env, "").strip()  # a key read from a CRLF file, or pasted, ends in \r or \n
+    if key:
+        headers["Authorization"] = "Bearer " + key
     try:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
             raw = response.read()
+    except ValueError as e:  # http.client's "Invalid header value b'Bearer <the key>'": never show the message
+        if key and "header" in str(e).lower():
+            raise TeacherFatal(f"${cfg.api_key_env} holds a character an HTTP header cannot carry (a line break "
+                               "inside the key?); set it again") from None
+        raise TeacherFatal(f"cannot send a request to {url!r} ({e}); check --base-url") from None
     except urllib.error.HTTPError as e:
         retry_after = e.headers.get("Retry-After", "")
         raise TeacherError(f"http_{e.code}", e.reason, float(retry_after) if retry_after.isdigit() else None) from None
@@ -456,22 +646,49 @@ def _request_once(cfg, messages, extra=None):
     return content.strip()
 
 
-def chat_completion(cfg, messages, stats=None, extra=None) -> str:
+def chat_completion(cfg, messages, stats=None, run=None, extra=None) -> str:
     """The teacher's reply text. Retries 429, 5xx, timeouts, connection errors and unusable bodies with
     exponential backoff; raises TeacherError at once on other 4xx. `stats` (a Counter) counts requests and
-    failures by kind; `extra` adds fields to the request body (vLLM's top_k, allowed_token_ids)."""
+    failures by kind; `extra` adds fields to the request body (vLLM's top_k, allowed_token_ids). Raises
+    TeacherFatal, which should end the run, on 401/403, and once cfg.max_connection_failures requests in a row of
+    `run` (a TeacherRun its concurrent requests share) could not connect: against a dead or refusing server,
+    retrying each question would take hours for nothing."""
     stats = Counter() if stats is None else stats
+    run = TeacherRun() if run is None else run
     for attempt in range(cfg.max_retries + 1):
+        if run.stop.is_set():
+            raise TeacherFatal(run.reason or "stopped")
         stats["requests"] += 1
         try:
-            return _request_once(cfg, messages, extra)
+            reply = _request_once(cfg, messages, extra)
+        except TeacherFatal as e:  # the key cannot be sent, the URL is malformed: no request of the run can go
+            with run.lock:
+                run.reason = run.reason or str(e)
+            run.stop.set()
+            raise
         except TeacherError as e:
             stats[e.kind] += 1
+            with run.lock:
+                run.connection_failures = run.connection_failures + 1 if e.kind == "connection" else 0
+                failures = run.connection_failures
+            fatal = (f"the teacher at {cfg.base_url} refused the request ({e}): check the key in ${cfg.api_key_env} "
+                     "(--api-key-env) and --model" if e.kind in ("http_401", "http_403") else
+                     f"{failures} requests in a row could not connect to {cfg.base_url} ({e}): is the server up, "
+                     "at that address (--base-url)?" if failures >= cfg.max_connection_failures else None)
+            if fatal:
+                with run.lock:
+                    run.reason = run.reason or fatal  # what every other request of the run now stops with
+                run.stop.set()
+                raise TeacherFatal(fatal) from None
             retryable = e.kind in ("http_429", "timeout", "connection", "bad_response") or e.kind.startswith("http_5")
             if not retryable or attempt == cfg.max_retries:
                 raise
             delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.5)
-            time.sleep(min(cfg.backoff_max, max(delay, e.retry_after or 0)))
+            run.stop.wait(min(cfg.backoff_max, max(delay, e.retry_after or 0)))
+        else:
+            with run.lock:
+                run.connection_failures = 0
+            return reply
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,13 +696,13 @@ def chat_completion(cfg, messages, stats=None, extra=None) -> str:
 # <out minus .jsonl>.failed.jsonl holds questions every try got wrong, so a rerun does not ask again (delete it to
 # retry them). A question whose tries hit a teacher error is written nowhere and is asked again on the next run.
 
-def _distill_one(cfg, row, tries, hint_fallback):
+def _distill_one(cfg, row, tries, hint_fallback, run=None):
     """Ask the teacher until a well-formed trajectory reaches the gold answer; (record or None, stats)."""
     stats, predicted = Counter(), []
     plan = [False] * tries + [True] * (tries if hint_fallback else 0)  # hinted tries only after plain ones fail
     for n, hint in enumerate(plan, 1):
         try:
-            text = chat_completion(cfg, teacher_messages(row, row["answer"] if hint else None), stats)
+            text = chat_completion(cfg, teacher_messages(row, row["answer"] if hint else None), stats, run)
         except TeacherError:
             return None, stats
         merged = merge_think(text)
@@ -534,7 +751,17 @@ def done_ids(path):
         data = data[:data.rfind(b"\n") + 1]
         with open(path, "r+b") as f:
             f.truncate(len(data))
-    return {json.loads(line)["id"] for line in data.decode("utf-8").splitlines() if line.strip()}
+    ids = set()
+    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ids.add(json.loads(line)["id"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: not a record of this run (corrupt, or written by something else), so "
+                            f"it cannot be resumed; delete that line (sed -i '{n}d' {path}) or use another --out") \
+                from None
+    return ids
 
 
 def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
@@ -543,30 +770,42 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
 
     rows = load_cmexam(data)[:limit]
     if len({row["id"] for row in rows}) != len(rows):
-        raise ValueError(f"{data}: question ids are not unique, so a run could not resume")
+        raise UserError(f"{data}: question ids are not unique, so a run could not resume")
     out = Path(out)
+    lock_output(out)
     failed_path = out.with_name(out.name.removesuffix(".jsonl") + ".failed.jsonl")
     done = done_ids(out) | done_ids(failed_path)
     pending = [row for row in rows if row["id"] not in done]
     summary = {"questions": len(rows), "already_done": len(rows) - len(pending), "kept": 0, "kept_with_hint": 0,
                "failed": 0, "errored": 0}
-    stats = Counter()
-    with open(out, "a", encoding="utf-8") as kept_file, open(failed_path, "a", encoding="utf-8") as failed_file, \
-            ThreadPoolExecutor(cfg.concurrency) as pool:
-        futures = [pool.submit(_distill_one, cfg, row, tries, hint_fallback) for row in pending]
+    stats, run, submit, written = Counter(), TeacherRun(), daemon_pool(cfg.concurrency), set()
+    with open(out, "a", encoding="utf-8") as kept_file, open(failed_path, "a", encoding="utf-8") as failed_file:
+        def write(future):
+            nonlocal stats
+            written.add(future)
+            record, question_stats = future.result()
+            stats += question_stats
+            if record is None:
+                summary["errored"] += 1
+            else:
+                append_jsonl(kept_file if record["kept"] else failed_file, record)
+                summary["kept" if record["kept"] else "failed"] += 1
+                summary["kept_with_hint"] += record["kept"] and record["hint"]
+
+        futures = [submit(_distill_one, cfg, row, tries, hint_fallback, run) for row in pending]
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc="distill", dynamic_ncols=True):
-                record, question_stats = future.result()
-                stats += question_stats
-                if record is None:
-                    summary["errored"] += 1
-                else:
-                    append_jsonl(kept_file if record["kept"] else failed_file, record)
-                    summary["kept" if record["kept"] else "failed"] += 1
-                    summary["kept_with_hint"] += record["kept"] and record["hint"]
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+                write(future)
+        except BaseException:  # Ctrl-C or a fatal teacher error: stop the others, keep what has finished
+            run.stop.set()
+            for future in futures:
+                future.cancel()
+            for future in futures:
+                if future not in written and future.done() and not future.cancelled() and not future.exception():
+                    write(future)
             raise
+        finally:
+            submit(None)
     summary.update(teacher_requests=stats.pop("requests", 0), malformed=stats.pop("malformed", 0),
                    dropped_prompt_reference=stats.pop("prompt_reference", 0),
                    think_merged=stats.pop("think_merged", 0), errors=dict(stats))
@@ -578,33 +817,39 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
 # Command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    d = commands.add_parser("distill", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    d = commands.add_parser("distill",
                             help="Stage 1 data: ask the teacher, keep trajectories that reach the gold answer")
     d.add_argument("--data", required=True, help="CMExam .csv, .json or .jsonl")
     d.add_argument("--out", required=True, help="SFT JSONL (appended to; a rerun skips questions already in it)")
-    d.add_argument("--tries", type=int, default=4, help="teacher attempts per question")
+    d.add_argument("--tries", type=positive_int, default=4, help="teacher attempts per question")
     d.add_argument("--hint-fallback", action="store_true",
                    help="after --tries wrong answers, try --tries more with the gold answer shown (recorded as hint)")
-    d.add_argument("--limit", type=int, default=None, help="only the first N questions of the file")
+    d.add_argument("--limit", type=positive_int, default=None, help="only the first N questions of the file")
     for field in dataclasses.fields(TeacherConfig):
-        d.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
+        d.add_argument("--" + field.name.replace("_", "-"), type=teacher_arg_type(field), default=field.default,
                        help=f"TeacherConfig.{field.name}")
     s = commands.add_parser("show", help="print the student, teacher and critique prompts for one question")
     s.add_argument("--data", required=True)
-    s.add_argument("--index", type=int, default=0)
+    s.add_argument("--index", type=nonnegative_int, default=0, help="0-based question index in the file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "show":
-        row = load_cmexam(args.data)[args.index]
+        rows = load_cmexam(args.data)
+        if args.index >= len(rows):
+            raise UserError(f"--index {args.index}: {args.data} has {len(rows)} questions")
+        row = rows[args.index]
         for name, messages in [("student", student_messages(row)), ("teacher", teacher_messages(row)),
                                ("critique", critique_messages(row, "<think>\n（模型的错误解答）\n</think>\n答案：？"))]:
             print(f"==== {name} ====\n{chat(messages)}")
         return
     cfg = TeacherConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherConfig)})
-    distill(cfg, args.data, args.out, args.tries, args.hint_fallback, args.limit)
+    summary = distill(cfg, args.data, args.out, args.tries, args.hint_fallback, args.limit)
+    if summary["errored"]:  # a pipeline must not carry on as if the data were complete
+        raise UserError(f"{summary['errored']} questions got no usable reply from the teacher ({summary['errors']}); "
+                        f"they are not in {args.out}: run the same command again to ask for them")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

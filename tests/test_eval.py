@@ -365,7 +365,7 @@ def test_resume_after_a_crash_and_a_torn_last_line(random_ckpt, tmp_path, monkey
 
 def test_resume_refuses_other_settings(random_ckpt, tmp_path):
     run(random_ckpt, tmp_path, "--limit", 2, "--max-new-tokens", 3)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(T.UserError, match="other settings"):
         run(random_ckpt, tmp_path, "--limit", 2, "--max-new-tokens", 4)
 
 
@@ -609,7 +609,7 @@ def test_compare_command_line(tmp_path, capsys):
 
 def test_nonfinite_weights_and_scores_are_refused(tmp_path):
     ckpt = checkpoint(tmp_path / "nan", setup=lambda m: m.layers[1].mlp.down_proj.weight[0, 0].fill_(float("nan")))
-    with pytest.raises(SystemExit, match="non-finite weights"):
+    with pytest.raises(T.UserError, match="non-finite weights"):
         run(ckpt, tmp_path / "out", "--mode", "direct", "--limit", 2)
     assert not (tmp_path / "out" / "direct.predictions.jsonl").exists()
     rec = mc(0, "A", "A", mode="direct", answer_mass=float("nan"), probs={"A": float("nan")})

@@ -233,7 +233,7 @@ def test_hint_is_shown_only_when_asked_and_recorded(tmp_path, rows, tokenizer, m
         assert all(p["hint"] == hint for p in read_jsonl(out / "pairs.jsonl"))
         assert all(r["hint"] == hint for r in read_jsonl(out / "samples.jsonl"))
         assert json.loads((out / "config.json").read_text())["hint"] == hint
-    with pytest.raises(SystemExit, match="hint"):  # a round is never resumed with the other setting
+    with pytest.raises(T.UserError, match="hint"):  # a round is never resumed with the other setting
         scripted_run(tmp_path / "False", rows, tokenizer, model_dir, monkeypatch, hint=True)
 
 
@@ -424,7 +424,7 @@ def test_bad_command_lines_are_clear_errors(tmp_path, model_dir, capsys):
         assert message in capsys.readouterr().err
     twice = tmp_path / "twice.jsonl"
     twice.write_text('{"id": 1, "question": "q", "options": {"A": "a"}, "answer": "A"}\n' * 2, encoding="utf-8")
-    with pytest.raises(SystemExit, match="not unique"):
+    with pytest.raises(T.UserError, match="not unique"):
         S.main(["--model", str(model_dir), "--data", str(twice), "--out", str(tmp_path)])
 
 
@@ -438,7 +438,7 @@ def test_shards_merge_to_the_unsharded_pairs(tmp_path, rows, tokenizer, model_di
             "--max-new-tokens", "16", "--critique-max-new-tokens", "16"]
     S.main(args + ["--out", str(tmp_path / "one")])
     S.main(args + ["--out", str(tmp_path / "two"), "--shard", "0", "--num-shards", "2"])
-    with pytest.raises(SystemExit, match="shard 1 of 2 has not finished"):
+    with pytest.raises(T.UserError, match="shard 1 of 2 has not finished"):
         S.main(args + ["--out", str(tmp_path / "two"), "--num-shards", "2", "--merge"])
     S.main(args + ["--out", str(tmp_path / "two"), "--shard", "1", "--num-shards", "2"])
     S.main(args + ["--out", str(tmp_path / "two"), "--num-shards", "2", "--merge"])
@@ -466,7 +466,7 @@ def test_rounds_driver_chains_models_and_resumes_by_round(tmp_path, rows, tokeni
     args = ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--rounds", "2", "--samples", "3",
             "--corrections", "2", "--max-new-tokens", "16", "--critique-max-new-tokens", "16",
             "--dpo-script", str(FAKE_DPO), "--dpo-args", "--beta 0.5 --rpo-alpha 1"]
-    with pytest.raises(SystemExit, match="DPO failed"):
+    with pytest.raises(T.UserError, match="DPO failed"):
         S.main(args)
     sampled = len(sampler.prompts)
     S.main(args + ["--nproc", "2"])

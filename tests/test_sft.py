@@ -356,7 +356,7 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
 def test_resume_refuses_other_data_and_fresh_runs_refuse_a_used_folder(tiny, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [chat_record(q, a) for q, a in QUESTIONS])
     run_sft(tiny, data, tmp_path / "run", "--steps", "1")
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(sft.UserError, match="--resume"):
         run_sft(tiny, data, tmp_path / "run", "--steps", "2")
     fewer = write_jsonl(tmp_path / "e.jsonl", [chat_record(q, a) for q, a in QUESTIONS[:6]])
     with pytest.raises(ValueError, match="data position"):

@@ -1,6 +1,7 @@
 """templates.py teacher client and `distill`, against a stub OpenAI-compatible server on 127.0.0.1."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -130,12 +131,20 @@ def test_timeout_is_retried(stub):
     assert stats == {"requests": 2, "timeout": 1} and time.monotonic() - start < 2.5
 
 
-@pytest.mark.parametrize("status", [400, 401, 404])
+@pytest.mark.parametrize("status", [400, 404])
 def test_other_4xx_fail_at_once(stub, status):
     server = stub(lambda row, hinted, n: (status, {"error": "no"}, 0))
     with pytest.raises(T.TeacherError) as e:
         T.chat_completion(config(server.url), MESSAGES)
     assert e.value.kind == f"http_{status}" and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_key_stops_the_run(stub, status):
+    server = stub(lambda row, hinted, n: (status, {"error": "no"}, 0))
+    with pytest.raises(T.TeacherFatal, match=f"http_{status}.*OPENAI_API_KEY"):
+        T.chat_completion(config(server.url), MESSAGES)
+    assert len(server.requests) == 1
 
 
 def test_retries_run_out(stub):
@@ -349,3 +358,100 @@ def test_cli_killed_midway_resumes(stub, tmp_path):
     assert summary["already_done"] == n_before and summary["kept"] == 29 - n_before, stderr
     assert all(r["kept"] for r in assert_each_question_once(out))
     assert os.path.getsize(tmp_path / "sft.failed.jsonl") == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line under faults: a key with line breaks, a dead or refusing teacher, two runs, Ctrl-C
+
+def finish(proc, timeout=60):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout, stderr
+
+
+def test_a_key_with_line_breaks_never_appears_anywhere(stub, tmp_path):
+    server = stub(lambda row, hinted, n: ok(trajectory(row["answer"])))
+    args = ["distill", "--data", SAMPLE_CSV, "--base-url", server.url, "--limit", "2"]
+    secret = "sk-test-7d1f0a"
+    env = {**os.environ, "OPENAI_API_KEY": f"{secret}\r\n"}  # read from a CRLF file
+    code, stdout, stderr = finish(run_cli(*args, "--out", tmp_path / "a.jsonl", env=env))
+    assert code == 0, stderr
+    assert {headers["Authorization"] for _, headers, _ in server.requests} == {f"Bearer {secret}"}
+    env = {**os.environ, "OPENAI_API_KEY": "sk-in\r\nside-5e3b"}  # no header can carry it
+    code, stdout2, stderr2 = finish(run_cli(*args, "--out", tmp_path / "b.jsonl", env=env))
+    assert code == 2 and stderr2.strip().splitlines()[-1].startswith("error: $OPENAI_API_KEY holds a character")
+    written = "".join(p.read_text(encoding="utf-8") for p in tmp_path.iterdir())
+    for text in (stdout + stderr, stdout2 + stderr2, written):
+        assert secret not in text and "sk-in" not in text and "side-5e3b" not in text
+    assert "Traceback" not in stderr2 and len(server.requests) == 2
+
+
+def test_a_dead_teacher_stops_the_run_at_once_with_an_error(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()  # default settings: 8 in flight, 5 retries each with 2 s * 2^k backoff
+    code, stdout, stderr = finish(run_cli("distill", "--data", SAMPLE_CSV, "--out", tmp_path / "x.jsonl",
+                                          "--base-url", f"http://127.0.0.1:{port}"))
+    assert code == 2 and time.monotonic() - start < 20
+    assert stderr.strip().splitlines()[-1].startswith(f"error: 8 requests in a row could not connect to "
+                                                      f"http://127.0.0.1:{port}")
+
+
+def test_a_dead_teacher_stops_the_run_with_one_request_in_flight_too(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, stderr = finish(run_cli("distill", "--data", SAMPLE_CSV, "--out", tmp_path / "x.jsonl", "--base-url",
+                                     f"http://127.0.0.1:{port}", "--concurrency", "1", "--backoff-base", "0.01",
+                                     "--max-connection-failures", "3"))
+    assert code == 2 and "3 requests in a row could not connect" in stderr.splitlines()[-1]
+    assert read_jsonl(tmp_path / "x.jsonl") == [] == read_jsonl(tmp_path / "x.failed.jsonl")
+
+
+@pytest.mark.parametrize("status, needle", [(401, "refused the request (http_401"),
+                                            (502, "29 questions got no usable reply")])
+def test_a_refusing_or_broken_teacher_exits_non_zero(stub, tmp_path, status, needle):
+    server = stub(lambda row, hinted, n: (status, {"error": "no"}, 0))
+    code, stdout, stderr = finish(run_cli("distill", "--data", SAMPLE_CSV, "--out", tmp_path / "x.jsonl",
+                                          "--base-url", server.url, "--max-retries", "0"))
+    assert code == 2 and needle in stderr.strip().splitlines()[-1], stderr
+    assert len(server.requests) <= 8 if status == 401 else len(server.requests) == 29  # 401: at most those in flight
+    assert read_jsonl(tmp_path / "x.jsonl") == [] == read_jsonl(tmp_path / "x.failed.jsonl")  # asked again next time
+
+
+def test_two_identical_runs_the_second_refuses_nothing_duplicated(stub, tmp_path):
+    server = stub(lambda row, hinted, n: (*ok(trajectory(row["answer"]))[:2], 0.5))  # ~7 s: the second starts in time
+    out = tmp_path / "sft.jsonl"
+    args = ["distill", "--data", SAMPLE_CSV, "--out", out, "--base-url", server.url, "--concurrency", "2"]
+    first = run_cli(*args)
+    deadline = time.monotonic() + 30
+    while not read_jsonl(out) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    code, _, stderr = finish(run_cli(*args))
+    assert code == 2 and f"in use by PID {first.pid}" in stderr.strip().splitlines()[-1]
+    code, _, stderr = finish(first)
+    assert code == 0, stderr
+    assert all(r["kept"] for r in assert_each_question_once(out))
+
+
+def test_ctrl_c_stops_within_seconds_and_keeps_what_finished(stub, tmp_path):
+    """Odd questions hang 30 s. SIGINT must not wait for them (nor retry them), and what came back is kept."""
+    server = stub(lambda row, hinted, n: (*ok(trajectory(row["answer"]))[:2], 30 if row["id"] % 2 else 0))
+    out = tmp_path / "sft.jsonl"
+    args = ["distill", "--data", SAMPLE_CSV, "--out", out, "--base-url", server.url, "--concurrency", "4"]
+    proc = run_cli(*args)
+    deadline = time.monotonic() + 30
+    while len(server.requests) < 6 and time.monotonic() < deadline:  # 4 threads stuck on odd questions
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    code, _, stderr = finish(proc)
+    assert code == 130 and time.monotonic() - start < 5, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    kept = read_jsonl(out)
+    assert len(kept) >= 2 and all(r["id"] % 2 == 0 for r in kept)
+    fast = stub(lambda row, hinted, n: ok(trajectory(row["answer"])))
+    code, stdout, stderr = finish(run_cli(*args[:-4], "--base-url", fast.url))
+    assert code == 0 and json.loads(stdout.splitlines()[-1])["already_done"] == len(kept)
+    assert_each_question_once(out)

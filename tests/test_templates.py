@@ -227,7 +227,7 @@ def test_our_own_jsonl_with_parsed_options(tmp_path):
 
 
 def test_missing_file_and_missing_columns_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(T.UserError, match="nope.csv"):
         T.load_cmexam(tmp_path / "nope.csv")
     path = tmp_path / "cols.csv"
     path.write_text("Question,Explanation\n题,解析\n", encoding="utf-8")
