@@ -96,7 +96,8 @@ class ModelConfig:
             "sliding_window": None,
             "max_window_layers": self.num_hidden_layers,
             "rope_scaling": None,
-            "torch_dtype": str(dtype).removeprefix("torch."),
+            "torch_dtype": str(dtype).removeprefix("torch."),  # what vLLM's --dtype auto serves
+            "dtype": str(dtype).removeprefix("torch."),  # the same, under transformers 5's name
         }
 
 
@@ -321,16 +322,16 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model.eval()
 
 
-def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30):
-    """Write the Hugging Face layout: config.json and safetensors in the parameters' dtype, split into
-    model-0000i-of-0000n.safetensors plus an index when larger than max_shard_bytes. Under FSDP pass the gathered
-    full `state_dict` (our parameter names) on rank 0."""
+def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30, dtype=None):
+    """Write the Hugging Face layout: config.json and safetensors in `dtype` (default: the parameters' dtype), split
+    into model-0000i-of-0000n.safetensors plus an index when larger than max_shard_bytes. Under FSDP pass the
+    gathered full `state_dict` (our parameter names) on rank 0."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
     tensors = {}
     for name in checkpoint_names(model):
-        tensors[name] = state[name.removeprefix("model.")].detach().to("cpu").contiguous()
+        tensors[name] = state[name.removeprefix("model.")].detach().to("cpu", dtype).contiguous()
     dtype = next(iter(tensors.values())).dtype
     (path / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2) + "\n")
     # Generation stops at the end of a turn and at end of text, the config's eos and bos ids: Qwen2.5-Instruct's own
