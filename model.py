@@ -468,6 +468,14 @@ def decode_step(model: Transformer, token, positions, cache, slot, valid):
 _compiled_steps = {}
 
 
+def mark_static(cache):
+    """CUDA graphs replay fixed addresses, and skip a graph that mutates an input unless that input is marked
+    static: the KV cache, written in place at every step, is."""
+    for k, v in cache:
+        torch._dynamo.mark_static_address(k)
+        torch._dynamo.mark_static_address(v)
+
+
 def compiled_decode_step(mode=None):
     """decode_step under torch.compile (inductor; mode e.g. "reduce-overhead" for CUDA graphs), made once per
     mode so that its compiled graphs are reused by every generate call. A new batch size (stopped rows leaving)
@@ -496,6 +504,9 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
         logits, lengths, valid = (t.repeat_interleave(num_samples, 0) for t in (logits, lengths, valid))
     padded = not bool(valid.all())
     step = compiled_decode_step(None if compile is True else compile) if compile else None
+    graphs = compile == "reduce-overhead"
+    if graphs:
+        mark_static(cache)
 
     out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -519,6 +530,8 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
                 # batch. One copy of the live cache rows, at most log2(N) times per call, between compiled steps.
                 live = (~done).nonzero().squeeze(1)
                 cache = [(k[live], v[live]) for k, v in cache]
+                if graphs:
+                    mark_static(cache)
                 rows, lengths, next_token, done, valid = rows[live], lengths[live], next_token[live], done[live], \
                     valid[live]
         if step is not None:

@@ -18,18 +18,24 @@ and every record says whether it was on.
 
     python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay     # round 1's pairs only
     python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay --rounds 2 --nproc 8 \
-        --dpo-args "--precompute-ref --rpo-alpha 1"  # sample, torchrun dpo.py, sample with the new model, DPO
-    # sampling on 8 GPUs: one process per GPU, each on its slice of the questions, then merge the files
-    for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python selfplay.py ... --shard $i --num-shards 8 & done; wait
-    python selfplay.py ... --num-shards 8 --merge
+        --dpo-args "--precompute-ref --rpo-alpha 1"  # each round: 8 sampling processes, merge, torchrun dpo.py
+    python selfplay.py ... --rounds 2 --nproc 8 --serve "vllm serve {model} --port {port} --dtype bfloat16"
+    # the manual shard loop, for round K (--model: round K-1's checkpoint; round 1: the SFT model)
+    for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python selfplay.py ... --round K --shard $i --num-shards 8 & done
+    wait; python selfplay.py ... --round K --num-shards 8 --merge
 
-Sampling runs in this one process (model.generate). DPO runs in a subprocess as `torchrun --nproc-per-node N
-dpo.py ...` (plain `python dpo.py` for N = 1), exactly the command users run. Round k lives in <out>/round_k/:
-pairs.jsonl (TRL's conversational preference format plus metadata), samples.jsonl (per question: each sample and
-each critique, its full text and what it answered, so any pair or failure can be read back), summary.json,
-config.json and, with --rounds, the DPO run in dpo/ and done.json naming its final checkpoint. Both JSONL files grow one chunk of questions at a time (flush + fsync), samples.jsonl last,
-so it is the commit log: a killed run resumes at the first uncommitted chunk with nothing lost or duplicated, and
-a round with a done.json is skipped.
+Sampling runs our KV-cached sampler (model.generate), the default and the reference: in this process, or with
+--nproc N in N processes, one shard each (one GPU each), merged when all are done. Shards take whole chunks of
+questions, dealt round-robin, and a chunk's seed is its place in the whole list, so the samples and pairs do not
+depend on N. Or it runs on an OpenAI-compatible server (--base-url; --serve starts one per round for that round's
+checkpoint and stops it before DPO): each prompt, as the exact text templates.chat renders, goes to
+/v1/completions. DPO runs in a subprocess as `torchrun --nproc-per-node N dpo.py ...` (plain `python dpo.py` for
+N = 1), exactly the command users run. Round k lives in <out>/round_k/: pairs.jsonl (TRL's conversational
+preference format plus metadata), samples.jsonl (per question: each sample and each critique, its full text and
+what it answered, so any pair or failure can be read back), summary.json, config.json and, with --rounds, the DPO
+run in dpo/ and done.json naming its final checkpoint. Both JSONL files grow one chunk of questions at a time
+(flush + fsync), samples.jsonl last, so it is the commit log: a killed run resumes at the first uncommitted chunk
+with nothing lost or duplicated, and a round with a done.json is skipped.
 """
 import argparse
 import contextlib
