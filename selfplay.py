@@ -58,8 +58,9 @@ from tqdm import tqdm
 
 from model import ModelConfig, generate, load, load_tokenizer
 from sft import latest_checkpoints
-from templates import (Server, TeacherError, append_jsonl, chat, completions, critique_messages, done_ids, extract_answer,
-                       extract_correction, is_well_formed, load_cmexam, served_models, special_ids, student_messages)
+from templates import (Server, TeacherError, append_jsonl, chat, completions, critique_messages, done_ids,
+                       extract_answer, extract_correction, is_well_formed, load_cmexam, served_models, special_ids,
+                       student_messages)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config. Defaults are for Qwen2.5-7B: at its ~70% accuracy on CMExam, 1 - 0.7^4 = 76% of questions have at least
@@ -544,6 +545,9 @@ def main(argv=None):
                      "the files")
     if args.base_url and args.serve:
         parser.error("--base-url (a running server) or --serve (start one per round), not both")
+    if args.base_url and args.rounds > 1:
+        parser.error("--base-url serves one model, but each round samples with the previous round's checkpoint: "
+                     "use --serve, which starts a server for each round's model")
     if args.round < 1 or args.nproc < 1:
         parser.error("--round and --nproc start at 1")
 

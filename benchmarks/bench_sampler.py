@@ -14,6 +14,7 @@ student (miniature/student.py's config, vocab 1,000) at its sampling batch, 128 
 a decode step is a few hundred small ops: ours eager against ours compiled.
 """
 import argparse
+import functools
 import platform
 import sys
 import tempfile
@@ -94,10 +95,10 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for name, prompts, samples, ours_kw, hf_kw in cases:
         rows = len(prompts) * samples
-        ours_fn = lambda compile=False: generate(ours, prompts, n, num_samples=samples, compile=compile, **ours_kw)  # noqa
-        ours_fn(True)  # compile (or recompile for these shapes) before timing
-        t_ours, t_compiled, t_hf = best_times([ours_fn, lambda: ours_fn(True), lambda: hf_generate(prompts, **hf_kw)],
-                                              args.repeats)
+        ours_fn = functools.partial(generate, ours, prompts, n, num_samples=samples, **ours_kw)
+        ours_fn(compile=True)  # compile (or recompile for these shapes) before timing
+        t_ours, t_compiled, t_hf = best_times([ours_fn, lambda: ours_fn(compile=True),
+                                               lambda: hf_generate(prompts, **hf_kw)], args.repeats)
         roofline = rows * bandwidth / weight_bytes
         ours_tps, compiled_tps, hf_tps = rows * n / t_ours, rows * n / t_compiled, rows * n / t_hf
         print(f"| {name} | {ours_tps:.1f} | {compiled_tps:.1f} | {hf_tps:.1f} | {ours_tps / hf_tps:.2f}x | "
@@ -119,9 +120,9 @@ def miniature(args):
     print("| case | ours ms per new token (prefill included) | compiled | compiled / ours |")
     print("|---|---|---|---|")
     for name, kw in (("greedy", {}), ("temperature 0.7, top_p 0.9", {"temperature": 0.7, "top_p": 0.9})):
-        fn = lambda compile=False: generate(student, prompts, n, num_samples=2, compile=compile, **kw)  # noqa
-        fn(True)
-        t_ours, t_compiled = best_times([fn, lambda: fn(True)], args.repeats)
+        fn = functools.partial(generate, student, prompts, n, num_samples=2, **kw)
+        fn(compile=True)
+        t_ours, t_compiled = best_times([fn, lambda: fn(compile=True)], args.repeats)
         print(f"| {name} | {1e3 * t_ours / n:.2f} | {1e3 * t_compiled / n:.2f} | {t_ours / t_compiled:.2f}x |")
 
 
