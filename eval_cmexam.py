@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 import templates as T
-from model import generate, load, load_tokenizer, next_token_logits
+from model import ModelConfig, generate, load, load_tokenizer, next_token_logits
 
 ANNOTATION_COLUMNS = ("Disease Group", "Area of Competency", "Clinical Department", "Medical Discipline",
                       "Difficulty level")
@@ -227,17 +227,31 @@ def predict_direct(model, tokenizer, batch, prompts, candidates):
 
 
 def predict_generate(model, tokenizer, batch, prompts, args):
-    """cot and judge: one batched generate call; decoded outputs keep special tokens except the final stop."""
+    """cot and judge: one batched generate call, or with a T.Server one request per question carrying the exact
+    prompt text (new_tokens is then the reply's re-encoded length); outputs keep special tokens except the final
+    stop."""
     stop_ids = tuple(T.special_ids(tokenizer)[name] for name in ("im_end", "endoftext"))
     # The seed comes from the batch's first question, so batches draw different noise and a resumed run the same.
     seed = zlib.crc32(repr((args.seed, batch[0]["id"])).encode())
-    outputs = generate(model, [prompts[row["id"]][1] for row in batch], args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids, seed=seed)
+    if isinstance(model, T.Server):
+        try:
+            replies = T.completions(model, [prompts[row["id"]][0] for row in batch], 1, args.max_new_tokens,
+                                    args.temperature, args.top_p, stop_ids=stop_ids, seed=seed)
+        except T.TeacherError as e:
+            raise T.UserError(f"server {model.base_url} failed: {e}; rerun the same command to resume") from None
+        outputs = [(text, finished, len(tokenizer.encode(text, add_special_tokens=False).ids) + finished)
+                   for [(text, finished)] in replies]
+    else:
+        rows = generate(model, [prompts[row["id"]][1] for row in batch], args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids, seed=seed)
+        outputs = []
+        for new in rows:
+            finished = bool(new) and new[-1] in stop_ids
+            outputs.append((tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=False), finished,
+                            len(new)))
     records = []
-    for row, new in zip(batch, outputs):
-        finished = bool(new) and new[-1] in stop_ids
-        text = tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=False)
-        rec = record(row, args.mode, prompts[row["id"]][0], output=text, new_tokens=len(new), finished=finished)
+    for row, (text, finished, new_tokens) in zip(batch, outputs):
+        rec = record(row, args.mode, prompts[row["id"]][0], output=text, new_tokens=new_tokens, finished=finished)
         if args.mode == "judge":
             rec["judge_protocol"] = args.judge_protocol
         if args.mode == "cot":
@@ -661,6 +675,10 @@ def main(argv=None):
     parser.add_argument("--top-p", type=T.probability, help="(default: 1.0 for cot and rubric, 0.9 for authors)")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--base-url", help="cot/judge: generate with this OpenAI-compatible server (e.g. `vllm "
+                        "serve MODEL --dtype bfloat16`; key, if any, from $OPENAI_API_KEY), not model.generate")
+    parser.add_argument("--served-model", help="the model name the server serves (default: the first it lists)")
+    parser.add_argument("--server-concurrency", type=int, default=64, help="requests in flight to --base-url")
     for field in dataclasses.fields(T.TeacherConfig):  # the judge endpoint, judge mode only
         per_protocol = field.name in JUDGE_SAMPLING["authors"]  # default: JUDGE_SAMPLING[--judge-protocol]
         parser.add_argument("--judge-" + field.name.replace("_", "-"), type=T.teacher_arg_type(field),
@@ -671,6 +689,8 @@ def main(argv=None):
                         help="authors: the judge tokenizer's ids of '1' and '2', sent as vLLM's allowed_token_ids "
                              "with top_k 2 as ForJudge.py does; 'none' for a server that rejects those fields")
     args = parser.parse_args(argv)
+    if args.base_url and args.mode == "direct":
+        parser.error("--base-url generates (cot, judge); direct mode reads next-token scores from the model itself")
 
     if args.compare:
         files = [predictions_file(p) for p in args.compare]
@@ -712,15 +732,26 @@ def main(argv=None):
         settings.update(judge_protocol=args.judge_protocol, judge_model=judge_cfg.model,
                         judge_temperature=judge_cfg.temperature, judge_top_p=judge_cfg.top_p,
                         judge_max_tokens=judge_cfg.max_tokens, judge_extra=extra)
+    if args.base_url:  # the server's own numerics (and dtype) make the predictions
+        settings.update(server=args.base_url, dtype=None)
     run_file = out / f"{args.mode}.run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != settings:
         raise T.UserError(f"{run_file} holds other settings: {run_file.read_text()}; use another --out to compare")
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if args.base_url:
+        config = ModelConfig.from_hf(json.loads((Path(args.model) / "config.json").read_text()))
+        try:
+            name = args.served_model or T.served_models(args.base_url)[0]
+        except (T.TeacherError, IndexError) as e:
+            raise SystemExit(f"{args.base_url}/v1/models did not list a model ({e!r}); is the server up?") from None
+        model = T.Server(args.base_url, name, config, args.server_concurrency)
+    else:
+        model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise T.UserError(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
-    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    broken = [] if isinstance(model, T.Server) else [name for name, p in model.named_parameters()
+                                                     if not torch.isfinite(p).all()]
     if broken:
         raise T.UserError(f"{args.model}: non-finite weights in {len(broken)} tensors (e.g. {broken[0]}): refusing to "
                           "score a broken checkpoint")

@@ -61,9 +61,14 @@ class ModelConfig:
         not silent differences."""
         if hf.get("model_type") not in (None, "qwen2"):
             raise UserError(f"model_type {hf.get('model_type')!r} is not qwen2 (only Qwen2 / Qwen2.5 checkpoints load)")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise UserError(f"RoPE scaling {rope} is not supported (only the default rotary embedding)")
+        # Both keys are read: a transformers-5 config says rope_parameters {"rope_type": "default"}, and following the
+        # Qwen2.5 model card's long-context advice adds rope_scaling {"type": "yarn"} beside it.
+        for key in ("rope_parameters", "rope_scaling"):
+            scaling = hf.get(key) or {}
+            if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+                raise UserError(f"{key} {scaling} is not supported: only the default rotary embedding (no YaRN or "
+                                f"other RoPE scaling); remove it to run at the native context")
+        rope = hf.get("rope_parameters") or {}
         if hf.get("use_sliding_window"):
             raise UserError("use_sliding_window=true is not supported (Qwen2.5 checkpoints ship it false)")
         if hf.get("hidden_act", "silu") != "silu":
@@ -96,7 +101,8 @@ class ModelConfig:
             "sliding_window": None,
             "max_window_layers": self.num_hidden_layers,
             "rope_scaling": None,
-            "torch_dtype": str(dtype).removeprefix("torch."),
+            "torch_dtype": str(dtype).removeprefix("torch."),  # what vLLM's --dtype auto serves
+            "dtype": str(dtype).removeprefix("torch."),  # the same, under transformers 5's name
         }
 
 
@@ -153,15 +159,30 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            # Write this step's keys/values in place into the preallocated cache [B, H_kv, max_len, D] and attend
-            # over its first kv_len slots; `mask` hides left padding (and, in prefill, the future).
+            # Write this step's keys/values in place into the preallocated cache [B, H_kv, max_len, D] at slots
+            # `start` (an int, or a tensor of T slot ids: then a compiled decode step sees no Python number that
+            # changes from step to step) and attend over its first kv_len slots (None: all, with `mask` hiding the
+            # slots not written yet); `mask` hides left padding (and, in prefill, the future).
             k_cache, v_cache = cache
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
+            slots = start if torch.is_tensor(start) else torch.arange(start, start + T, device=x.device)
+            k_cache.index_copy_(2, slots, k)
+            v_cache.index_copy_(2, slots, v)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-        # enable_gqa lets SDPA share each KV head across n_heads / n_kv_heads query heads without copying.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        groups = self.n_heads // self.n_kv_heads
+        if mask is None or groups == 1:
+            # enable_gqa lets SDPA share each KV head across its query heads without copying (causal, no mask:
+            # training, where the fused kernels take it).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                               enable_gqa=groups > 1)
+        else:
+            # A boolean mask together with enable_gqa sends CUDA's SDPA to the math kernel in some torch versions
+            # (k/v repeated per query head, the whole score matrix materialised). Fold each KV head's query heads
+            # into the query axis instead: q [B, H_kv, G*T, D] against k/v [B, H_kv, S, D] is plain multi-head
+            # attention, which the fused kernels take; the mask repeats over the G groups (a view in decode, T = 1).
+            S = k.shape[2]
+            q = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)  # query head h = kv head h // G, group h % G
+            mask = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -415,10 +436,10 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model.eval()
 
 
-def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30):
-    """Write the Hugging Face layout: config.json and safetensors in the parameters' dtype, split into
-    model-0000i-of-0000n.safetensors plus an index when larger than max_shard_bytes. Under FSDP pass the gathered
-    full `state_dict` (our parameter names) on rank 0."""
+def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30, dtype=None):
+    """Write the Hugging Face layout: config.json and safetensors in `dtype` (default: the parameters' dtype), split
+    into model-0000i-of-0000n.safetensors plus an index when larger than max_shard_bytes. Under FSDP pass the
+    gathered full `state_dict` (our parameter names) on rank 0."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
@@ -426,7 +447,7 @@ def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2
         state = merge_lora(state, model.lora)
     tensors = {}
     for name in checkpoint_names(model):
-        tensors[name] = state[name.removeprefix("model.")].detach().to("cpu").contiguous()
+        tensors[name] = state[name.removeprefix("model.")].detach().to("cpu", dtype).contiguous()
     dtype = next(iter(tensors.values())).dtype
     (path / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2) + "\n")
     # Generation stops at the end of a turn and at end of text, the config's eos and bos ids: Qwen2.5-Instruct's own
@@ -555,28 +576,64 @@ def next_token_logits(model: Transformer, prompts):
     return prefill(model, prompts, max(map(len, prompts)))[0]
 
 
+def decode_step(model: Transformer, token, positions, cache, slot, valid):
+    """One new token per row -> next-token logits [N, V], with every shape fixed for the whole generation: the
+    token is written at cache slot `slot` (a 1-element tensor) and attends over all max_len slots, `valid` [N,
+    max_len] (not left padding) limited to the slots written so far. So torch.compile traces it once and reruns
+    the same graph at every step (and CUDA graphs can replay it): nothing in it changes shape or is a Python number
+    that changes (gpt-fast's design)."""
+    written = torch.arange(valid.shape[1], device=valid.device) <= slot
+    return model(token[:, None], positions[:, None], cache, slot, None, (valid & written)[:, None, None, :])[:, -1]
+
+
+_compiled_steps = {}
+
+
+def mark_static(cache):
+    """CUDA graphs replay fixed addresses, and skip a graph that mutates an input unless that input is marked
+    static: the KV cache, written in place at every step, is."""
+    for k, v in cache:
+        torch._dynamo.mark_static_address(k)
+        torch._dynamo.mark_static_address(v)
+
+
+def compiled_decode_step(mode=None):
+    """decode_step under torch.compile (inductor; mode e.g. "reduce-overhead" for CUDA graphs), made once per
+    mode so that its compiled graphs are reused by every generate call. A new batch size (stopped rows leaving)
+    or cache length (another call) costs one recompile, after which dynamo keeps those sizes symbolic."""
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(decode_step, mode=mode)
+    return _compiled_steps[mode]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
-             num_samples=1, seed=0, check_every=8):
+             num_samples=1, seed=0, check_every=8, compile=False):
     """Sample continuations of token-id prompts (lists of different lengths) in one batch.
 
     Returns len(prompts) * num_samples lists of new token ids, samples of prompt i at [i*num_samples, ...), each
     up to and including its first stop id (or max_new_tokens long). Every row stops at its own stop id; the loop
     ends when all rows have stopped, and rows that have stopped leave the batch once they are half of it (both
     checked every `check_every` steps, the only host sync in the loop). The same seed and inputs give the same
-    samples."""
+    samples. compile=True (or a torch.compile mode string) runs the decode step compiled (decode_step: attention
+    over the whole cache, masked); eager (the default) attends over the slots written so far."""
     P, N, device = max(map(len, prompts or [[]])), len(prompts) * num_samples, model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     logits, cache, valid, lengths = prefill(model, prompts, P + max_new_tokens)
     if num_samples > 1:  # each prompt was prefilled once; its cache rows are copied once for its samples
         cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
         logits, lengths, valid = (t.repeat_interleave(num_samples, 0) for t in (logits, lengths, valid))
-    decode_mask = None if bool(valid.all()) else valid[:, None, None, :]
+    padded = not bool(valid.all())
+    step = compiled_decode_step(None if compile is True else compile) if compile else None
+    graphs = compile == "reduce-overhead"
+    if graphs:
+        mark_static(cache)
 
     out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     rows = torch.arange(N, device=device)  # which output row each live cache row belongs to
+    slots = torch.arange(P, P + max_new_tokens, device=device)  # slot[t]: where the token sampled at step t goes
     steps = 0
     for t in range(max_new_tokens):
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -591,13 +648,18 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
                 break
             if 2 * n_done >= len(rows):
                 # Half the rows have stopped (long chains of thought vary a lot in length): drop them from the
-                # batch. One copy of the live cache rows, at most log2(N) times per call.
+                # batch. One copy of the live cache rows, at most log2(N) times per call, between compiled steps.
                 live = (~done).nonzero().squeeze(1)
                 cache = [(k[live], v[live]) for k, v in cache]
-                rows, lengths, next_token, done = rows[live], lengths[live], next_token[live], done[live]
-                decode_mask = None if decode_mask is None else decode_mask[live]
+                if graphs:
+                    mark_static(cache)
+                rows, lengths, next_token, done, valid = rows[live], lengths[live], next_token[live], done[live], \
+                    valid[live]
+        if step is not None:
+            logits = step(model, next_token, lengths + t, cache, slots[t:t + 1], valid)
+            continue
         kv_len = P + t + 1
-        mask = None if decode_mask is None else decode_mask[..., :kv_len]
+        mask = valid[:, None, None, :kv_len] if padded else None
         logits = model(next_token[:, None], (lengths + t)[:, None], cache, P + t, kv_len, mask)[:, -1]
 
     results = []

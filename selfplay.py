@@ -18,19 +18,26 @@ and every record says whether it was on.
 
     python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay     # round 1's pairs only
     python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay --rounds 2 --nproc 8 \\
-        --dpo-args "--precompute-ref --rpo-alpha 1"  # sample, torchrun dpo.py, sample with the new model, DPO
-    # sampling on 8 GPUs: one process per GPU, each on its slice of the questions, then merge the files
-    for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python selfplay.py ... --shard $i --num-shards 8 & done; wait
-    python selfplay.py ... --num-shards 8 --merge
+        --dpo-args "--precompute-ref --rpo-alpha 1"  # each round: 8 sampling processes, merge, torchrun dpo.py
+    python selfplay.py ... --rounds 2 --nproc 8 --serve "vllm serve {model} --port {port} --dtype bfloat16"
+    # the manual shard loop, for round K (--model: round K-1's checkpoint; round 1: the SFT model)
+    for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python selfplay.py ... --round K --shard $i --num-shards 8 & done
+    wait; python selfplay.py ... --round K --num-shards 8 --merge
 
-Sampling runs in this one process (model.generate). DPO runs in a subprocess as `torchrun --nproc-per-node N
-dpo.py ...` (plain `python dpo.py` for N = 1), exactly the command users run. Round k lives in <out>/round_k/:
-pairs.jsonl (TRL's conversational preference format plus metadata), samples.jsonl (per question: each sample and
-each critique, its full text and what it answered, so any pair or failure can be read back), summary.json,
-config.json and, with --rounds, the DPO run in dpo/ and done.json naming its final checkpoint. Both JSONL files grow one chunk of questions at a time (flush + fsync), samples.jsonl last,
-so it is the commit log: a killed run resumes at the first uncommitted chunk with nothing lost or duplicated, and
-a round with a done.json is skipped.
+Sampling runs our KV-cached sampler (model.generate), the default and the reference: in this process, or with
+--nproc N in N processes, one shard each (one GPU each), merged when all are done. Shards take whole chunks of
+questions, dealt round-robin, and a chunk's seed is its place in the whole list, so the samples and pairs do not
+depend on N. Or it runs on an OpenAI-compatible server (--base-url; --serve starts one per round for that round's
+checkpoint and stops it before DPO): each prompt, as the exact text templates.chat renders, goes to
+/v1/completions. DPO runs in a subprocess as `torchrun --nproc-per-node N dpo.py ...` (plain `python dpo.py` for
+N = 1), exactly the command users run. Round k lives in <out>/round_k/: pairs.jsonl (TRL's conversational
+preference format plus metadata), samples.jsonl (per question: each sample and each critique, its full text and
+what it answered, so any pair or failure can be read back), summary.json, config.json and, with --rounds, the DPO
+run in dpo/ and done.json naming its final checkpoint. Both JSONL files grow one chunk of questions at a time
+(flush + fsync), samples.jsonl last, so it is the commit log: a killed run resumes at the first uncommitted chunk
+with nothing lost or duplicated, and a round with a done.json is skipped.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -38,8 +45,10 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -47,12 +56,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import generate, load, load_tokenizer
+from model import ModelConfig, generate, load, load_tokenizer
 from sft import latest_checkpoints
-from templates import (ArgumentParser, UserError, append_jsonl, chat, critique_messages, die_with_parent, done_ids,
-                       extract_answer, extract_correction, is_well_formed, load_cmexam, lock_output, nonnegative_float,
-                       nonnegative_int, positive_int, probability, prompt_reference, run_main, special_ids,
-                       student_messages, write_jsonl)
+from templates import (ArgumentParser, Server, TeacherError, UserError, append_jsonl, chat, completions,
+                       critique_messages, die_with_parent, done_ids, extract_answer, extract_correction,
+                       is_well_formed, load_cmexam, lock_output, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                       probability, prompt_reference, run_main, served_models, special_ids, student_messages,
+                       write_jsonl)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config. Defaults are for Qwen2.5-7B: at its ~70% accuracy on CMExam, 1 - 0.7^4 = 76% of questions have at least
@@ -75,13 +85,16 @@ class SelfPlayConfig:
     seed: int = 0
     batch_size: int = 16  # prompts per generate call (x samples rows): the KV cache is batch x (prompt + new)
     chunk_size: int = 64  # questions per committed chunk: a kill loses at most one chunk of work
+    compile: bool = False  # our sampler: torch.compile the decode step (model.generate(compile=True))
 
 
-RUN_ONLY = ("batch_size", "chunk_size")  # change which random draws are made, not what is sampled from
+# These change which random draws are made (or how fast they are made), not what is sampled from.
+RUN_ONLY = ("batch_size", "chunk_size", "compile")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling. The one function that calls the model; tests swap it for a scripted one.
+# Sampling. The one function that calls the model (ours, or one an inference server serves); tests swap it for a
+# scripted one.
 
 
 def prompt_ids(tokenizer, messages):
@@ -96,15 +109,29 @@ def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, se
     prompts do not wait on long ones); each prompt is prefilled once and its cache shared by its num_samples rows.
     `finished` = the model ended the reply itself (a stop token, which is not part of the text) rather than being
     cut off at max_new_tokens. The seed of each batch depends only on `seed` and the batch's place in the sorted
-    order, so the same chunk always draws the same samples."""
+    order, so the same chunk always draws the same samples.
+
+    With a Server, each prompt is one request for its num_samples completions of the prompt's text (the decoded
+    ids: templates.chat's text, which encodes back to the same ids), seeded by `seed` and its place; `tokens` is
+    then the text's re-encoded length (plus the stop token)."""
     ids = special_ids(tokenizer)
     stop = (ids["im_end"], ids["endoftext"])
+    if isinstance(model, Server):
+        texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+        try:
+            outputs = completions(model, texts, num_samples, max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                                  stop, seed=seed)
+        except TeacherError as e:
+            raise SystemExit(f"server {model.base_url} failed: {e}; rerun the same command to resume") from None
+        return [[(text, finished, len(tokenizer.encode(text, add_special_tokens=False).ids) + finished)
+                 for text, finished in samples] for samples in outputs]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)
     for start in range(0, len(order), cfg.batch_size):
         batch = order[start:start + cfg.batch_size]
         rows = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=cfg.temperature,
-                        top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop, num_samples=num_samples, seed=seed + start)
+                        top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop, num_samples=num_samples, seed=seed + start,
+                        compile=cfg.compile)
         for j, i in enumerate(batch):
             results[i] = []
             for row in rows[j * num_samples:(j + 1) * num_samples]:
@@ -219,7 +246,9 @@ def read_committed(pairs_path, samples_path):
 
 
 def check_config(out_dir, cfg):
-    """Refuse to resume a round with sampling settings other than those it was started with."""
+    """Refuse to resume a round with sampling settings other than those it was started with. Shard processes
+    started together all call this: the file is written whole under a temporary name and renamed (atomic), so a
+    reader sees no file or a complete one, never the half-written file that made 8 shards crash 1 time in 10."""
     path = out_dir / "config.json"
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
     if path.exists():
@@ -228,26 +257,35 @@ def check_config(out_dir, cfg):
         if changed:
             raise UserError(f"{out_dir} was started with other settings (was, now): {changed}; use another --out")
     else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        tmp = path.with_name(f"config.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def shard_chunks(rows, chunk_size, shard=0, num_shards=1):
+    """[(c, chunk)]: this shard's chunks. Chunks are cut from the whole question list and dealt round-robin, and a
+    chunk's seed is its global index c, so a chunk draws the same samples whichever process runs it: the pairs do
+    not depend on the number of shards (nor on resuming, since chunks are never cut from what is left)."""
+    chunks = [rows[i:i + chunk_size] for i in range(0, len(rows), chunk_size)]
+    return [(c, chunk) for c, chunk in enumerate(chunks) if c % num_shards == shard]
 
 
 def make_pairs(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num_shards=1, device="cpu",
-               dtype=torch.float32) -> dict:
-    """Round `round_`'s pairs from the model at `model_path` for this shard's questions rows[shard::num_shards],
-    resuming whatever `out_dir` already holds. Returns the summary (also printed and written as JSON)."""
+               dtype=torch.float32, server=None) -> dict:
+    """Round `round_`'s pairs from the model at `model_path` for this shard's chunks of questions (shard_chunks),
+    resuming whatever `out_dir` already holds, sampling with our sampler or from `server` (a Server serving
+    `model_path`). Returns the summary (also printed and written as JSON)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     check_config(out_dir, cfg)
     suffix = shard_suffix(shard, num_shards)
     pairs_path, samples_path = out_dir / f"pairs{suffix}.jsonl", out_dir / f"samples{suffix}.jsonl"
     records, pairs = read_committed(pairs_path, samples_path)
     done, seen = {r["id"] for r in records}, {pair_key(p) for p in pairs}
-    rows = rows[shard::num_shards]
-    # Chunks are cut from the whole list, not from what is left, so a resumed run draws the same samples.
-    chunks = [rows[i:i + cfg.chunk_size] for i in range(0, len(rows), cfg.chunk_size)]
-    todo = [(c, chunk) for c, chunk in enumerate(chunks) if any(row["id"] not in done for row in chunk)]
+    todo = [(c, chunk) for c, chunk in shard_chunks(rows, cfg.chunk_size, shard, num_shards)
+            if any(row["id"] not in done for row in chunk)]
     counts = tally(records)
     if todo:
-        model = load(model_path, dtype=dtype, device=device)
+        model = server or load(model_path, dtype=dtype, device=device)
         with open(pairs_path, "a", encoding="utf-8") as pairs_file, \
                 open(samples_path, "a", encoding="utf-8") as samples_file:
             bar = tqdm(todo, desc=f"round {round_} chunks", dynamic_ncols=True)
@@ -330,20 +368,24 @@ def write_summary(path, records, pairs, model_path, round_):
     return summary
 
 
-def merge_shards(out_dir, rows, num_shards, model_path, round_=1) -> dict:
-    """Join the files of --num-shards sampling processes into pairs.jsonl / samples.jsonl (pairs deduplicated)."""
+def merge_shards(out_dir, rows, num_shards, model_path, round_=1, chunk_size=SelfPlayConfig.chunk_size) -> dict:
+    """Join the files of --num-shards sampling processes into pairs.jsonl / samples.jsonl (pairs deduplicated), in
+    question order: the files an unsharded run writes."""
     records, pairs = [], []
     for shard in range(num_shards):
         suffix = shard_suffix(shard, num_shards)
         shard_records, shard_pairs = read_committed(out_dir / f"pairs{suffix}.jsonl",
                                                     out_dir / f"samples{suffix}.jsonl")
-        missing = {row["id"] for row in rows[shard::num_shards]} - {r["id"] for r in shard_records}
+        mine = {row["id"] for _, chunk in shard_chunks(rows, chunk_size, shard, num_shards) for row in chunk}
+        missing = mine - {r["id"] for r in shard_records}
         if missing:
             raise UserError(f"shard {shard} of {num_shards} has not finished ({len(missing)} questions left): "
                             "rerun it")
         records += shard_records
         pairs += shard_pairs
-    pairs = list({pair_key(p): p for p in pairs}.values())
+    position = {row["id"]: i for i, row in enumerate(rows)}
+    records.sort(key=lambda r: position[r["id"]])
+    pairs = sorted({pair_key(p): p for p in pairs}.values(), key=lambda p: position[p["id"]])
     write_jsonl(out_dir / "pairs.jsonl", pairs)
     write_jsonl(out_dir / "samples.jsonl", records)
     return write_summary(out_dir / "summary.json", records, pairs, model_path, round_)
@@ -384,6 +426,94 @@ def run_dpo(args, model_path, pairs_path, out_dir):
     return checkpoints[-1]
 
 
+def shard_command(args, cfg, model_path, round_, shard):
+    """The command line of one sampling process: this run's settings, for one shard of round `round_`."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--model", str(model_path), "--data", str(args.data),
+           "--tokenizer", str(args.tokenizer or args.model), "--out", str(args.out), "--round", str(round_),
+           "--shard", str(shard), "--num-shards", str(args.nproc), "--device", args.device, "--dtype", args.dtype]
+    cmd += [] if args.limit is None else ["--limit", str(args.limit)]
+    for field in dataclasses.fields(SelfPlayConfig):
+        flag, value = "--" + field.name.replace("_", "-"), getattr(cfg, field.name)
+        cmd += ([flag] if value else []) if field.type is bool else [flag, str(value)]
+    return cmd
+
+
+def sample_in_processes(args, cfg, rows, round_dir, model_path, round_) -> dict:
+    """Round `round_`'s pairs from args.nproc sampling processes, each running one shard (one GPU each through
+    CUDA_VISIBLE_DEVICES; on CPU the cores are split between them), then merged. No collectives while sampling:
+    each process works through its own chunks. A round already merged is not sampled again."""
+    samples = round_dir / "samples.jsonl"
+    if samples.exists() and {row["id"] for row in rows} <= done_ids(samples):
+        records, pairs = read_committed(round_dir / "pairs.jsonl", samples)
+        return write_summary(round_dir / "summary.json", records, pairs, model_path, round_)
+    round_dir.mkdir(parents=True, exist_ok=True)
+    check_config(round_dir, cfg)  # written once, before the shards start (each then only reads it)
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
+    procs = []
+    for shard in range(args.nproc):
+        env = dict(os.environ)
+        if args.device.startswith("cuda"):
+            env["CUDA_VISIBLE_DEVICES"] = gpus[shard % len(gpus)]
+        else:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
+        cmd = shard_command(args, cfg, model_path, round_, shard)
+        print("+ " + shlex.join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd, env=env))
+    failed = [shard for shard, proc in enumerate(procs) if proc.wait()]
+    if failed:
+        raise SystemExit(f"sampling shards {failed} of round {round_} failed (their output is above); rerun the "
+                         "same command to resume")
+    return merge_shards(round_dir, rows, args.nproc, model_path, round_, cfg.chunk_size)
+
+
+def wait_for_server(url, proc, timeout):
+    """The names the server at `url` lists, once /v1/models answers; a clear error if it dies or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode} before answering (its output is above)")
+        try:
+            return served_models(url)
+        except TeacherError as e:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url}/v1/models did not answer within {timeout:.0f} s ({e})") from None
+        time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def serving(args, model_path):
+    """The Server to sample from, or None for our sampler: --base-url as given, or (--serve) a server started for
+    `model_path`, this round's checkpoint, and stopped (its whole process group) when sampling is done."""
+    config = ModelConfig.from_hf(json.loads((Path(model_path) / "config.json").read_text()))
+    if args.base_url:
+        name = args.served_model or wait_for_server(args.base_url, None, args.serve_timeout)[0]
+        yield Server(args.base_url, name, config, args.server_concurrency)
+        return
+    if not args.serve:
+        yield None
+        return
+    port = args.serve_port
+    if not port:  # a free port now; vLLM binds it a few seconds later
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    cmd = shlex.split(args.serve.format(model=shlex.quote(str(model_path)), port=port))
+    print("+ " + shlex.join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, start_new_session=True)  # its own process group: vLLM's workers stop with it
+    try:
+        url = f"http://127.0.0.1:{port}"
+        names = wait_for_server(url, proc, args.serve_timeout)
+        yield Server(url, args.served_model or names[0], config, args.server_concurrency)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="the SFT checkpoint (Hugging Face folder): round 1's student")
@@ -401,28 +531,46 @@ def main(argv=None):
             kind = {"top_p": probability, "top_k": nonnegative_int, "seed": int}.get(field.name) \
                 or types.get(type(field.default), type(field.default))
             parser.add_argument(flag, type=kind, default=field.default, help=f"SelfPlayConfig.{field.name}")
-    parser.add_argument("--shard", type=nonnegative_int, default=0,
-                        help="this process samples questions shard::num-shards")
+    parser.add_argument("--round", type=positive_int, default=1, help="with --rounds 0: the round whose folder "
+                        "(round_K) this run samples into or --merge joins (--model: round K-1's checkpoint)")
+    parser.add_argument("--shard", type=nonnegative_int, default=0, help="this process samples chunks shard::num-shards")
     parser.add_argument("--num-shards", type=positive_int, default=1, help="sampling processes, each on its shard")
-    parser.add_argument("--merge", action="store_true", help="join the --num-shards shard files of round 1")
+    parser.add_argument("--merge", action="store_true", help="join the --num-shards shard files of --round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sampling device")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                         help="sampling dtype")
-    parser.add_argument("--nproc", type=positive_int, default=1, help="DPO processes (GPUs) for torchrun")
+    parser.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs): sampling shards of our "
+                        "sampler, then the DPO ranks (torchrun)")
+    parser.add_argument("--base-url", help="sample from this OpenAI-compatible server (e.g. vLLM serving --model; "
+                        "key, if any, from $OPENAI_API_KEY) instead of our sampler")
+    parser.add_argument("--served-model", help="the model name the server serves (default: the first it lists)")
+    parser.add_argument("--serve", help='start a server for each round\'s model, e.g. "vllm serve {model} --port '
+                        '{port} --dtype bfloat16"; sample from it, stop it before DPO')
+    parser.add_argument("--serve-port", type=nonnegative_int, default=0, help="{port} of --serve (0: a free one)")
+    parser.add_argument("--serve-timeout", type=positive_float, default=900.0, help="seconds to wait for /v1/models")
+    parser.add_argument("--server-concurrency", type=positive_int, default=64, help="requests in flight to the server")
     parser.add_argument("--dpo-script", default=str(Path(__file__).resolve().parent / "dpo.py"), help="dpo.py to run")
     parser.add_argument("--dpo-args", default="", help='more dpo.py flags in one string, e.g. "--beta 0.3"')
     args = parser.parse_args(argv)
     cfg = SelfPlayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SelfPlayConfig)})
     if not set(cfg.sources.split(",")) <= {"correction", "sample"}:
         parser.error(f"--sources {cfg.sources!r}: comma-separated from correction, sample")
-    if not 0 <= args.shard < args.num_shards or (args.num_shards > 1 and args.rounds):
-        parser.error("--shard i --num-shards n (0 <= i < n) only with --rounds 0; then --merge joins the files")
+    if not 0 <= args.shard < args.num_shards or (args.num_shards > 1 and (args.rounds or args.nproc > 1)):
+        parser.error("--shard i --num-shards n (0 <= i < n) only with --rounds 0 and --nproc 1; then --merge joins "
+                     "the files")
+    if args.base_url and args.serve:
+        parser.error("--base-url (a running server) or --serve (start one per round), not both")
+    if args.base_url and args.rounds > 1:
+        parser.error("--base-url serves one model, but each round samples with the previous round's checkpoint: "
+                     "use --serve, which starts a server for each round's model")
+    if args.round < 1 or args.nproc < 1:
+        parser.error("--round and --nproc start at 1")
 
     out, model_path = Path(args.out), Path(args.model)
     # One writer per output: the whole folder, or with --num-shards this shard's files (and --merge round 1's).
-    (out / "round_1").mkdir(parents=True, exist_ok=True)
+    (out / f"round_{args.round}").mkdir(parents=True, exist_ok=True)
     if args.num_shards > 1 and not args.merge:
-        lock_output(out / "round_1" / f"samples{shard_suffix(args.shard, args.num_shards)}.jsonl")
+        lock_output(out / f"round_{args.round}" / f"samples{shard_suffix(args.shard, args.num_shards)}.jsonl")
     else:
         lock_output(out)
     rows = load_cmexam(args.data)[:args.limit]
@@ -430,17 +578,21 @@ def main(argv=None):
         raise UserError(f"{args.data}: question ids are not unique, so a run could not resume")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if args.merge:
-        merge_shards(out / "round_1", rows, args.num_shards, model_path)
+        merge_shards(out / f"round_{args.round}", rows, args.num_shards, model_path, args.round, cfg.chunk_size)
         return
-    for k in range(1, max(args.rounds, 1) + 1):
+    for k in range(1, args.rounds + 1) if args.rounds else [args.round]:
         round_dir = out / f"round_{k}"
         done = round_dir / "done.json"  # written once the round's DPO run has finished: names its checkpoint
         if args.rounds and done.exists():
             model_path = Path(json.loads(done.read_text())["checkpoint"])
             print(f"round {k}: done, its model is {model_path}")
             continue
-        summary = make_pairs(model_path, tokenizer, rows, round_dir, cfg, k, args.shard, args.num_shards,
-                             args.device, getattr(torch, args.dtype))
+        with serving(args, model_path) as server:
+            if args.nproc > 1 and server is None:
+                summary = sample_in_processes(args, cfg, rows, round_dir, model_path, k)
+            else:
+                summary = make_pairs(model_path, tokenizer, rows, round_dir, cfg, k, args.shard, args.num_shards,
+                                     args.device, getattr(torch, args.dtype), server)
         if not args.rounds:
             break
         if not summary["pairs"]:

@@ -35,6 +35,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,12 @@ IGNORE = -100  # label of a position that is not trained (prompt, padding), as i
 # Processes. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) every rank runs this file; alone it is one process.
 
 
+_slow_group = None  # a gloo group with a long timeout, for the ranks that wait while rank 0 writes a checkpoint
+
+
 def init_distributed():
     """-> (rank, world_size, device). nccl on CUDA, gloo on CPU; a plain single process without torchrun."""
+    global _slow_group
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     die_with_parent()  # a killed torchrun must not leave its workers training on as orphans
@@ -73,6 +78,7 @@ def init_distributed():
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
+    _slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -90,9 +96,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def barrier():
+def barrier(slow=False):
+    """All ranks meet. slow=True: on a CPU (gloo) group whose timeout is 2 hours, not NCCL's 10 minutes, for
+    waiting on one rank's long file write (a 15 GB checkpoint on slow storage)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_slow_group if slow else None)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -213,28 +221,49 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2, tokenizer=None):
-    """Save everything needed to continue after optimizer step `step` (collective: every rank calls it), and the
-    tokenizer files from `tokenizer` (a folder or tokenizer.json) so the folder loads on its own."""
+def save_dtype(choice, compute_dtype, device, source_config=None) -> torch.dtype:
+    """The dtype a checkpoint's weights are written in (what vLLM then serves with --dtype auto): `choice`, or for
+    "auto" bf16 when training computes in bf16 (GPU), else the dtype the source checkpoint was stored in if it is a
+    16-bit one (Qwen2.5 ships bf16), else fp32. A checkpoint is then the size of its release (15.2 GB for 7B, not
+    30.5), and a bf16 model is never served in fp16 (vLLM's choice for an fp32 checkpoint). The fp32 master weights
+    live on in the resume state."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    if torch.device(device).type == "cuda" and compute_dtype == torch.bfloat16:
+        return torch.bfloat16
+    stored = None
+    if source_config and Path(source_config).is_file():
+        hf = json.loads(Path(source_config).read_text())
+        stored = hf.get("dtype") or hf.get("torch_dtype")
+    return getattr(torch, stored) if stored in ("bfloat16", "float16") else torch.float32
+
+
+def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2, tokenizer=None, dtype=None):
+    """Save everything needed to continue after optimizer step `step` (collective: every rank calls it): the
+    Hugging Face folder in `dtype` (default: the parameters'), the tokenizer files from `tokenizer` (a folder or
+    tokenizer.json) so the folder loads on its own, and the resume state (fp32 master weights, AdamW, RNG)."""
     out_dir, rank = Path(out_dir), get_rank()
     final, tmp = out_dir / f"step-{step:06d}", out_dir / f".tmp-step-{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    # The full fp32 weights, gathered to rank 0's CPU one tensor at a time (never a full copy on a GPU).
+    # The collectives first. The full weights, gathered to rank 0's CPU one tensor at a time (never a full copy
+    # on a GPU); the resume state sharded, each rank writing its own part (DCP can reload it on another world size).
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=tmp / "optimizer")
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    # Then rank 0 writes the Hugging Face folder with no collective in flight, while the others wait on a barrier
+    # whose timeout allows a slow disk (inside NCCL's collectives they would time out after 10 minutes).
     if rank == 0:
-        save(model, tmp, state_dict=full_state)  # a LoRA model: merged (save() merges)
+        save(model, tmp, state_dict=full_state, dtype=dtype)  # a LoRA model: merged (save() merges)
         if getattr(model, "lora", None):
             save_adapter(model, tmp / "adapter", state_dict=full_state)
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)
     del full_state
-    # The optimizer stays sharded: each rank writes its own AdamW moments; DCP can reload them on another world size.
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "optimizer")
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    barrier()
+    barrier(slow=True)
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": get_world_size(),
                                                             **(extra or {})}, indent=2) + "\n")
@@ -255,11 +284,13 @@ def latest_checkpoints(out_dir):
 
 
 def load_checkpoint(path, model, optimizer):
-    """Restore the optimizer and this rank's RNG states from a checkpoint folder; returns its trainer state
-    (step, data position, ...). The weights are the folder itself: load them with load_model(path) first."""
+    """Restore the fp32 master weights, the optimizer and this rank's RNG states from a checkpoint folder; returns
+    its trainer state (step, data position, ...). Build `model` from the folder first (load_model(path)): its
+    weights, which may be bf16, are then replaced by the exact ones."""
     path = Path(path)
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=path / "optimizer")
+    set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rng_file = path / f"rng-rank{get_rank()}.pt"
     if rng_file.is_file():
@@ -381,12 +412,16 @@ def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_e
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
     parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
-                        help="compute dtype on GPU (CPU computes in fp32; weights and AdamW are fp32, a frozen LoRA "
-                        "base is stored in this dtype)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on a frozen "
-                        "base (0: full fine-tuning)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default 2 x rank)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
+                        help="compute dtype on GPU (CPU computes in fp32; master weights and AdamW are fp32, a "
+                        "frozen LoRA base is stored in this dtype)")
+    parser.add_argument("--save-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="dtype of the saved model weights; auto: bf16 if training computes in bf16 or the "
+                        "source checkpoint is bf16 (fp16 if it is fp16), else fp32")
+    parser.add_argument("--lora-rank", type=nonnegative_int, default=0, help="train LoRA adapters of this rank on a "
+                        "frozen base (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="LoRA scale alpha / rank (default 2 x rank)")
+    parser.add_argument("--lora-dropout", type=checked(float, 0, 1), default=0.0, help="dropout on the LoRA input")
     parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="layers of each block with adapters")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                         default=torch.cuda.is_available(), help="recompute each block in the backward pass (a 7B "
@@ -435,6 +470,8 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
     # same examples, batch size and seed.
     data_state = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed, "steps": steps}
     settings = run_settings(args, examples) if settings is None else settings
+    source = getattr(args, "init_config", None) or (Path(args.model) / "config.json" if args.model else None)
+    weights_dtype = save_dtype(args.save_dtype, dtype, device, source)
     metrics = MetricsLog(Path(args.out) / "metrics.jsonl", start_step, rank == 0)
     metrics.write(event="start", step=start_step, world_size=world_size, **data_state, **(info or {}))
     bar = tqdm(total=steps, initial=start_step, desc=desc, disable=rank != 0, dynamic_ncols=True)
@@ -456,7 +493,7 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
         bar.update()
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
             path = save_checkpoint(args.out, step + 1, model, optimizer, {**data_state, "settings": settings},
-                                   keep=args.keep, tokenizer=args.tokenizer or args.model)
+                                   keep=args.keep, tokenizer=args.tokenizer or args.model, dtype=weights_dtype)
             if rank == 0:
                 bar.write(f"saved {path}")
         clock = time.perf_counter()

@@ -32,7 +32,7 @@ import http.client
 import urllib.error
 import urllib.request
 from collections import Counter
-from concurrent.futures import Future, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 log = logging.getLogger("templates")
@@ -604,17 +604,18 @@ class TeacherRun:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
-def _request_once(cfg, messages, extra=None):
+def _http_once(cfg, path, body=None):
+    """One request to the endpoint (`path` after /v1; POST `body` as JSON, or GET when it is None): the parsed JSON
+    reply, or a TeacherError whose kind says whether a retry can help."""
     base = cfg.base_url.rstrip("/")
-    url = base + ("" if base.endswith("/v1") else "/v1") + "/chat/completions"
-    body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "max_tokens": cfg.max_tokens, **(extra or {})}
+    url = base + ("" if base.endswith("/v1") else "/v1") + path
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(cfg.api_key_env, "").strip()  # a key read from a CRLF file, or pasted, ends in \r or \n
     if key:
         headers["Authorization"] = "Bearer " + key
+    data = None if body is None else json.dumps(body).encode()
     try:
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        request = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
         with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
             raw = response.read()
     except ValueError as e:  # http.client's "Invalid header value b'Bearer <the key>'": never show the message
@@ -632,11 +633,21 @@ def _request_once(cfg, messages, extra=None):
     except (OSError, http.client.HTTPException) as e:
         raise TeacherError("connection", type(e).__name__) from None
     try:
-        message = json.loads(raw)["choices"][0]["message"]
+        return json.loads(raw)
+    except ValueError:
+        raise TeacherError("bad_response", repr(raw[:80])) from None
+
+
+def _request_once(cfg, messages, extra=None):
+    body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_tokens": cfg.max_tokens, **(extra or {})}
+    reply = _http_once(cfg, "/chat/completions", body)
+    try:
+        message = reply["choices"][0]["message"]
         content = message.get("content") or ""
         reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        raise TeacherError("bad_response", repr(raw[:80])) from None
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise TeacherError("bad_response", repr(str(reply)[:80])) from None
     if reasoning:  # vLLM's reasoning parser and DeepSeek's API return the thinking separately
         content = f"<think>\n{reasoning.strip()}\n</think>\n\n{content.strip()}"
     elif "</think>" in content and "<think>" not in content:  # QwQ's template opens <think> in the prompt
@@ -646,21 +657,20 @@ def _request_once(cfg, messages, extra=None):
     return content.strip()
 
 
-def chat_completion(cfg, messages, stats=None, run=None, extra=None) -> str:
-    """The teacher's reply text. Retries 429, 5xx, timeouts, connection errors and unusable bodies with
-    exponential backoff; raises TeacherError at once on other 4xx. `stats` (a Counter) counts requests and
-    failures by kind; `extra` adds fields to the request body (vLLM's top_k, allowed_token_ids). Raises
-    TeacherFatal, which should end the run, on 401/403, and once cfg.max_connection_failures requests in a row of
-    `run` (a TeacherRun its concurrent requests share) could not connect: against a dead or refusing server,
-    retrying each question would take hours for nothing."""
+def with_retries(cfg, attempt, stats=None, run=None):
+    """attempt()'s result. Retries 429, 5xx, timeouts, connection errors and unusable bodies with exponential
+    backoff; raises TeacherError at once on other 4xx. `stats` (a Counter) counts requests and failures by kind.
+    Raises TeacherFatal, which should end the run, on 401/403, and once cfg.max_connection_failures requests in a
+    row of `run` (a TeacherRun its concurrent requests share) could not connect: against a dead or refusing
+    server, retrying each question would take hours for nothing."""
     stats = Counter() if stats is None else stats
     run = TeacherRun() if run is None else run
-    for attempt in range(cfg.max_retries + 1):
+    for n in range(cfg.max_retries + 1):
         if run.stop.is_set():
             raise TeacherFatal(run.reason or "stopped")
         stats["requests"] += 1
         try:
-            reply = _request_once(cfg, messages, extra)
+            reply = attempt()
         except TeacherFatal as e:  # the key cannot be sent, the URL is malformed: no request of the run can go
             with run.lock:
                 run.reason = run.reason or str(e)
@@ -681,14 +691,82 @@ def chat_completion(cfg, messages, stats=None, run=None, extra=None) -> str:
                 run.stop.set()
                 raise TeacherFatal(fatal) from None
             retryable = e.kind in ("http_429", "timeout", "connection", "bad_response") or e.kind.startswith("http_5")
-            if not retryable or attempt == cfg.max_retries:
+            if not retryable or n == cfg.max_retries:
                 raise
-            delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.5)
+            delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** n) * random.uniform(0.5, 1.5)
             run.stop.wait(min(cfg.backoff_max, max(delay, e.retry_after or 0)))
         else:
             with run.lock:
                 run.connection_failures = 0
             return reply
+
+
+def chat_completion(cfg, messages, stats=None, run=None, extra=None) -> str:
+    """The teacher's reply text, with with_retries' retries; `extra` adds fields to the request body (vLLM's
+    top_k, allowed_token_ids)."""
+    return with_retries(cfg, lambda: _request_once(cfg, messages, extra), stats, run)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The student served by an inference server (vLLM): raw completions of the exact chat text, for Stage 2's sampling
+# and chain-of-thought eval. Sending the text templates.chat rendered (not the server's chat template) means the
+# prompt can never drift from what training saw.
+
+
+@dataclasses.dataclass
+class Server:
+    """The student as an OpenAI-compatible server (vLLM) serves it: where, under which name, and the ModelConfig of
+    the checkpoint it serves (model.py's; for the context size)."""
+    base_url: str
+    name: str
+    config: object = None
+    concurrency: int = 64  # requests in flight; each asks for all of a prompt's samples (n)
+    timeout: float = 1800.0  # per request, not streamed: a whole batch of long replies must fit in it
+
+
+def served_models(base_url, timeout=5.0) -> list:
+    """The model names an OpenAI-compatible server lists at /v1/models (one try: used to wait for a server)."""
+    reply = _http_once(TeacherConfig(base_url=base_url, timeout=timeout), "/models")
+    try:
+        return [m["id"] for m in reply["data"]]
+    except (KeyError, TypeError):
+        raise TeacherError("bad_response", repr(str(reply)[:80])) from None
+
+
+def _completion_once(cfg, body):
+    reply = _http_once(cfg, "/completions", body)
+    try:
+        choices = sorted(reply["choices"], key=lambda c: c["index"])
+        outputs = [(c["text"], c["finish_reason"]) for c in choices]
+    except (KeyError, TypeError):
+        raise TeacherError("bad_response", repr(str(reply)[:80])) from None
+    if len(outputs) != body["n"] or not all(isinstance(text, str) for text, _ in outputs):
+        raise TeacherError("bad_response", f"{len(outputs)} choices for n = {body['n']}")
+    stops = [s for s in body["stop"] if s]
+    # "stop" = the model ended the reply (a stop id or string, which vLLM leaves out of the text); "length" = cut
+    # off at max_tokens. A server that keeps the stop string in the text gets it removed here.
+    return [(next((text[:-len(s)] for s in stops if text.endswith(s)), text), reason == "stop")
+            for text, reason in outputs]
+
+
+def completions(server, prompts, n, max_tokens, temperature=0.0, top_p=1.0, top_k=0, stop_ids=STOP_IDS,
+                stop=("<|im_end|>", "<|endoftext|>"), seed=0, stats=None):
+    """n completions of each prompt text from `server`'s /v1/completions: [[(text, finished)] * n] in prompt
+    order. Requests run server.concurrency at a time (the server batches them) with the teacher client's retries.
+    `stop_token_ids` and `top_k` are vLLM's extensions (other servers ignore them; the `stop` strings cover
+    that); prompt i is seeded with seed + i, so a rerun draws the same samples."""
+    cfg = TeacherConfig(base_url=server.base_url, model=server.name, timeout=server.timeout)
+
+    def one(i, prompt):
+        body = {"model": server.name, "prompt": prompt, "n": n, "max_tokens": max_tokens, "temperature": temperature,
+                "top_p": top_p, "seed": (seed + i) % 2**31, "stop": list(stop), "stop_token_ids": list(stop_ids),
+                "skip_special_tokens": False, "add_special_tokens": False}
+        if top_k > 0:
+            body["top_k"] = top_k
+        return with_retries(cfg, lambda: _completion_once(cfg, body), stats)
+
+    with ThreadPoolExecutor(max(1, server.concurrency)) as pool:
+        return list(pool.map(one, range(len(prompts)), prompts))
 
 
 # ----------------------------------------------------------------------------------------------------------------

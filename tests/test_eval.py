@@ -642,3 +642,31 @@ def test_questions_that_need_their_options():
     if VAL.is_file():  # 12% of the real val split point at their options
         rows = T.load_cmexam(VAL)
         assert sum(E.needs_options(r)[0] for r in rows) == 822 and len(rows) == 6810
+def test_cot_through_a_server_equals_model_generate(random_ckpt, tmp_path):
+    """cot mode with --base-url (tests/completion_server.py serving the checkpoint, as vLLM would): the same
+    greedy outputs, answers and report as model.generate in this process."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "completion_server.py"), "--model",
+                               str(random_ckpt), "--port", str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                T.served_models(url)
+                break
+            except T.TeacherError:
+                __import__("time").sleep(0.5)
+        served = run(random_ckpt, tmp_path / "served", "--max-new-tokens", 6, "--limit", 12, "--base-url", url)
+    finally:
+        server.terminate()
+        server.wait()
+    ours = run(random_ckpt, tmp_path / "ours", "--max-new-tokens", 6, "--limit", 12)
+    keep = ("id", "output", "extracted", "correct", "finished", "prompt_hash")
+    a, b = (sorted(({k: r[k] for k in keep} for r in read(tmp_path / d / "cot.predictions.jsonl")),
+                   key=lambda r: r["id"]) for d in ("served", "ours"))
+    assert a == b and len(a) == 12
+    assert served["overall"] == ours["overall"]
+    assert json.loads((tmp_path / "served" / "cot.run.json").read_text())["server"] == url

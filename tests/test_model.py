@@ -279,3 +279,70 @@ def test_bf16_close_to_transformers_bf16(tmp_path):
     with torch.no_grad():
         a, b = ours(tokens).float(), hf(tokens).logits.float()
     assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
+
+
+def test_yarn_beside_default_rope_parameters_is_an_error():
+    """A transformers-5 config (rope_parameters: default) plus the model card's YaRN rope_scaling must not load as
+    plain RoPE."""
+    base = {"model_type": "qwen2", **SMALL, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    with pytest.raises(ValueError, match="yarn"):
+        M.ModelConfig.from_hf({**base, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                        "original_max_position_embeddings": 32768}})
+    with pytest.raises(ValueError, match="linear"):
+        M.ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+    assert M.ModelConfig.from_hf({**base, "rope_scaling": None}).rope_theta == 1e6
+
+
+@pytest.mark.parametrize("T", [1, 7], ids=["decode", "prefill"])
+def test_masked_gqa_attention_equals_float64_math(T):
+    """The folded masked GQA path (query groups in the query axis) against attention written out in float64 with
+    k/v repeated per query head, for a decode step (T = 1) and a ragged prefill (T > 1) over a cache."""
+    cfg = M.ModelConfig(**{**SMALL, "num_attention_heads": 8, "num_key_value_heads": 2})
+    attn = M.init_weights(M.Transformer(cfg), std=0.2, seed=3).layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    B, S, start = 3, 12, 12 - T
+    x = torch.randn(B, T, cfg.hidden_size, generator=g)
+    positions = torch.arange(start, start + T).expand(B, T)
+    cos, sin = M.rope_cos_sin(cfg, positions, torch.float32)
+    cache = [torch.randn(B, 2, S, cfg.head_dim, generator=g) for _ in range(2)]
+    mask = torch.rand(B, 1, T, S, generator=g) > 0.3
+    mask[..., start:] |= torch.eye(T, dtype=torch.bool)  # every query sees itself
+    with torch.no_grad():
+        ours = attn(x, cos, sin, [c.clone() for c in cache], start, S, mask)
+        # the oracle: float64, explicit repeat of each KV head over its 4 query heads
+        q = attn.q_proj(x).view(B, T, 8, -1).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, 2, -1).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, 2, -1).transpose(1, 2)
+        q, k = M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
+        K, V = (c.clone() for c in cache)
+        K[:, :, start:], V[:, :, start:] = k, v
+        K, V, q = K.double().repeat_interleave(4, 1), V.double().repeat_interleave(4, 1), q.double()
+        scores = (q @ K.transpose(-1, -2) / cfg.head_dim ** 0.5).masked_fill(~mask, float("-inf"))
+        y = (scores.softmax(-1) @ V).transpose(1, 2).reshape(B, T, -1)
+        expected = attn.o_proj(y.float())
+    assert (ours - expected).abs().max().item() < 1e-5
+
+
+def compiled_graphs():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decode_equals_eager_without_recompiles(tmp_path):
+    """torch.compile (inductor) of the decode step: the same tokens as eager, greedy and sampled, on a ragged
+    batch whose rows stop and leave it; a second call of the same shapes compiles nothing new."""
+    hf_reference(tmp_path, tied=False)
+    ours = M.load(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, SMALL["vocab_size"], (n,), generator=g).tolist() for n in (6, 11, 3, 8)]
+    free = M.generate(ours, prompts, 24)
+    stop = (free[0][4], free[2][9])  # two rows stop early (the others may too)
+    kw = dict(stop_ids=stop, num_samples=2, check_every=2)
+    for sampling in ({"temperature": 0.0}, {"temperature": 1.0, "top_p": 0.9, "seed": 3}):
+        eager = M.generate(ours, prompts, 24, **sampling, **kw)
+        assert M.generate(ours, prompts, 24, compile=True, **sampling, **kw) == eager
+    assert any(len(row) < 24 for row in eager) and any(len(row) == 24 for row in eager)  # rows left the batch
+    warm = compiled_graphs()
+    other = [torch.randint(3, SMALL["vocab_size"], (n,), generator=g).tolist() for n in (6, 11, 3, 8)]
+    assert M.generate(ours, other, 24, compile=True, **kw) == M.generate(ours, other, 24, **kw)
+    assert compiled_graphs() == warm

@@ -435,7 +435,7 @@ def test_shards_merge_to_the_unsharded_pairs(tmp_path, rows, tokenizer, model_di
     data.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), "utf-8")
     monkeypatch.setattr(S, "sample_texts", Scripted(tokenizer, questions, student, corrections))
     args = ["--model", str(model_dir), "--data", str(data), "--samples", "3", "--corrections", "2",
-            "--max-new-tokens", "16", "--critique-max-new-tokens", "16"]
+            "--max-new-tokens", "16", "--critique-max-new-tokens", "16", "--chunk-size", "1"]
     S.main(args + ["--out", str(tmp_path / "one")])
     S.main(args + ["--out", str(tmp_path / "two"), "--shard", "0", "--num-shards", "2"])
     with pytest.raises(T.UserError, match="shard 1 of 2 has not finished"):
@@ -447,6 +447,7 @@ def test_shards_merge_to_the_unsharded_pairs(tmp_path, rows, tokenizer, model_di
     assert sorted(read_jsonl(two / "pairs.jsonl"), key=key) == sorted(read_jsonl(one / "pairs.jsonl"), key=key)
     assert len(read_jsonl(two / "pairs.jsonl")) == 2
     assert json.loads((two / "summary.json").read_text()) == json.loads((one / "summary.json").read_text())
+    assert (two / "samples.jsonl").read_text("utf-8") == (one / "samples.jsonl").read_text("utf-8")
 
 
 def test_rounds_driver_chains_models_and_resumes_by_round(tmp_path, rows, tokenizer, model_dir, monkeypatch):
@@ -505,3 +506,109 @@ def test_one_real_round_with_dpo(tmp_path, rows, tokenizer, model_dir, monkeypat
     assert checkpoint == tmp_path / "round_1" / "dpo" / "step-000002"
     before, after = M.load(model_dir).state_dict(), M.load(checkpoint).state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real scale: sampling processes, an inference server, the config race.
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def real_args(model_dir, data, *extra):
+    return ["--model", str(model_dir), "--data", str(data), "--limit", "6", "--samples", "2", "--corrections", "1",
+            "--max-new-tokens", "12", "--critique-max-new-tokens", "12", "--chunk-size", "2", *extra]
+
+
+def test_sampling_processes_draw_what_one_process_draws(tmp_path, model_dir, monkeypatch):
+    """--nproc 2: two sampling processes (one shard each), merged; the same samples, texts and pairs as one
+    process, because each chunk's seed is its place in the whole question list."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    args = real_args(model_dir, SAMPLE_CSV, "--temperature", "1.0", "--top-p", "0.95")
+    S.main(args + ["--out", str(tmp_path / "one")])
+    S.main(args + ["--out", str(tmp_path / "two"), "--nproc", "2"])
+    one, two = tmp_path / "one" / "round_1", tmp_path / "two" / "round_1"
+    assert (two / "samples.shard1of2.jsonl").is_file()  # the second process really sampled
+    records = read_jsonl(one / "samples.jsonl")
+    assert len(records) == 6 and len({s["text"] for r in records for s in r["samples"]}) == 12  # varied samples
+    assert read_jsonl(two / "samples.jsonl") == records
+    assert read_jsonl(two / "pairs.jsonl") == read_jsonl(one / "pairs.jsonl")
+
+
+def test_shards_started_together_never_see_a_half_written_config(tmp_path):
+    """8 processes released by one barrier all call check_config on a fresh folder, 30 times."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    cfg = S.SelfPlayConfig()
+    for trial in range(30):
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        barrier = ctx.Barrier(8)
+
+        def shard():
+            barrier.wait()
+            S.check_config(folder, cfg)
+        procs = [ctx.Process(target=shard) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        assert [p.exitcode for p in procs] == [0] * 8, trial
+        assert sorted(f.name for f in folder.iterdir()) == ["config.json"]
+
+
+@pytest.fixture()
+def server(model_dir):
+    """tests/completion_server.py serving the tiny checkpoint on 127.0.0.1, as vLLM would serve it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "completion_server.py"), "--model", str(model_dir),
+                             "--port", str(port), "--served-model-name", "tiny"],
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    try:
+        S.wait_for_server(f"http://127.0.0.1:{port}", proc, 120)
+        yield T.Server(f"http://127.0.0.1:{port}", "tiny", M.ModelConfig(max_position_embeddings=CONTEXT),
+                       concurrency=4)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_server_greedy_samples_equal_the_built_in_sampler(tokenizer, model_dir, rows, server):
+    """The same prompts through /v1/completions and through model.generate, greedy: the same replies, token for
+    token (the server's text is what our own ids decode to), the same finished flags, n samples per prompt."""
+    model = M.load(model_dir)
+    prompts = [S.prompt_ids(tokenizer, T.student_messages(row)) for row in rows[:5]]
+    cfg = S.SelfPlayConfig(temperature=0.0, batch_size=2)
+    ids = T.special_ids(tokenizer)
+    stop = (ids["im_end"], ids["endoftext"])
+    built_in = S.sample_texts(model, tokenizer, prompts, 2, 20, cfg, seed=0)
+    served = S.sample_texts(server, tokenizer, prompts, 2, 20, cfg, seed=0)
+    assert [[(t, f) for t, f, _ in s] for s in served] == [[(t, f) for t, f, _ in s] for s in built_in]
+    for prompt, samples in zip(prompts, served):
+        [new] = M.generate(model, [prompt], 20, stop_ids=stop)
+        finished = new[-1] in stop
+        assert samples[0][:2] == (tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=False),
+                                  finished)
+    assert any(f for s in served for _, f, _ in s) or all(len(t) for s in served for t, _, _ in s)
+
+
+def test_serve_starts_a_server_per_round_samples_from_it_and_stops_it(tmp_path, model_dir):
+    """--serve with a command template: the server is started for --model, sampled from (the same records as the
+    built-in sampler, greedy) and stopped when the round's sampling is done."""
+    port = free_port()
+    serve = f"{sys.executable} {ROOT / 'tests' / 'completion_server.py'} --model {{model}} --port {{port}}"
+    args = real_args(model_dir, SAMPLE_CSV, "--temperature", "0")
+    S.main(args + ["--out", str(tmp_path / "served"), "--serve", serve, "--serve-port", str(port)])
+    S.main(args + ["--out", str(tmp_path / "ours")])
+    strip = lambda r: {**r, "samples": [{k: v for k, v in s.items() if k != "tokens"} for s in r["samples"]]}  # noqa
+    served = [strip(r) for r in read_jsonl(tmp_path / "served" / "round_1" / "samples.jsonl")]
+    assert served == [strip(r) for r in read_jsonl(tmp_path / "ours" / "round_1" / "samples.jsonl")]
+    assert len(served) == 6
+    with pytest.raises(OSError):  # stopped: nothing listens on its port any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    with pytest.raises(SystemExit, match="exited with code 3"):
+        S.main(args + ["--out", str(tmp_path / "dead"), "--serve", f"{sys.executable} -c 'import sys; sys.exit(3)'"])

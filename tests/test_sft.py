@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import sft
 from conftest import ROOT, SHARED
-from model import ModelConfig, Transformer, init_weights, load_tokenizer
+from model import ModelConfig, Transformer, init_weights, load_tokenizer, save
 from templates import chat, encode_chat
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
@@ -380,3 +380,46 @@ def test_lora_sft_trains_only_adapters_and_resumes_exactly(tiny, tmp_path):
     for k, v in a.items():
         assert torch.equal(v, base[k.removeprefix("model.")]) == (not k.endswith("proj.weight")), k
     assert (tmp_path / "full" / "step-000004" / "adapter" / "adapter_config.json").is_file()
+def master_weights(path):
+    """The fp32 master weights a checkpoint's resume state holds."""
+    model = sft.load_model(path).float()
+    sft.load_checkpoint(path, model, sft.build_optimizer(model, lr=1e-3))
+    return model.state_dict()
+
+
+def test_bf16_source_saves_bf16_that_transformers_loads_and_resumes_exactly(tiny, tmp_path):
+    """A bf16 source checkpoint: the saved folders are bf16 (files and config), transformers loads them, training
+    ran on fp32 master weights kept in the resume state, and a resumed run ends bitwise where an uninterrupted one
+    does. --save-dtype overrides."""
+    from transformers import Qwen2ForCausalLM
+    source = tmp_path / "source"
+    save(tiny_model(seed=2), source, dtype=torch.bfloat16)
+    shutil.copyfile(tiny / "tokenizer.json", source / "tokenizer.json")
+    data = write_jsonl(tmp_path / "d.jsonl", [chat_record(q, a) for q, a in QUESTIONS])
+    run = lambda out, *extra: sft.main(["--model", str(source), "--data", str(data), "--out", str(out),  # noqa: E731
+                                        "--batch-size", "4", "--micro-batch-size", "2", "--steps", "2",
+                                        "--save-every", "1", "--lr", "3e-3", "--seed", "3", *extra])
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(full)
+    folder = full / "step-000002"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    assert {t.dtype for t in weights(folder).values()} == {torch.bfloat16}
+    hf = Qwen2ForCausalLM.from_pretrained(folder, dtype="auto")
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.model.embed_tokens.weight, weights(folder)["model.embed_tokens.weight"])
+    master = master_weights(folder)
+    assert {t.dtype for t in master.values()} == {torch.float32}
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in master.values())  # fp32, not bf16 in disguise
+
+    shutil.copytree(full, cut, symlinks=True)
+    shutil.rmtree(cut / "step-000002")
+    run(cut, "--resume")
+    a, b = weights(full / "step-000002"), weights(cut / "step-000002")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = master_weights(cut / "step-000002")
+    assert all(torch.equal(master[k], resumed[k]) for k in master)
+
+    run(tmp_path / "fp32", "--save-dtype", "float32")
+    assert {t.dtype for t in weights(tmp_path / "fp32" / "step-000002").values()} == {torch.float32}
+    assert json.loads((tmp_path / "fp32" / "step-000002" / "config.json").read_text())["torch_dtype"] == "float32"
