@@ -323,8 +323,9 @@ def step_corrections(model, tokenizer, rows, records, wrong, pairs, cfg, round_,
             records[wrong[j][0]]["samples"][wrong[j][1]]["critique"] = "too_long"
     else:
         for j, (i, s) in enumerate(wrong):
-            located[j] = [(least_confident_line(model, tokenizer, prompts[i], text_of(i, s)), None, 0)] * cfg.corrections
-    jobs = []  # (entry, question, prefix, continuation prompt, head)
+            line = least_confident_line(model, tokenizer, prompts[i], text_of(i, s))
+            located[j] = [(line, None, 0)] * cfg.corrections
+    jobs = []  # (its record entry, question, sample, correction, kept lines, continuation prompt, its head ids)
     for j, tries in located.items():
         i, s = wrong[j]
         records[i]["samples"][s]["corrections"] = []

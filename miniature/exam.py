@@ -76,7 +76,8 @@ class ExamConfig:
 # The knowledge base
 
 def make_kb(cfg: ExamConfig) -> dict:
-    """{"diseases": {name: {department, group, findings (pool order), treatment, split}}, "index": {finding: [names]}}."""
+    """{"diseases": {name: {department, group, findings (pool order), treatment, split (T, G or U)}},
+    "index": {finding: [names]}}."""
     rng = random.Random(f"kb-{cfg.seed}")
     names = sorted(organ + process for organ in ORGANS for process in PROCESSES)
     if cfg.diseases > len(names):

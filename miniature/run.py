@@ -174,7 +174,7 @@ def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, ext
 def continued(work, name, model, data, steps, b, seed):
     """SFT continued from a trained model at Stage 1's FINAL lr, constant, no warmup (a restart at the peak lr
     would be a different, noisier recipe): sft.py's cosine with --min-lr-ratio 1 is constant."""
-    return sft(work, name, ["--model", model], data, max(1, steps), b.sft_lr * 0.1, b.batch, b.cot_micro, seed,
+    return sft(work, name, ["--model", model], data, max(1, steps), f"{b.sft_lr * 0.1:g}", b.batch, b.cot_micro, seed,
                extra=["--warmup", 0, "--min-lr-ratio", 1])
 
 
@@ -213,6 +213,7 @@ def critique_data(work, early, url, b, seed):
     """Stage 1's critique examples from the student's own errors: the part-1 student answers Stage 1 questions
     once (selfplay.py --sources sample: sampling only), and for each finished wrong answer the teacher, asked with
     the real step critique prompt, checks the lines in order and names the first wrong one."""
+    import selfplay as S
     stage1 = T.load_cmexam(work / "data" / "stage1.csv")[:b.critique_questions]
     subset = work / "data" / "critique_questions.jsonl"
     jsonl(subset, stage1)
@@ -226,7 +227,8 @@ def critique_data(work, early, url, b, seed):
             if sample["finished"] and not sample["right"]:
                 messages = T.step_critique_messages(rows[record["id"]], sample["text"])
                 reply = T.chat_completion(cfg, messages)
-                if T.extract_first_wrong_line(reply):
+                line = T.extract_first_wrong_line(reply)
+                if line and line - 1 in S.step_line_numbers(sample["text"]):  # a step line, as selfplay.py takes
                     examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
                                      "id": record["id"]})
     jsonl(work / "stage1_critiques.jsonl", examples)
@@ -425,7 +427,8 @@ def run_seed(out, seed, b, gates=False):
             "stage1_plain_replay.jsonl", "stage1_plain.jsonl", "replay.jsonl"), b.sft_steps, b.sft_lr, b.batch,
             b.plain_micro, seed))
         stage("selfplay_1", lambda: self_correction(work, "selfplay", 1, t, b, seed))
-        stage("selfplay_2", lambda: self_correction(work, "selfplay", 2, t, b, seed))
+        stage("selfplay_2", lambda: self_correction(work, "selfplay", 2, t, b, seed) if stage.done["selfplay_1"][
+            "pairs"] else {**stage.done["selfplay_1"], "seconds": 0})  # no pairs (--quick): no round 2 either
         stage("located_1", lambda: self_correction(work, "located", 1, t, b, seed, "--locate", "confidence"))
         stage("mechanism", lambda: mechanism(work, "selfplay"))
         r1 = stage.done["selfplay_1"]
@@ -442,9 +445,11 @@ def run_seed(out, seed, b, gates=False):
     stage("rft", lambda: rft(work, t, b, seed))
     extra = compute_matched_steps(work, stage.done, ["selfplay_1", "selfplay_2"], b)
     stage("sft_matched", lambda: continued(work, "sft_matched", t, data, extra, b, seed))
-    table = []
+    table, by_checkpoint = [], {}  # a row that did not train (no pairs, as in --quick) shares its model's evaluation
     for label, key in ROWS:
-        ev = stage(f"eval_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b))
+        checkpoint = stage.done[key]["checkpoint"]
+        ev = stage(f"eval_{key}", lambda: by_checkpoint.get(checkpoint) or evaluate(work, key, checkpoint, b))
+        by_checkpoint[checkpoint] = {k: v for k, v in ev.items() if k != "seconds"}
         info = stage.done[key]
         calls = {"dpo_teacher": stage.done["teacher_pairs"].get("teacher_calls", 0)}.get(key, 0)
         table.append({"row": label, "key": key, **{k: ev[k] for k in ("accuracy", "G", "T", "U", "consistency")},
@@ -486,7 +491,8 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
     """The issue's gates, on dev only: Stage 1 converged on T (part 2 run long_factor times longer gains <= 2
     points), G has headroom (template SFT on dev G within [30, 75], pass@k >= pass@1 + 15) and the positive control
     gains >= 3 on dev G; plus the DPO lr sweep on the teacher's pairs (dev G), from which the lr is fixed once."""
-    ev = lambda key: stage(f"dev_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b, "dev"))  # noqa: E731
+    def ev(key):
+        return stage(f"dev_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b, "dev"))
     template = ev("sft_template")
     long = stage("sft_long", lambda: sft(work, "sft_long", ["--model", early], data,
                                          b.long_factor * (b.sft_steps - b.early_steps), b.sft_lr, b.batch,
@@ -502,13 +508,18 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
             stage(key, lambda: dpo(work, key, t, work / "teacher_pairs.jsonl", b, seed, [*same_steps, "--lr", lr]))
             sweep[lr] = ev(key)["G"]
     control = ev("dpo_teacher")
+    from model import load_tokenizer
+    tokenizer = load_tokenizer(work / "student")
+    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+    recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
+              for key in ("pretrain", "sft_template") for x in "TGU"}
     gates = {"stage1_converged": {"dev_T": template["T"], "dev_T_longer": longer["T"],
                                   "pass": longer["T"] - template["T"] <= 0.02, "longer_steps": long["steps"]},
              "G_headroom": {"dev_G": template["G"], "pass@1": pass1, f"pass@{b.pass_k}": passk,
                             "pass": 0.30 <= template["G"] <= 0.75 and passk >= pass1 + 0.15},
              "positive_control": {"dev_G": control["G"], "gain": control["G"] - template["G"],
                                   "pass": control["G"] - template["G"] >= 0.03},
-             "dpo_lr_sweep_dev_G": sweep}
+             "dpo_lr_sweep_dev_G": sweep, "entry_recall": recall}
     (work / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
     return gates
 
@@ -522,14 +533,15 @@ def pct(x, signed=False):
 
 
 def print_table(tables, seeds):
-    print(f"\nTest accuracy (%, greedy chain of thought, exact match of the letter set), {len(tables)} seed(s); G (Stage 2"
-          " diseases, no teacher trajectories) is the headline. 'vs template, G' is each seed's paired difference on G"
+    print(f"\nTest accuracy (%, greedy chain of thought, exact match of the letter set), {len(tables)} seed(s); "
+          "G (Stage 2 diseases, no teacher trajectories) is the headline. 'vs template, G' is each seed's paired difference on G"
           " with its 95% bootstrap interval and flips (fixed/broken), seeds separated by '|'.")
     head = f"{'row':46} {'G':>11} {'T':>6} {'U':>6} {'vs template, G':>40} {'steps':>6} {'teacher':>8} {'sec':>5}"
     print(head + "\n" + "-" * len(head))
     for i, first in enumerate(tables[0]):
         cells = [t[i] for t in tables]
-        mean = lambda key: statistics.mean(c[key] for c in cells) if all(c[key] is not None for c in cells) else None  # noqa: E731
+        def mean(key):
+            return statistics.mean(c[key] for c in cells) if all(c[key] is not None for c in cells) else None
         sd = f"±{100 * statistics.stdev(c['G'] for c in cells):.1f}" if len(cells) > 1 else ""
         paired = " | ".join(f"{pct(v['diff'], True)} [{pct(v['ci95'][0], True)},{pct(v['ci95'][1], True)}] "
                             f"{v['fixed']}/{v['broken']}" for v in (c["vs_template"]["G"] for c in cells) if v)

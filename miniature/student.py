@@ -102,6 +102,17 @@ def replay_records(kb, n, seed=0, lines=24):
     return [{"text": "\n".join(knowledge_lines(kb, rng)[:lines]) + "\n"} for _ in range(n)]
 
 
+def entry_recall(model_dir, tokenizer, kb, split) -> float:
+    """Share of the `split` diseases (T, G or U) whose canonical knowledge line the model completes right, greedy,
+    from "<name>：" at the start of a line: does what pretraining stored survive (SFT without replay erased it)?"""
+    from model import generate, load
+    model, names = load(model_dir), [n for n, d in kb["diseases"].items() if d["split"] == split]
+    prompts = [tokenizer.encode(f"\n{name}：", add_special_tokens=False).ids for name in names]
+    outputs = generate(model, prompts, 12)
+    got = [tokenizer.decode(ids).split("；")[0] for ids in outputs]
+    return sum(g == "、".join(kb["diseases"][n]["findings"]) for g, n in zip(got, names)) / max(1, len(names))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
