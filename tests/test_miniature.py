@@ -342,3 +342,30 @@ def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
     assert n["wrong step lines (in corrected samples)"] == 3 and n["wrong step lines fixed"] == 1
     steps = sum(1 for line in lines if line[:2] in ("A ", "B ", "C ", "D ", "E ")) + 2  # options, keys, recall
     assert n["right step lines"] == 3 * (steps - 1) and n["right step lines broken"] == 1  # lucky's option B
+
+
+def test_paired_bootstrap_counts_flips_and_brackets_the_difference():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "miniature"))
+    import run
+    ids = [str(i) for i in range(200)]
+    rng = random.Random(0)
+    a = [rng.random() < 0.5 for _ in ids]
+    b = [x if rng.random() < 0.7 else not x for x in a]
+    split = {i: "G" if int(i) % 2 else "T" for i in ids}
+    A = {"correct": dict(zip(ids, a)), "split": split}
+    B = {"correct": dict(zip(ids, b)), "split": split}
+    for part in (None, "G"):
+        keep = [k for k, i in enumerate(ids) if part is None or split[i] == part]
+        fixed = sum(1 for k in keep if b[k] and not a[k])
+        broken = sum(1 for k in keep if a[k] and not b[k])
+        got = run.paired_bootstrap(A, B, part)
+        assert (got["fixed"], got["broken"], got["n"]) == (fixed, broken, len(keep))
+        assert got["diff"] == pytest.approx((fixed - broken) / len(keep))
+        # the interval: about the normal one for a mean of paired differences (independent float math)
+        d = [int(b[k]) - int(a[k]) for k in keep]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        assert got["ci95"][0] == pytest.approx(mean - 1.96 * se, abs=0.02)
+        assert got["ci95"][1] == pytest.approx(mean + 1.96 * se, abs=0.02)
+    assert run.paired_bootstrap(A, A) == {"diff": 0.0, "ci95": [0.0, 0.0], "fixed": 0, "broken": 0, "n": 200}
+    assert run.paired_bootstrap(A, B, "U") is None
