@@ -149,11 +149,10 @@ def make_data(work, seed, b):
     cfg = exam.ExamConfig(seed=seed, diseases=b.diseases, stage1=b.stage1_questions, stage2=b.stage2_questions,
                           dev=b.dev_questions, test=b.test_questions)
     exam.build(cfg, work / "data")
-    dev = T.load_cmexam(work / "data" / "dev.csv")
     with open(work / "data" / "dev.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     exam.write_csv([r for r in rows if r["Disease Split"] == "G"], work / "data" / "dev_G.csv")
-    return {"dev": len(dev)}
+    return {"dev": len(rows)}
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -206,7 +205,7 @@ def selfplay(work, name, model, data, b, seed, *flags, rounds=0, samples=None):
        "--temperature", b.temperature, "--top-p", b.top_p, "--max-new-tokens", b.max_new_tokens,
        "--critique-max-new-tokens", b.critique_max_new_tokens, "--seed", seed, "--nproc", 2,
        "--batch-size", b.sample_batch, "--chunk-size", b.sample_batch, "--verify", VERIFY, *flags,
-       "--dpo-args", dpo_args, log=work / f"{name}.log", check=False)
+       "--dpo-args", dpo_args, log=work / f"{name}.log", check=not rounds)  # rounds: round_result says why
 
 
 def critique_data(work, early, url, b, seed):
@@ -220,19 +219,19 @@ def critique_data(work, early, url, b, seed):
     selfplay(work, "stage1_samples", early, subset, b, seed, "--sources", "sample", samples=1)
     rows = {row["id"]: row for row in stage1}
     cfg = T.TeacherConfig(base_url=url, model="miniature-template", max_retries=2)
-    examples, samples = [], 0
+    examples, samples, calls = [], 0, 0
     for record in read_jsonl(work / "stage1_samples" / "round_1" / "samples.jsonl"):
         for sample in record["samples"]:
             samples += 1
             if sample["finished"] and not sample["right"]:
                 messages = T.step_critique_messages(rows[record["id"]], sample["text"])
-                reply = T.chat_completion(cfg, messages)
+                reply, calls = T.chat_completion(cfg, messages), calls + 1
                 line = T.extract_first_wrong_line(reply)
                 if line and line - 1 in S.step_line_numbers(sample["text"]):  # a step line, as selfplay.py takes
                     examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
                                      "id": record["id"]})
     jsonl(work / "stage1_critiques.jsonl", examples)
-    return {"teacher_calls": len(examples), "samples": samples, "examples": len(examples)}
+    return {"teacher_calls": calls, "samples": samples, "examples": len(examples)}
 
 
 def teacher_pairs(work, url, source):
@@ -392,6 +391,9 @@ ROWS = [("pretrained", "pretrain"), ("plain SFT", "sft_plain"), ("template SFT",
         ("teacher-corrected DPO", "dpo_teacher")]
 
 
+SAMPLED_BY = {"dpo_teacher": "teacher_pairs", "rpo": "baseline_samples", "rft": "baseline_samples"}  # + their seconds
+
+
 def run_seed(out, seed, b, gates=False):
     work = out / f"seed_{seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -454,8 +456,7 @@ def run_seed(out, seed, b, gates=False):
         calls = {"dpo_teacher": stage.done["teacher_pairs"].get("teacher_calls", 0)}.get(key, 0)
         table.append({"row": label, "key": key, **{k: ev[k] for k in ("accuracy", "G", "T", "U", "consistency")},
                       "steps": info.get("steps"), "pairs": info.get("pairs"), "stage2_teacher_calls": calls,
-                      "seconds": info["seconds"] + (stage.done["teacher_pairs"]["seconds"] if key == "dpo_teacher"
-                                                    else 0)})
+                      "seconds": info["seconds"] + stage.done.get(SAMPLED_BY.get(key), {}).get("seconds", 0)})
     template = stage.done["eval_sft_template"]
     for row in table:
         other = stage.done[f"eval_{row['key']}"]

@@ -394,7 +394,8 @@ def test_help():
     out = subprocess.run([sys.executable, str(ROOT / "selfplay.py"), "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
     assert out.returncode == 0
-    for flag in ("--rounds", "--samples", "--corrections", "--hint", "--sources", "--dpo-args", "--num-shards"):
+    for flag in ("--rounds", "--samples", "--corrections", "--hint", "--sources", "--dpo-args", "--num-shards",
+                 "--correction", "--locate", "--verify"):
         assert flag in out.stdout
 
 
