@@ -369,3 +369,10 @@ def test_paired_bootstrap_counts_flips_and_brackets_the_difference():
         assert got["ci95"][1] == pytest.approx(mean + 1.96 * se, abs=0.02)
     assert run.paired_bootstrap(A, A) == {"diff": 0.0, "ci95": [0.0, 0.0], "fixed": 0, "broken": 0, "n": 200}
     assert run.paired_bootstrap(A, B, "U") is None
+
+
+def test_continued_rows_train_at_the_final_lr_without_warmup():
+    """The matched-compute and RFT rows pass sft.py --lr <final> --warmup 0 --min-lr-ratio 1: a constant rate."""
+    import sft
+    assert [sft.lr_at(step, 7, 0, 3e-4, 1.0) for step in range(7)] == [pytest.approx(3e-4)] * 7
+    assert sft.lr_at(1499, 1500, 75, 3e-3, 0.1) == pytest.approx(3e-4)  # where Stage 1's cosine ends
