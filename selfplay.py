@@ -12,6 +12,11 @@ arXiv 2509.23368, Stage 2. No teacher is called here (the summary counts it: 0).
   3. a corrected solution that reaches the gold answer, in our output format, is `chosen`; the wrong
      trajectory is `rejected`. The chosen text answers the ORIGINAL question on its own, so both share one
      prompt: the student's.
+--correction step (Step-DPO, Lai et al. 2024; the paper's is the default "rewrite" above): the critique
+(templates.step_critique_messages) only names the first wrong line, or --locate confidence takes the line holding the
+sample's least likely token; the correction keeps the lines before it byte for byte, rewrites it with the sample's
+own version excluded and continues in the student's own reply; a rewrite that reaches the gold answer is chosen
+against the wrong sample (step_pair_ok). --verify file.py:function adds a check every chosen reply must pass.
 --sources correction,sample also pairs a right sample against a wrong one of the same question (off by default:
 the paper builds pairs from corrections). --hint shows the gold answer to the corrector; it is never the default
 and every record says whether it was on.
@@ -41,6 +46,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -56,13 +62,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import ModelConfig, generate, load, load_tokenizer
+from model import ModelConfig, generate, load, load_tokenizer, sample_next
 from sft import latest_checkpoints
 from templates import (ArgumentParser, Server, TeacherError, UserError, append_jsonl, chat, completions,
                        critique_messages, die_with_parent, done_ids, extract_answer, extract_correction,
-                       is_well_formed, load_cmexam, lock_output, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                       probability, prompt_reference, run_main, served_models, special_ids, student_messages,
-                       write_jsonl)
+                       extract_first_wrong_line, is_well_formed, load_cmexam, lock_output, nonnegative_float,
+                       nonnegative_int, positive_float, positive_int, probability, prompt_reference, run_main,
+                       served_models, special_ids, step_critique_messages, student_messages, write_jsonl)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config. Defaults are for Qwen2.5-7B: at its ~70% accuracy on CMExam, 1 - 0.7^4 = 76% of questions have at least
@@ -82,6 +88,9 @@ class SelfPlayConfig:
     critique_max_new_tokens: int = 4096  # a critique and then a whole corrected answer
     sources: str = "correction"  # how a chosen may be found: "correction", "sample" or "correction,sample"
     hint: bool = False  # show the gold answer to the corrector
+    correction: str = "rewrite"  # "rewrite": a critique then a whole new solution (the paper); "step": Step-DPO
+    locate: str = "critique"  # --correction step: the first wrong line named by a critique, or "confidence"
+    verify: str = ""  # "file.py:function": a check (text -> bool) every chosen reply must also pass
     seed: int = 0
     batch_size: int = 16  # prompts per generate call (x samples rows): the KV cache is batch x (prompt + new)
     chunk_size: int = 64  # questions per committed chunk: a kill loses at most one chunk of work
@@ -102,14 +111,15 @@ def prompt_ids(tokenizer, messages):
     return tokenizer.encode(chat(messages), add_special_tokens=False).ids
 
 
-def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, seed):
+def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, seed, heads=None):
     """num_samples completions of each token-id prompt, in input order: [[(text, finished, tokens), ...], ...].
 
     Prompts are sorted by length and batched, so a batch holds similar lengths (little left padding, and short
     prompts do not wait on long ones); each prompt is prefilled once and its cache shared by its num_samples rows.
     `finished` = the model ended the reply itself (a stop token, which is not part of the text) rather than being
     cut off at max_new_tokens. The seed of each batch depends only on `seed` and the batch's place in the sorted
-    order, so the same chunk always draws the same samples.
+    order, so the same chunk always draws the same samples. heads[i], if given, are the last ids of prompt i, decoded
+    with its new tokens (a reply continued mid-line decodes whole).
 
     With a Server, each prompt is one request for its num_samples completions of the prompt's text (the decoded
     ids: templates.chat's text, which encodes back to the same ids), seeded by `seed` and its place; `tokens` is
@@ -122,7 +132,7 @@ def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, se
             outputs = completions(model, texts, num_samples, max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                                   stop, seed=seed)
         except TeacherError as e:
-            raise SystemExit(f"server {model.base_url} failed: {e}; rerun the same command to resume") from None
+            raise UserError(f"server {model.base_url} failed: {e}; rerun the same command to resume") from None
         return [[(text, finished, len(tokenizer.encode(text, add_special_tokens=False).ids) + finished)
                  for text, finished in samples] for samples in outputs]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -136,7 +146,8 @@ def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, se
             results[i] = []
             for row in rows[j * num_samples:(j + 1) * num_samples]:
                 finished = bool(row) and row[-1] in stop
-                text = tokenizer.decode(row[:-1] if finished else row, skip_special_tokens=False)
+                head = list(heads[i]) if heads else []
+                text = tokenizer.decode(head + (row[:-1] if finished else row), skip_special_tokens=False)
                 results[i].append((text, finished, len(row)))
     return results
 
@@ -185,6 +196,12 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
             if finished and not right:
                 wrong.append((i, s))
 
+    pairs = [[] for _ in rows]
+    if "correction" not in sources:
+        wrong = []  # --sources sample: corrections would go unused, so none is sampled
+    if cfg.correction == "step":  # Step-DPO: the whole-solution rewrite below then has nothing to do
+        step_corrections(model, tokenizer, rows, records, wrong, pairs, cfg, round_, seed)
+        wrong = []
     hint = {i: rows[i]["answer"] if cfg.hint else None for i, _ in wrong}
     text_of = lambda i, s: records[i]["samples"][s]["text"]  # noqa: E731
     critiques = [prompt_ids(tokenizer, critique_messages(rows[i], text_of(i, s), hint[i])) for i, s in wrong]
@@ -195,7 +212,6 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
     outputs = sample_texts(model, tokenizer, [critiques[j] for j in fits], cfg.corrections,
                            cfg.critique_max_new_tokens, cfg, seed_of(seed, "corrections"))
 
-    pairs = [[] for _ in rows]
     for j, corrections in zip(fits, outputs):
         i, s = wrong[j]
         sample = records[i]["samples"][s]
@@ -207,7 +223,8 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
             sample["corrections"].append({"predicted": predicted, "right": right, "marked": bool(solution),
                                           "well_formed": well_formed, "finished": finished, "tokens": tokens,
                                           "refers_to_prompt": reference, "text": text})
-            if "correction" in sources and right and well_formed and finished and not reference:
+            if ("correction" in sources and right and well_formed and finished and not reference
+                    and verified(cfg, solution)):
                 pairs[i].append(make_pair(rows[i], solution, text_of(i, s), round=round_, sample=s,
                                           source="correction", correction=c, hint=cfg.hint,
                                           answer=rows[i]["answer"], rejected_answer=sample["predicted"]))
@@ -216,12 +233,155 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
             done = [(s, x) for s, x in enumerate(record["samples"]) if x["finished"]]
             for s_right, x_right in done:
                 for s_wrong, x_wrong in done:
-                    if x_right["right"] and x_right["well_formed"] and not x_wrong["right"]:
+                    if x_right["right"] and x_right["well_formed"] and not x_wrong["right"] \
+                            and verified(cfg, x_right["text"]):
                         pairs[i].append(make_pair(rows[i], x_right["text"], x_wrong["text"], round=round_,
                                                   sample=s_wrong, source="sample", chosen_sample=s_right,
                                                   hint=False, answer=rows[i]["answer"],
                                                   rejected_answer=x_wrong["predicted"]))
     return records, [pair for question_pairs in pairs for pair in question_pairs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --correction step (Step-DPO, Lai et al. 2024). A wrong sample's first wrong line is located by the model's own
+# critique (templates.step_critique_messages), or, as a diagnostic, by its own token log-probs (--locate confidence:
+# the line holding its least likely token). The correction keeps every line before it byte for byte, rewrites that
+# line with the sample's own version excluded and continues, all in the student's own reply to the student prompt
+# (not hundreds of tokens into a critique prompt). The line is rewritten from its least confident token, the one it
+# was decided on: the tokens before it are kept (an option line keeps its letter and name), that token is masked
+# (with the stop tokens: a step is not rewritten by ending the reply) and the first new token is drawn from the rest
+# of the distribution (at temperature 0: the model's next-best choice). Another tokenization of the same text could
+# still rebuild the line, so a rewritten line equal to the excluded one is dropped and counted (`reemitted`): the
+# excluded step never enters a pair. Needs the model in this process (log-probs), so not a sampling server.
+
+
+def step_pair_ok(correction, answer) -> bool:
+    """The pair rule of --correction step. Chosen: a rewrite that ended by itself, did not rebuild the excluded
+    line, reaches the gold answer, is well formed and passes --verify. Rejected: the wrong sample. Their lines
+    before the rewritten one are the same bytes, so dpo.py --truncate-rejected cuts the rejected reply exactly at
+    the wrong step."""
+    return (correction["finished"] and not correction["reemitted"] and correction["predicted"] == answer
+            and correction["well_formed"] and correction["verified"])
+
+
+@functools.lru_cache(maxsize=None)
+def load_check(spec):
+    """The function named by --verify "path/to/file.py:function"."""
+    path, _, name = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if not path or module_spec is None:
+        raise ValueError(f"--verify {spec!r}: expected path/to/file.py:function")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def verified(cfg, text) -> bool:
+    return not cfg.verify or bool(load_check(cfg.verify)(text))
+
+
+def step_line_numbers(reply) -> list:
+    """0-based indices of the lines that can be a first wrong step: the non-empty lines inside <think>...</think>
+    (every non-empty line of a reply without </think>)."""
+    lines = reply.split("\n")
+    end = next((k for k, line in enumerate(lines) if "</think>" in line), len(lines))
+    return [k for k, line in enumerate(lines[:end]) if line.strip() and line.strip() != "<think>"]
+
+
+@torch.no_grad()
+def token_logprobs(model, ids, start):
+    """log p(ids[t] | ids[:t]) for t = start .. len(ids)-1 (a list), and the logits rows that predicted them. One
+    forward; the log-softmax in fp32, 1,024 rows at a time (a 7B vocabulary is 152k wide)."""
+    x = torch.tensor([ids], device=model.embed_tokens.weight.device)
+    logits = model(x)[0, start - 1:-1]
+    logps = [rows.float().gather(-1, t[:, None])[:, 0] - rows.float().logsumexp(-1)
+             for rows, t in zip(logits.split(1024), x[0, start:].split(1024))]
+    return torch.cat(logps).tolist(), logits
+
+
+def least_confident_line(model, tokenizer, prompt, reply):
+    """--locate confidence: the step line holding the reply's least likely token under the model (None if none)."""
+    enc = tokenizer.encode(reply, add_special_tokens=False)
+    logps, _ = token_logprobs(model, prompt + enc.ids, len(prompt))
+    candidates, worst = set(step_line_numbers(reply)), {}
+    for logp, (start, _) in zip(logps, enc.offsets):
+        k = reply.count("\n", 0, start)
+        if k in candidates:
+            worst[k] = min(worst.get(k, 0.0), logp)
+    return min(worst, key=worst.get) if worst else None
+
+
+def diverge(model, tokenizer, prompt, reply, k, cfg, seed):
+    """Where a rewrite of line k starts: (the reply's lines before k as text, the ids to continue from after the
+    prompt, the head of them decoded with the continuation, the token index in line k where it differs)."""
+    lines = reply.split("\n")
+    prefix = "".join(line + "\n" for line in lines[:k])
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    prefix_ids, both = encode(prefix), encode(prefix + lines[k])
+    line_ids = both[len(prefix_ids):] if both[:len(prefix_ids)] == prefix_ids else encode(lines[k])
+    logps, logits = token_logprobs(model, prompt + prefix_ids + line_ids, len(prompt) + len(prefix_ids))
+    j = min(range(len(line_ids)), key=logps.__getitem__)
+    row = logits[j:j + 1].float().clone()
+    ids = special_ids(tokenizer)
+    row[0, [line_ids[j], ids["im_end"], ids["endoftext"]]] = float("-inf")
+    generator = torch.Generator(device=row.device).manual_seed(seed)
+    head = line_ids[:j] + [int(sample_next(row, cfg.temperature, cfg.top_k, cfg.top_p, generator)[0])]
+    return prefix, prefix_ids + head, head, j
+
+
+def step_corrections(model, tokenizer, rows, records, wrong, pairs, cfg, round_, seed):
+    """m step corrections of each wrong sample (i, s) into its record's "corrections", and the pairs that pass
+    step_pair_ok into pairs[i]. With --locate critique each correction has its own sampled critique (as the rewrite
+    mode has m critiques); with --locate confidence the m rewrites share the one located line."""
+    context, text_of = model.config.max_position_embeddings, lambda i, s: records[i]["samples"][s]["text"]
+    prompts = {i: prompt_ids(tokenizer, student_messages(rows[i])) for i, _ in wrong}
+    located = {}  # wrong index -> m (0-based line or None, critique text or None, critique tokens)
+    if cfg.locate == "critique":
+        critiques = [prompt_ids(tokenizer, step_critique_messages(rows[i], text_of(i, s),
+                                                                  rows[i]["answer"] if cfg.hint else None))
+                     for i, s in wrong]
+        fits = [j for j, p in enumerate(critiques) if len(p) + cfg.critique_max_new_tokens <= context]
+        outputs = sample_texts(model, tokenizer, [critiques[j] for j in fits], cfg.corrections,
+                               cfg.critique_max_new_tokens, cfg, seed_of(seed, "step critiques"))
+        for j, tries in zip(fits, outputs):
+            i, s = wrong[j]
+            named = [extract_first_wrong_line(text) for text, _, _ in tries]
+            located[j] = [(n - 1 if n and n - 1 in step_line_numbers(text_of(i, s)) else None, text, tokens)
+                          for n, (text, _, tokens) in zip(named, tries)]
+        for j in set(range(len(wrong))) - set(fits):
+            records[wrong[j][0]]["samples"][wrong[j][1]]["critique"] = "too_long"
+    else:
+        for j, (i, s) in enumerate(wrong):
+            line = least_confident_line(model, tokenizer, prompts[i], text_of(i, s))
+            located[j] = [(line, None, 0)] * cfg.corrections
+    jobs = []  # (its record entry, question, sample, correction, kept lines, continuation prompt, its head ids)
+    for j, tries in located.items():
+        i, s = wrong[j]
+        records[i]["samples"][s]["corrections"] = []
+        for c, (k, critique, tokens) in enumerate(tries):
+            entry = {"line": None if k is None else k + 1, "critique": critique, "marked": k is not None,
+                     "predicted": "", "right": False, "well_formed": False, "finished": True,
+                     "reemitted": False, "verified": False, "tokens": tokens, "text": ""}
+            records[i]["samples"][s]["corrections"].append(entry)
+            if k is None:
+                continue
+            prefix, ids, head, entry["token"] = diverge(model, tokenizer, prompts[i], text_of(i, s), k, cfg,
+                                                        seed_of(seed, "diverge", j, c))
+            if len(prompts[i]) + len(ids) + cfg.max_new_tokens <= context:
+                jobs.append((entry, i, s, c, prefix, prompts[i] + ids, head))
+            else:
+                entry["skipped"] = "too_long"
+    outputs = sample_texts(model, tokenizer, [job[5] for job in jobs], 1, cfg.max_new_tokens, cfg,
+                           seed_of(seed, "step rewrites"), heads=[job[6] for job in jobs])
+    for (entry, i, s, c, prefix, _, _), [(rest, finished, tokens)] in zip(jobs, outputs):
+        text, k = prefix + rest, entry["line"] - 1
+        entry.update(text=text, finished=finished, tokens=entry["tokens"] + tokens, predicted=extract_answer(text),
+                     well_formed=is_well_formed(text), reemitted=text.split("\n")[k] == text_of(i, s).split("\n")[k])
+        entry.update(right=entry["predicted"] == rows[i]["answer"], verified=verified(cfg, text))
+        if step_pair_ok(entry, rows[i]["answer"]):
+            pairs[i].append(make_pair(rows[i], text, text_of(i, s), round=round_, sample=s, source="step",
+                                      correction=c, line=entry["line"], locate=cfg.locate, hint=cfg.hint,
+                                      answer=rows[i]["answer"], rejected_answer=records[i]["samples"][s]["predicted"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +495,8 @@ def tally(records) -> Counter:
                 n.update(corrections_right=c["right"], corrections_unmarked=not c["marked"],
                          corrections_truncated=not c["finished"], correction_tokens=c["tokens"],
                          corrections_malformed=c["marked"] and not c["well_formed"],
-                         corrections_right_dropped_prompt_reference=c["right"] and bool(c.get("refers_to_prompt")))
+                         corrections_right_dropped_prompt_reference=c["right"] and bool(c.get("refers_to_prompt")),
+                         corrections_reemitted=c.get("reemitted", False))
     return n
 
 
@@ -353,7 +514,7 @@ def summarize(records, pairs) -> dict:
             "correction_success_rate": rate("corrections_right", "correction_attempts"),
             "wrong_samples_corrected": n["wrong_samples_corrected"],
             "corrections_unmarked": n["corrections_unmarked"], "corrections_malformed": n["corrections_malformed"],
-            "corrections_truncated": n["corrections_truncated"],
+            "corrections_truncated": n["corrections_truncated"], "corrections_reemitted": n["corrections_reemitted"],
             "corrections_right_dropped_prompt_reference": n["corrections_right_dropped_prompt_reference"],
             "pairs": len(pairs), "pairs_by_source": dict(sorted(Counter(p["source"] for p in pairs).items())),
             "duplicate_pairs_dropped": n["duplicate_pairs"],
@@ -555,6 +716,16 @@ def main(argv=None):
     cfg = SelfPlayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SelfPlayConfig)})
     if not set(cfg.sources.split(",")) <= {"correction", "sample"}:
         parser.error(f"--sources {cfg.sources!r}: comma-separated from correction, sample")
+    if cfg.correction not in ("rewrite", "step") or cfg.locate not in ("critique", "confidence"):
+        parser.error(f"--correction {cfg.correction!r} / --locate {cfg.locate!r}: rewrite|step / critique|confidence")
+    if cfg.verify:
+        try:
+            load_check(cfg.verify)
+        except (ValueError, OSError, AttributeError) as e:
+            parser.error(f"--verify {cfg.verify!r}: {e}")
+    if cfg.correction == "step" and (args.base_url or args.serve):
+        parser.error("--correction step rewrites from a located token with the model's own log-probs: it needs our "
+                     "sampler, not --base-url/--serve")
     if not 0 <= args.shard < args.num_shards or (args.num_shards > 1 and (args.rounds or args.nproc > 1)):
         parser.error("--shard i --num-shards n (0 <= i < n) only with --rounds 0 and --nproc 1; then --merge joins "
                      "the files")

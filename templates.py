@@ -409,6 +409,25 @@ def prompt_reference(text, hinted=False) -> str:
     """The first phrase of `text` that refers to the prompt (HINT_REFERENCES too if a hint was shown), "" if none."""
     text = unicodedata.normalize("NFKC", text)
     return next((p for p in PROMPT_REFERENCES + (HINT_REFERENCES if hinted else ()) if p in text), "")
+FIRST_WRONG_LINE = "首错行"
+
+
+def step_critique_messages(row, trajectory, hint_answer=None):
+    """Stage 2 with `selfplay.py --correction step` (Step-DPO): the model reads its own wrong trajectory, its lines
+    numbered from 1 as `trajectory.split("\\n")` counts them, checks them in order and names the first wrong one
+    on a last line "首错行：N", after its reasoning (no answer is stated: the rewrite happens in the student's own
+    reply, from that line on; extract_first_wrong_line() reads N)."""
+    numbered = "\n".join(f"{n}| {line}" for n, line in enumerate(trajectory.split("\n"), 1))
+    return [{"role": "user", "content": (
+        f"{format_question(row)}\n\n下面是你之前对这道题的解答，每行前是行号：\n【原解答】\n{numbered}\n【原解答结束】\n\n"
+        f"这个解答的最终答案是错误的。{_hint(hint_answer).strip()}\n请从第一行起逐行检查，找出第一处出错的行（知识错误、"
+        f"误读关键信息、选项分析错误，或结论与推理不一致）。先写检查过程，最后一行写“{FIRST_WRONG_LINE}：N”，N为该行的行号。")}]
+
+
+def extract_first_wrong_line(text):
+    """N of the last "首错行：N" in a step critique, None if there is none."""
+    found = re.findall(rf"{FIRST_WRONG_LINE}\s*[:：]\s*(\d+)", unicodedata.normalize("NFKC", text or ""))
+    return int(found[-1]) if found else None
 
 
 def extract_correction(text) -> str:

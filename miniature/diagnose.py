@@ -6,6 +6,9 @@ which steps the sample got wrong, whether the critique named them, whether the c
 lines that were right, or just copied the wrong answer again.
 
     python miniature/diagnose.py --run runs/mini/seed_0 [--round 1] [--show 3]
+
+It reads rounds of the whole-solution rewrite (`selfplay.py --correction rewrite`, the previous design's); run.py's
+`mechanism` grades the step corrections of the current design.
 """
 import argparse
 import json

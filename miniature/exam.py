@@ -1,20 +1,25 @@
 """A synthetic clinical exam in CMExam's own CSV format, generated from a seed: the miniature's task.
 
-The miniature (issue 6) runs the whole MedCritical method on 2 CPU cores. Its exam must need several reasoning steps
-over knowledge the student has to recall (it is not in the question), so that a well-trained tiny student still gets
-some steps wrong. A knowledge base of diseases (two-character names such as 肺炎), each with a department, four
-findings (single characters such as 热, 咳) drawn mostly from its organ's and its process's typical findings, so that
-diseases overlap and a question needs comparing options, and a treatment. Four question types:
+The miniature runs the whole MedCritical method on 2 CPU cores. Its exam needs several reasoning steps over
+knowledge the student has to recall (it is not in the question). A knowledge base of diseases (two-character names
+such as 肺炎), each with a department, four findings (single characters such as 热, 咳) drawn mostly from its organ's
+and its process's typical findings, so that diseases overlap and a question needs comparing options, and a
+treatment. Three question types, all answered by one option-line skill (recall an entry, check the option against
+it), one of them multiple-answer so that a lucky letter is rare:
 
-    诊断       患者见热、咳、喘。最可能的诊断是        five diseases; one has all three findings
-    诊断-治疗  患者见热、咳、喘。应首选的治疗是        diagnose among ALL diseases (intersection), then treat
-    否定       下列哪项不是肺炎的表现                  five findings, four belong to the disease
-    多选       肺炎的表现有                            two to four of five findings belong (multiple answer)
+    诊断   患者见热、咳、喘。最可能的诊断是   five diseases; one has all three findings
+    否定   下列哪项不是肺炎的表现             five findings, four belong to the disease
+    多选   肺炎的表现有                       two to four of five findings belong (multiple answer)
 
-Splits: train and test hold no common question (same stem and option set); diseases held out as "unseen" appear in
-no training question as subject or option, only in the knowledge text, so the test's unseen half measures knowledge
-recalled from pretraining. Files: train.csv and test.csv (CMExam columns plus annotation columns, so
-templates.load_cmexam and eval_cmexam.py read them unchanged), kb.json (for the teacher) and kb.txt (pretraining).
+Diseases are split three ways (issue 11): T, taught by Stage 1's teacher trajectories (stage1.csv: T diseases only);
+G, met only in Stage 2 (stage2.csv: questions with answer keys and no teacher; a G subject, T or G distractors); U,
+met in no training question. The knowledge of all three is only in the pretraining text, each fact in several
+phrasings with the findings in permuted order (knowledge_lines), so that what pretraining stores can be extracted
+later (Allen-Zhu and Li, Physics of Language Models 3.1). dev.csv (T and G, for gates and choices) and test.csv
+(half G, a quarter T, a quarter U; `Disease Split` says which) share no question (same stem and option set) with
+each other or with training. Files: stage1.csv, stage2.csv, train.csv (both), dev.csv, test.csv (CMExam columns plus
+annotation columns, so templates.load_cmexam and eval_cmexam.py read them unchanged), kb.json (for the teacher) and
+kb.txt (the canonical knowledge lines).
 
     python miniature/exam.py --out runs/mini/data --seed 0
 """
@@ -47,9 +52,9 @@ PROCESSES = {  # process: (typical findings, treatments)
     "梗": ("痛麻瘫", ["溶栓", "支架"]), "瘤": ("肿痛", ["手术", "放疗"]), "痹": ("麻僵痛", ["激素", "理疗"]),
 }
 TREATMENTS = sorted({t for _, ts in PROCESSES.values() for t in ts})
-TYPES = {"诊断": "诊断", "诊断-治疗": "治疗", "否定": "临床表现", "多选": "临床表现"}  # type: Area of Competency
+TYPES = {"诊断": "诊断", "否定": "临床表现", "多选": "临床表现"}  # type: Area of Competency
 COLUMNS = ["Question", "Options", "Answer", "Explanation", "Disease Group", "Area of Competency",
-           "Clinical Department", "Question Type", "Seen In Training"]
+           "Clinical Department", "Question Type", "Disease Split"]
 LETTERS = "ABCDE"
 
 
@@ -58,18 +63,21 @@ class ExamConfig:
     seed: int = 0
     diseases: int = 60
     findings_per_disease: int = 4
-    max_per_finding: int = 7  # caps how many diseases share a finding: keeps the index lines ("热见于：...") short
-    unseen_fraction: float = 0.2  # diseases in no training question, only in kb.txt (and in the test split)
-    train: int = 4000
-    test: int = 1000
-    type_weights: tuple = (0.3, 0.25, 0.25, 0.2)  # 诊断, 诊断-治疗, 否定, 多选
+    max_per_finding: int = 7  # caps how many diseases share a finding
+    split_fractions: tuple = (0.4, 0.4)  # T and G; the rest are U
+    stage1: int = 2000  # T questions (Stage 1's teacher trajectories)
+    stage2: int = 1000  # G questions (Stage 2: answer keys only)
+    dev: int = 600  # half T, half G
+    test: int = 1000  # half G, a quarter T, a quarter U
+    type_weights: tuple = (0.4, 0.25, 0.35)  # 诊断, 否定, 多选
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The knowledge base
 
 def make_kb(cfg: ExamConfig) -> dict:
-    """{"diseases": {name: {department, group, findings (pool order), treatment, seen}}, "index": {finding: [names]}}."""
+    """{"diseases": {name: {department, group, findings (pool order), treatment, split (T, G or U)}},
+    "index": {finding: [names]}}."""
     rng = random.Random(f"kb-{cfg.seed}")
     names = sorted(organ + process for organ in ORGANS for process in PROCESSES)
     if cfg.diseases > len(names):
@@ -97,9 +105,10 @@ def make_kb(cfg: ExamConfig) -> dict:
             count[f] += 1
         diseases[name] = {"department": ORGANS[organ][0], "group": ORGANS[organ][1], "findings": key,
                           "treatment": rng.choice(PROCESSES[process][1])}
-    unseen = set(rng.sample(chosen, round(cfg.unseen_fraction * len(chosen))))
-    for name, d in diseases.items():
-        d["seen"] = name not in unseen
+    order = rng.sample(chosen, len(chosen))
+    n_t, n_g = (round(f * len(chosen)) for f in cfg.split_fractions)
+    for k, name in enumerate(order):
+        diseases[name]["split"] = "T" if k < n_t else "G" if k < n_t + n_g else "U"
     index = {f: [n for n in chosen if f in diseases[n]["findings"]] for f in FINDINGS}
     return {"config": asdict(cfg), "diseases": diseases, "index": {f: ns for f, ns in index.items() if ns}}
 
@@ -116,6 +125,20 @@ def kb_text(kb) -> str:
     """The knowledge as plain text, one fact a line, for pretraining: every disease, then the finding index."""
     lines = [disease_line(n, d) for n, d in kb["diseases"].items()]
     return "\n".join(lines + [index_line(f, ns) for f, ns in kb["index"].items()]) + "\n"
+
+
+PHRASINGS = ["{name}的表现有{findings}。", "{findings}见于{name}。", "患{name}者可见{findings}。", "{name}常见{findings}。"]
+
+
+def knowledge_lines(kb, rng) -> list:
+    """One pretraining copy of the knowledge: each disease's canonical line (the form a trajectory recites) and one
+    other phrasing with its findings in a random order, the lines shuffled. Several phrasings and orders of each fact
+    make it extractable after pretraining (Physics of Language Models 3.1), not only recitable in one form."""
+    lines = []
+    for name, d in kb["diseases"].items():
+        findings = "、".join(rng.sample(d["findings"], len(d["findings"])))
+        lines += [disease_line(name, d), rng.choice(PHRASINGS).format(name=name, findings=findings)]
+    return rng.sample(lines, len(lines))
 
 
 def with_all(kb, findings) -> list:
@@ -189,7 +212,7 @@ def q_multi(kb, rng, subject, names):
             f"{subject}：{'、'.join(d['findings'])}。")
 
 
-BUILDERS = {"诊断": q_diagnosis, "诊断-治疗": q_treatment, "否定": q_not, "多选": q_multi}
+BUILDERS = {"诊断": q_diagnosis, "否定": q_not, "多选": q_multi}  # q_treatment (the index-line skill) is unused
 
 
 def make_question(kb, rng, kind, subject, names):
@@ -200,11 +223,10 @@ def make_question(kb, rng, kind, subject, names):
     stem, options, correct, explanation = built
     rng.shuffle(options)
     d = kb["diseases"][subject]
-    involved = {subject} | {o for o in options if o in kb["diseases"]}
     return {"Question": stem, "Options": "\n".join(f"{l} {o}" for l, o in zip(LETTERS, options)),
             "Answer": "".join(l for l, o in zip(LETTERS, options) if o in correct), "Explanation": explanation,
             "Disease Group": d["group"], "Area of Competency": TYPES[kind], "Clinical Department": d["department"],
-            "Question Type": kind, "Seen In Training": "是" if all(kb["diseases"][n]["seen"] for n in involved) else "否"}
+            "Question Type": kind, "Disease Split": d["split"]}
 
 
 def question_key(row) -> tuple:
@@ -212,29 +234,31 @@ def question_key(row) -> tuple:
     return row["Question"], tuple(sorted(line[2:] for line in row["Options"].split("\n")))
 
 
-def make_split(kb, cfg, n, seen_only, exclude, salt):
-    """n distinct questions not in `exclude`: training ones only about seen diseases; test ones half about seen,
-    half with an unseen subject (when there are unseen diseases)."""
+DISTRACTORS = {"T": "T", "G": "TG", "U": "TGU"}  # where a subject's distractor diseases come from
+
+
+def make_split(kb, cfg, mix, n, keys, salt):
+    """n distinct questions whose subjects come from the splits in `mix` ({split: share}), none of them in `keys`
+    (which grows). A T question names only T diseases; a G one G and T diseases; a U one any."""
     rng = random.Random(f"{salt}-{cfg.seed}")
-    all_names = list(kb["diseases"])
-    seen = [n for n in all_names if kb["diseases"][n]["seen"]]
-    unseen = [n for n in all_names if not kb["diseases"][n]["seen"]]
-    rows, keys = [], set(exclude)
-    for attempt in range(50 * n):
-        if len(rows) == n:
-            break
-        kind = rng.choices(list(BUILDERS), cfg.type_weights)[0]
-        if seen_only or not unseen or len(rows) % 2 == 0:
-            subject, names = rng.choice(seen), seen
-        else:
-            subject, names = rng.choice(unseen), all_names
-        row = make_question(kb, rng, kind, subject, names)
-        if row is not None and question_key(row) not in keys:
-            keys.add(question_key(row))
-            rows.append(row)
-    if len(rows) < n:
-        raise RuntimeError(f"only {len(rows)} distinct questions of {n}: the knowledge base is too small")
-    return rows
+    by_split = {x: [n for n, d in kb["diseases"].items() if d["split"] in x] for x in ("T", "G", "U", "TG", "TGU")}
+    quota = {x: round(share * n) for x, share in mix.items()}
+    quota[max(mix, key=mix.get)] += n - sum(quota.values())
+    rows = []
+    for split, wanted in quota.items():
+        got = 0
+        for _ in range(50 * max(wanted, 1)):
+            if got == wanted:
+                break
+            kind = rng.choices(list(BUILDERS), cfg.type_weights)[0]
+            row = make_question(kb, rng, kind, rng.choice(by_split[split]), by_split[DISTRACTORS[split]])
+            if row is not None and question_key(row) not in keys:
+                keys.add(question_key(row))
+                rows.append(row)
+                got += 1
+        if got < wanted:
+            raise RuntimeError(f"only {got} distinct {split} questions of {wanted}: the knowledge base is too small")
+    return rng.sample(rows, len(rows))
 
 
 def write_csv(rows, path):
@@ -245,16 +269,21 @@ def write_csv(rows, path):
 
 
 def build(cfg: ExamConfig, out) -> dict:
-    """Write kb.json, kb.txt, train.csv, test.csv into `out`; returns the knowledge base."""
+    """Write kb.json, kb.txt, stage1.csv, stage2.csv, train.csv, dev.csv, test.csv into `out`; returns the knowledge
+    base. The splits are drawn test first, so a test question never depends on the training sizes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kb = make_kb(cfg)
-    train = make_split(kb, cfg, cfg.train, True, set(), "train")
-    test = make_split(kb, cfg, cfg.test, False, {question_key(r) for r in train}, "test")
+    keys = set()
+    test = make_split(kb, cfg, {"G": 0.5, "T": 0.25, "U": 0.25}, cfg.test, keys, "test")
+    dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
+    stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1")
+    stage2 = make_split(kb, cfg, {"G": 1.0}, cfg.stage2, keys, "stage2")
     (out / "kb.json").write_text(json.dumps(kb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     (out / "kb.txt").write_text(kb_text(kb), encoding="utf-8")
-    write_csv(train, out / "train.csv")
-    write_csv(test, out / "test.csv")
+    for name, rows in (("stage1", stage1), ("stage2", stage2), ("train", stage1 + stage2), ("dev", dev),
+                       ("test", test)):
+        write_csv(rows, out / f"{name}.csv")
     return kb
 
 
@@ -263,15 +292,15 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for kb.json, kb.txt, train.csv, test.csv")
     defaults = ExamConfig()
-    for name in ("seed", "diseases", "unseen_fraction", "train", "test"):
+    for name in ("seed", "diseases", "stage1", "stage2", "dev", "test"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args(argv)
-    cfg = ExamConfig(seed=args.seed, diseases=args.diseases, unseen_fraction=args.unseen_fraction,
-                     train=args.train, test=args.test)
+    cfg = ExamConfig(**{k: getattr(args, k) for k in ("seed", "diseases", "stage1", "stage2", "dev", "test")})
     kb = build(cfg, args.out)
-    print(f"{len(kb['diseases'])} diseases, {cfg.train} train and {cfg.test} test questions -> {args.out}")
-
+    split = {x: sum(d["split"] == x for d in kb["diseases"].values()) for x in "TGU"}
+    print(f"{len(kb['diseases'])} diseases (T/G/U {split['T']}/{split['G']}/{split['U']}), {cfg.stage1} Stage 1, "
+          f"{cfg.stage2} Stage 2, {cfg.dev} dev and {cfg.test} test questions -> {args.out}")
 
 if __name__ == "__main__":
     main()

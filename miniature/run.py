@@ -1,15 +1,22 @@
-"""MedCritical end to end in miniature on 2 CPU cores: every stage through the real scripts, and the paper's table.
+"""MedCritical end to end in miniature on 2 CPU cores: every stage through the real scripts, the rows that can credit
+Stage 2, gates that say whether the testbed can tell, and paired statistics (issue 11).
 
-One seed: a synthetic exam (exam.py) and its knowledge text; a tiny Qwen2 student (student.py) pretrained on that
-text by `sft.py --init-config`; Stage 1 data from the rule-based teacher (teacher.py, served on 127.0.0.1) through
-the real `templates.py distill`; `sft.py`; Stage 2 as `selfplay.py` with `torchrun --nproc-per-node 2 dpo.py` for
-two rounds; `eval_cmexam.py` on the held-out split after each stage. Beside it, the comparisons the claim rests on:
-SFT on plain answers (no template), DPO on the teacher's corrections of the same wrong samples (costs teacher
-calls), and template SFT continued for the compute Stage 2 spent (sampling and DPO, in forward-token units).
+One seed: a synthetic exam (exam.py) whose diseases are split into T (Stage 1's teacher trajectories), G (Stage 2
+only: questions with answer keys, no teacher) and U (test only); a tiny Qwen2 student (student.py) pretrained on the
+knowledge text in several phrasings by `sft.py --init-config`; Stage 1 from the rule-based teacher (teacher.py, on
+127.0.0.1) through the real `templates.py distill`, SFT in two parts (trajectories and knowledge replay; then the
+critique examples, which the teacher writes on the partly trained student's OWN wrong samples, locating the first
+wrong line); Stage 2 as `selfplay.py --correction step` with `torchrun --nproc-per-node 2 dpo.py` for two rounds;
+`eval_cmexam.py` on the test split (G the headline, then T and U). The rows beside it: plain SFT, template SFT
+continued at its final lr for Stage 2's compute, RFT/STaR (SFT on the student's own right samples) and Iterative RPO
+(DPO + NLL on right vs wrong samples) with self-correction's sampling budget, self-correction located by the
+student's token log-probs (a diagnostic), and DPO on the teacher's corrections of the same wrong samples for the
+same steps (the positive control).
 
-    python miniature/run.py --out runs/mini                  # one seed, the table
-    python miniature/run.py --out runs/mini --seeds 0,1,2    # mean and spread over seeds
-    python miniature/run.py --out runs/ci --quick            # every stage for a few steps (CI)
+    python miniature/run.py --out runs/mini                          # one seed, the table (+ table.json)
+    python miniature/run.py --out runs/mini --seeds 0,1,2            # three seeds, paired per seed
+    python miniature/run.py --out runs/mini --gates                  # + the dev gates (longer SFT, pass@4, lr sweep)
+    python miniature/run.py --out runs/ci --quick                    # every row for a few steps (CI)
 
 Every stage writes into <out>/seed_<s>/ and is skipped when its output exists, so a killed run resumes. All
 budgets are in Budget below, fixed before any result was looked at, and the same for every row that shares them.
@@ -27,53 +34,61 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
 import exam  # noqa: E402
+import student  # noqa: E402
 import teacher  # noqa: E402
-from diagnose import diagnose  # noqa: E402
 import templates as T  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
-# Budgets. Sizes from measurements on 2 cores (miniature/README.md); none was tuned on test accuracy.
+# Budgets, fixed in advance (miniature/README.md says why each is what it is); none was tuned on test accuracy.
 
 
 @dataclasses.dataclass
 class Budget:
-    diseases: int = 60
-    train_questions: int = 2500  # the first stage1_questions for Stage 1, the next stage2_questions for Stage 2
-    test_questions: int = 1000  # binomial SE ~1.5 points at mid-range accuracy
-    stage1_questions: int = 2000  # the prototype's 2,000 trajectories
-    critique_examples: int = 600  # teacher critiques of corrupted trajectories, so the student can critique at all
-    stage2_questions: int = 500
+    diseases: int = 60  # T / G / U = 24 / 24 / 12 (exam.ExamConfig.split_fractions)
+    stage1_questions: int = 2000  # T questions: the teacher's trajectories
+    stage2_questions: int = 600  # G questions: answer keys only
+    dev_questions: int = 600  # T and G halves: gates and the DPO lr, never the table
+    test_questions: int = 1000  # G 500 (the headline), T 250, U 250
     hidden: int = 128
     layers: int = 4
-    pretrain_steps: int = 300  # loss at its floor (~0.27, the entropy of the shuffled line order) by ~250
+    pretrain_copies: int = 800  # copies of the knowledge text, each fact in two phrasings
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
-    sft_steps: int = 1500  # batch 8: 4.6 passes over 2,600 examples; 400 and 800 steps left the student at chance
-    sft_lr: float = 3e-3
+    replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
+    early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
+    critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
+    sft_steps: int = 1500  # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint)
+    sft_lr: float = 3e-3  # cosine to 0.1x: the final lr the continued rows use, constant, no warmup
     batch: int = 8
-    # Micro-batches change speed only (a step sums the same examples however they are split); the fastest measured
-    # on 2 cores for each data: 256-token pretraining windows, ~330-token CoTs (grouped by length), ~115-token plain.
     pretrain_micro: int = 16
     cot_micro: int = 2
     plain_micro: int = 8
-    samples: int = 2  # selfplay k: at ~25-50% accuracy most questions get a wrong sample to correct
-    corrections: int = 1  # selfplay m (its default is 2): one critique per wrong sample, for the time budget
-    temperature: float = 0.7  # selfplay's defaults
+    samples: int = 4  # selfplay k
+    corrections: int = 1  # selfplay m
+    temperature: float = 0.7
     top_p: float = 0.9
-    sample_batch: int = 128  # prompts per generate call (x samples rows) and per committed chunk: 1.3x faster than 32
-    max_new_tokens: int = 320  # teacher trajectories are <= ~235 tokens
-    critique_max_new_tokens: int = 448  # critique + corrected trajectory <= ~330 tokens
-    # Conservative for the size (the prototype: lr 1e-4 / beta 0.1 collapsed, 1e-5 / 0.5 moved nothing): lr 1/60 of
-    # SFT's, the authors' beta, and Iterative RPO's NLL on the chosen reply against plain DPO pushing both down.
+    sample_batch: int = 128
+    max_new_tokens: int = 320
+    critique_max_new_tokens: int = 160  # a step critique: ~10 "N 无误" lines, one right line, the number
+    # lr 5e-5 is the previous design's; the next session fixes it once on dev with the teacher's pairs (--gates
+    # sweeps dpo_lrs) and writes the choice here before running the table.
     dpo: str = "--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 2 --batch-size 8 --precompute-ref --truncate-rejected"
+    dpo_lrs: str = "1e-5,5e-5,2e-4"
+    rft_epochs: int = 2
     eval_max_new_tokens: int = 320
+    long_factor: int = 2  # the convergence gate: Stage 1 part 2 run this many times longer
+    pass_k: int = 4  # the headroom gate: pass@k on dev G
 
 
-QUICK = Budget(train_questions=160, test_questions=40, stage1_questions=100, critique_examples=20,
-               stage2_questions=24, hidden=64, layers=2, pretrain_steps=20, sft_steps=30, samples=2, corrections=1,
-               max_new_tokens=96, critique_max_new_tokens=128, eval_max_new_tokens=96,
+QUICK = Budget(diseases=60, stage1_questions=100, stage2_questions=24, dev_questions=20, test_questions=40,
+               hidden=64, layers=2, pretrain_copies=20, pretrain_steps=20, replay_examples=10, early_steps=10,
+               critique_questions=30, sft_steps=30, samples=2, corrections=1, max_new_tokens=96,
+               critique_max_new_tokens=48, eval_max_new_tokens=96, dpo_lrs="5e-5", long_factor=2, pass_k=2,
                dpo="--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 1 --batch-size 2 --precompute-ref "
                    "--truncate-rejected")
 
@@ -131,15 +146,17 @@ def step_tokens(metrics):
 
 
 def make_data(work, seed, b):
-    data = work / "data"
-    exam.build(exam.ExamConfig(seed=seed, diseases=b.diseases, train=b.train_questions, test=b.test_questions), data)
-    with open(data / "train.csv", encoding="utf-8", newline="") as f:
+    cfg = exam.ExamConfig(seed=seed, diseases=b.diseases, stage1=b.stage1_questions, stage2=b.stage2_questions,
+                          dev=b.dev_questions, test=b.test_questions)
+    exam.build(cfg, work / "data")
+    with open(work / "data" / "dev.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    exam.write_csv(rows[:b.stage1_questions], data / "stage1.csv")
-    exam.write_csv(rows[b.stage1_questions:b.stage1_questions + b.stage2_questions], data / "stage2.csv")
+    exam.write_csv([r for r in rows if r["Disease Split"] == "G"], work / "data" / "dev_G.csv")
+    return {"dev": len(rows)}
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+VERIFY = f"{HERE / 'teacher.py'}:follows_marks"  # a chosen reply must also answer what its own marks say
 
 
 def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, extra=()):
@@ -153,10 +170,16 @@ def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, ext
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
 
 
+def continued(work, name, model, data, steps, b, seed):
+    """SFT continued from a trained model at Stage 1's FINAL lr, constant, no warmup (a restart at the peak lr
+    would be a different, noisier recipe): sft.py's cosine with --min-lr-ratio 1 is constant."""
+    return sft(work, name, ["--model", model], data, max(1, steps), f"{b.sft_lr * 0.1:g}", b.batch, b.cot_micro, seed,
+               extra=["--warmup", 0, "--min-lr-ratio", 1])
+
+
 def distill(work, style, url, b):
-    """Stage 1 data through the real `templates.py distill`. It appends answers as they arrive (4 in flight), so the
-    file's order varies from run to run, and with it which examples sft.py's seeded shuffle puts together: sorted by
-    question id here, a seed gives the same table every time."""
+    """Stage 1 data through the real `templates.py distill`, sorted by question id (it appends answers as they
+    arrive, so the file's order would vary from run to run, and with it sft.py's seeded batches)."""
     out = work / f"stage1_{style}.jsonl"
     sh(sys.executable, ROOT / "templates.py", "distill", "--data", work / "data" / "stage1.csv", "--out", out,
        "--base-url", url, "--model", f"miniature-{style}", "--tries", 1, "--concurrency", 4, log=work / "distill.log")
@@ -166,30 +189,60 @@ def distill(work, style, url, b):
     return {"teacher_calls": b.stage1_questions}
 
 
-def critique_data(work, kb, url, b, seed):
-    """Stage 1's critique examples: the teacher corrupts one or two steps of a right trajectory (the student's kind
-    of error) and, asked with the real critique prompt, names the wrong steps and re-emits the fixed trajectory."""
-    rows, rng = T.load_cmexam(work / "data" / "stage1.csv")[:b.critique_examples], random.Random(f"critique-{seed}")
+def jsonl(path, records):
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
+
+
+def selfplay(work, name, model, data, b, seed, *flags, rounds=0, samples=None):
+    """selfplay.py, the real command: `rounds` > 0 runs its own sample + DPO rounds (resuming finished ones)."""
+    dpo_args = f"--seed {seed} --save-every 100000 {b.dpo}"
+    sh(sys.executable, ROOT / "selfplay.py", "--model", model, "--tokenizer", work / "student", "--data", data,
+       "--out", work / name, "--rounds", rounds, "--samples", samples or b.samples, "--corrections", b.corrections,
+       "--temperature", b.temperature, "--top-p", b.top_p, "--max-new-tokens", b.max_new_tokens,
+       "--critique-max-new-tokens", b.critique_max_new_tokens, "--seed", seed, "--nproc", 2,
+       "--batch-size", b.sample_batch, "--chunk-size", b.sample_batch, "--verify", VERIFY, *flags,
+       "--dpo-args", dpo_args, log=work / f"{name}.log", check=not rounds)  # rounds: round_result says why
+
+
+def critique_data(work, early, url, b, seed):
+    """Stage 1's critique examples from the student's own errors: the part-1 student answers Stage 1 questions
+    once (selfplay.py --sources sample: sampling only), and for each finished wrong answer the teacher, asked with
+    the real step critique prompt, checks the lines in order and names the first wrong one."""
+    import selfplay as S
+    stage1 = T.load_cmexam(work / "data" / "stage1.csv")[:b.critique_questions]
+    subset = work / "data" / "critique_questions.jsonl"
+    jsonl(subset, stage1)
+    selfplay(work, "stage1_samples", early, subset, b, seed, "--sources", "sample", samples=1)
+    rows = {row["id"]: row for row in stage1}
     cfg = T.TeacherConfig(base_url=url, model="miniature-template", max_retries=2)
-    with open(work / "stage1_critiques.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            wrong, kinds = teacher.corrupt(kb, teacher.parse_question(T.format_question(row)), rng)
-            messages = T.critique_messages(row, wrong)
-            reply = T.chat_completion(cfg, messages)
-            f.write(json.dumps({"messages": messages + [{"role": "assistant", "content": reply}], "id": row["id"],
-                                "errors": kinds}, ensure_ascii=False) + "\n")
-    return {"teacher_calls": len(rows)}
+    examples, samples, calls = [], 0, 0
+    for record in read_jsonl(work / "stage1_samples" / "round_1" / "samples.jsonl"):
+        for sample in record["samples"]:
+            samples += 1
+            if sample["finished"] and not sample["right"]:
+                messages = T.step_critique_messages(rows[record["id"]], sample["text"])
+                reply, calls = T.chat_completion(cfg, messages), calls + 1
+                line = T.extract_first_wrong_line(reply)
+                if line and line - 1 in S.step_line_numbers(sample["text"]):  # a step line, as selfplay.py takes
+                    examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
+                                     "id": record["id"]})
+    jsonl(work / "stage1_critiques.jsonl", examples)
+    return {"teacher_calls": calls, "samples": samples, "examples": len(examples)}
 
 
-def teacher_pairs(work, url):
-    """The costly baseline: round 1's wrong samples (their texts, from selfplay's samples.jsonl), corrected by the
-    teacher instead of the student. Same selection (finished and wrong), same pair format, same DPO."""
+def teacher_pairs(work, url, source):
+    """The positive control: `source` round's wrong samples (their texts, from selfplay's samples.jsonl), corrected
+    by the teacher. Its trajectory is canonical, so it shares the sample's right lines before the first wrong one
+    byte for byte: a step-level pair like self-correction's, with the teacher's rewrite."""
     import selfplay as S
     rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
-    records = map(json.loads, (work / "selfplay" / "round_1" / "samples.jsonl").read_text("utf-8").splitlines())
     client = T.TeacherConfig(base_url=url, model="miniature-template", max_retries=2)
-    pairs, calls, right, seen = [], 0, 0, set()
-    for record in records:
+    pairs, calls, seen = [], 0, set()
+    for record in read_jsonl(work / source / "round_1" / "samples.jsonl"):
         row = rows[record["id"]]
         for s, sample in enumerate(record["samples"]):
             if not sample["finished"] or sample["right"]:
@@ -197,190 +250,305 @@ def teacher_pairs(work, url):
             calls += 1
             solution = T.extract_correction(T.chat_completion(client, T.critique_messages(row, sample["text"])))
             if T.extract_answer(solution) == row["answer"] and T.is_well_formed(solution):
-                right += 1
                 pair = S.make_pair(row, solution, sample["text"], round=1, sample=s, source="teacher", hint=False,
                                    answer=row["answer"], rejected_answer=sample["predicted"])
                 if S.pair_key(pair) not in seen:
                     seen.add(S.pair_key(pair))
                     pairs.append(pair)
     S.write_jsonl(work / "teacher_pairs.jsonl", pairs)
-    return {"teacher_calls": calls, "pairs": len(pairs), "correction_success_rate": right / max(calls, 1)}
+    return {"teacher_calls": calls, "pairs": len(pairs)}
 
 
-def dpo(work, name, model, pairs, b, seed):
+def dpo(work, name, model, pairs, b, seed, extra=()):
     out = work / name
     sh(*TORCHRUN, ROOT / "dpo.py", "--model", model, "--tokenizer", work / "student", "--data", pairs, "--out", out,
-       "--seed", seed, "--save-every", 100000, "--resume", *shlex.split(b.dpo), log=work / f"{name}.log")
+       "--seed", seed, "--save-every", 100000, "--resume", *shlex.split(b.dpo), *extra, log=work / f"{name}.log")
     tokens, n = step_tokens(out / "metrics.jsonl")
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
 
 
-COUNTS = ("accuracy_per_sample", "samples", "correction_attempts", "wrong_samples_sent_to_critique")
-
-
-def selfplay_round(work, k, model, b, seed):
-    """selfplay.py's own round loop (--rounds k resumes rounds 1..k-1 from their done.json)."""
-    dpo_args = f"--seed {seed} --save-every 100000 {b.dpo}"
-    sh(sys.executable, ROOT / "selfplay.py", "--model", model, "--tokenizer", work / "student", "--data",
-       work / "data" / "stage2.csv", "--out", work / "selfplay", "--rounds", k, "--samples", b.samples,
-       "--corrections", b.corrections, "--temperature", b.temperature, "--top-p", b.top_p, "--max-new-tokens",
-       b.max_new_tokens, "--critique-max-new-tokens", b.critique_max_new_tokens, "--seed", seed, "--nproc", 2,
-       "--batch-size", b.sample_batch, "--chunk-size", b.sample_batch,
-       "--dpo-args", dpo_args, log=work / f"selfplay_round{k}.log", check=False)
-    round_dir, log = work / "selfplay" / f"round_{k}", work / f"selfplay_round{k}.log"
+def round_result(work, name, k, model):
+    """What selfplay.py's round k left: its summary, and its DPO checkpoint (or `model` if it made no pairs)."""
+    round_dir = work / name / f"round_{k}"
     if not (round_dir / "summary.json").exists():
-        raise SystemExit(f"selfplay round {k} failed; see {log}")
+        raise SystemExit(f"{name} round {k} failed; see {work / f'{name}.log'}")
     summary = json.loads((round_dir / "summary.json").read_text())
-    result = {"pairs": summary["pairs"], "sampled_tokens": summary["generated_tokens"],
+    sample_tokens = sum(s["tokens"] for r in read_jsonl(round_dir / "samples.jsonl") for s in r["samples"])
+    result = {"pairs": summary["pairs"], "generated_tokens": summary["generated_tokens"],
+              "sample_tokens": sample_tokens, "samples": summary["samples"], "teacher_calls": summary["teacher_calls"],
               "correction_success_rate": summary["correction_success_rate"],
-              "teacher_calls": summary["teacher_calls"], **{key: summary[key] for key in COUNTS}}
+              "accuracy_per_sample": summary["accuracy_per_sample"]}
     if (round_dir / "done.json").exists():
         tokens, n = step_tokens(round_dir / "dpo" / "metrics.jsonl")
         return {**result, "checkpoint": json.loads((round_dir / "done.json").read_text())["checkpoint"],
                 "train_tokens": tokens, "steps": n}
     if summary["pairs"]:
-        raise SystemExit(f"selfplay round {k} made pairs but its DPO failed; see {log}")
-    # No pair (a student too weak to correct itself, as in --quick): nothing for DPO, the model stays as it was.
-    print(f"round {k}: no pairs, DPO skipped", flush=True)
+        raise SystemExit(f"{name} round {k} made pairs but its DPO failed; see {work / f'{name}.log'}")
+    print(f"{name} round {k}: no pairs, DPO skipped", flush=True)  # a student too weak to correct itself (--quick)
     return {**result, "checkpoint": str(model), "train_tokens": 0, "steps": 0}
 
 
-def why_corrections_fail(work, k):
-    """diagnose.py's step-by-step grading of round k's corrections, the numbers the README discusses."""
-    n, _, _ = diagnose(work, k)
-    share = lambda a, b: n[a] / n[b] if n[b] else None  # noqa: E731
-    return {"right_corrections_all_steps_right": share("corrections right with every step right",
-                                                       "corrections right"),
-            "right_samples_all_steps_right": share("right samples with every step right", "right samples"),
-            "critique_lines_naming_a_wrong_step": share("critique lines naming a truly wrong step", "critique lines"),
-            "right_lines_broken_by_correction": share("right step lines broken", "right step lines"),
-            "wrong_lines_fixed_by_correction": share("wrong step lines fixed", "wrong step lines (in corrected samples)"),
-            "corrections_same_answer_as_wrong": share("corrections: same answer as the wrong sample", "corrections"),
-            "corrections_right": share("corrections right", "corrections"),
-            "fresh_sample_right_after_a_wrong_one": share("wrong samples: another sample right", "wrong samples")}
+def self_correction(work, name, k, model, b, seed, *flags):
+    selfplay(work, name, model, work / "data" / "stage2.csv", b, seed, "--correction", "step", *flags, rounds=k)
+    return round_result(work, name, k, model)
 
 
-def evaluate(work, name, model, b):
-    out = work / "eval" / name
+def baselines_sampling(work, t, b, seed, budget_tokens, sample_tokens):
+    """One sampling pass for RFT and Iterative RPO, with self-correction round 1's budget: as many samples per
+    question as round 1's generated tokens (samples and corrections) buy at its mean sample length."""
+    samples = max(b.samples, round(b.samples * budget_tokens / max(1, sample_tokens)))
+    selfplay(work, "baseline_samples", t, work / "data" / "stage2.csv", b, seed, "--sources", "sample",
+             samples=samples)
+    return {**round_result(work, "baseline_samples", 1, t), "samples_per_question": samples}
+
+
+def rft(work, t, b, seed):
+    """RFT / STaR: SFT on the student's own right (and self-consistent) samples, at Stage 1's final lr."""
+    rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
+    kept = [{"messages": T.student_messages(rows[r["id"]]) + [{"role": "assistant", "content": s["text"]}]}
+            for r in read_jsonl(work / "baseline_samples" / "round_1" / "samples.jsonl") for s in r["samples"]
+            if s["right"] and s["finished"] and s["well_formed"] and teacher.follows_marks(s["text"])]
+    jsonl(work / "rft.jsonl", kept or [{"messages": [{"role": "user", "content": "无"},
+                                                      {"role": "assistant", "content": "无"}]}])
+    steps = max(1, round(b.rft_epochs * len(kept) / b.batch))
+    return {**continued(work, "rft", t, work / "rft.jsonl", steps, b, seed), "examples": len(kept)}
+
+
+def evaluate(work, name, model, b, split="test"):
+    out = work / "eval" / (name if split == "test" else f"{split}_{name}")
     sh(sys.executable, ROOT / "eval_cmexam.py", "--model", model, "--tokenizer", work / "student", "--data",
-       work / "data" / "test.csv", "--out", out, "--max-new-tokens", b.eval_max_new_tokens, "--batch-size", 250,
+       work / "data" / f"{split}.csv", "--out", out, "--max-new-tokens", b.eval_max_new_tokens, "--batch-size", 250,
        log=work / "eval.log")
-    report = json.loads((out / "cot.report.json").read_text())
     predictions = [json.loads(line) for line in (out / "cot.predictions.jsonl").read_text().splitlines()]
-    rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "test.csv")}
-    groups = {}  # our own columns, which eval_cmexam.py's report (CMExam's five) leaves out
+    rows = {row["id"]: row for row in T.load_cmexam(work / "data" / f"{split}.csv")}
+    correct = {str(p["id"]): bool(p["correct"]) for p in predictions}
+    groups = {}
     for p in predictions:
-        for column in ("Seen In Training", "Question Type"):
+        for column in ("Disease Split", "Question Type"):
             groups.setdefault(f"{column}={rows[p['id']][column]}", []).append(bool(p["correct"]))
     share = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
-    return {"accuracy": report["overall"]["accuracy"], "ci95": report["overall"]["ci95"],
-            "consistency": teacher.consistency(p["output"] for p in predictions),
-            "seen": share.get("Seen In Training=是"), "unseen": share.get("Seen In Training=否"), "groups": share}
+    return {"accuracy": sum(correct.values()) / max(1, len(correct)),
+            **{x: share.get(f"Disease Split={x}") for x in "GTU"},
+            "consistency": teacher.consistency(p["output"] for p in predictions), "groups": share,
+            "correct": correct, "split": {str(i): row["Disease Split"] for i, row in rows.items()}}
 
 
-def compute_matched_steps(work, stages, b):
-    """SFT steps costing what both Stage 2 rounds cost, in forward-token units: a trained token costs 3 (forward and
-    backward), a prefilled, sampled or reference-scored token 1. A student prompt is prefilled once for its k
-    samples; a critique prompt holds the student prompt, the wrong sample (about a mean sample) and ~60 tokens of
-    instructions. DPO's reference log-probs are computed once (--precompute-ref): one forward over one epoch."""
-    from model import load_tokenizer
-    tokenizer = load_tokenizer(work / "student")
-    rows = T.load_cmexam(work / "data" / "stage2.csv")
-    prompt = statistics.mean(len(tokenizer.encode(T.chat(T.student_messages(r))).ids) for r in rows)
+def compute_matched_steps(work, stages, keys, b):
+    """SFT steps costing what the Stage 2 rows `keys` cost, in forward-token units: a trained token costs 3 (forward
+    and backward), a sampled token 1 (prefill is ignored: it is small against the sampled replies here), and DPO's
+    reference log-probs, computed once (--precompute-ref), one forward over one epoch."""
     epochs = float(b.dpo.split("--epochs")[1].split()[0]) if "--epochs" in b.dpo else 1.0
-    units = 0
-    for k in (1, 2):
-        r = stages[f"selfplay_{k}"]
-        mean_sample = r["sampled_tokens"] / max(1, r["samples"] + r["correction_attempts"])
-        units += r["sampled_tokens"] + prompt * len(rows) + r["wrong_samples_sent_to_critique"] * (prompt + mean_sample + 60)
-        units += 3 * r["train_tokens"] + r["train_tokens"] / epochs
+    units = sum(stages[k]["generated_tokens"] + 3 * stages[k]["train_tokens"] + stages[k]["train_tokens"] / epochs
+                for k in keys)
     per_step = 3 * stages["sft_template"]["train_tokens"] / stages["sft_template"]["steps"]
     return max(1, round(units / per_step))
 
 
-def run_seed(out, seed, b):
+def mechanism(work, name):
+    """How round 1's step corrections work, graded by the teacher's knowledge: how often the located line is the
+    first wrong one (and chance: one over the step lines), how often a correction is right against a fresh sample
+    of the same question, and how many chosen replies have every step right (equal the teacher's trajectory)."""
+    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+    import selfplay as S
+    rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
+    n = dict(located=0, located_first_wrong=0, chance=0.0, corrections=0, right=0, fresh=0.0, wrong=0, chosen=0,
+             chosen_all_steps_right=0)
+    for record in read_jsonl(work / name / "round_1" / "samples.jsonl"):
+        q = teacher.parse_question(T.format_question(rows[record["id"]]))
+        reference = teacher.answer_text(kb, q)
+        for sample in record["samples"]:
+            if sample["right"] or "corrections" not in sample:
+                continue
+            others = [o["right"] for o in record["samples"] if o is not sample]
+            n["wrong"] += 1
+            n["fresh"] += sum(others) / max(1, len(others))
+            first = teacher.first_wrong_line(kb, q, sample["text"])
+            for c in sample["corrections"]:
+                n["corrections"] += 1
+                n["right"] += c["right"]
+                if c["line"]:
+                    n["located"] += 1
+                    n["located_first_wrong"] += c["line"] == first
+                    n["chance"] += 1 / max(1, len(S.step_line_numbers(sample["text"])))
+                if S.step_pair_ok(c, rows[record["id"]]["answer"]):
+                    n["chosen"] += 1
+                    n["chosen_all_steps_right"] += c["text"] == reference
+    share = lambda a, b: n[a] / n[b] if n[b] else None  # noqa: E731
+    return {"located_is_first_wrong": share("located_first_wrong", "located"), "chance": share("chance", "located"),
+            "corrections_right": share("right", "corrections"),
+            "fresh_sample_right_after_a_wrong_one": share("fresh", "wrong"),
+            "chosen_all_steps_right": share("chosen_all_steps_right", "chosen"), "chosen": n["chosen"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One seed
+
+
+ROWS = [("pretrained", "pretrain"), ("plain SFT", "sft_plain"), ("template SFT", "sft_template"),
+        ("template SFT + matched compute", "sft_matched"), ("RFT (own right samples)", "rft"),
+        ("Iterative RPO (right vs wrong samples)", "rpo"), ("self-correction DPO, round 1", "selfplay_1"),
+        ("self-correction DPO, round 2", "selfplay_2"), ("self-correction, confidence-located, round 1", "located_1"),
+        ("teacher-corrected DPO", "dpo_teacher")]
+
+
+SAMPLED_BY = {"dpo_teacher": "teacher_pairs", "rpo": "baseline_samples", "rft": "baseline_samples"}  # + their seconds
+
+
+def run_seed(out, seed, b, gates=False):
     work = out / f"seed_{seed}"
     work.mkdir(parents=True, exist_ok=True)
     stage = Stages(work)
     stage("data", lambda: make_data(work, seed, b))
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
     stage("student", lambda: sh(sys.executable, HERE / "student.py", "--data", work / "data", "--out",
-                                work / "student", "--hidden", b.hidden, "--layers", b.layers, "--seed", seed))
+                                work / "student", "--hidden", b.hidden, "--layers", b.layers, "--seed", seed,
+                                "--copies", b.pretrain_copies))
     pre = stage("pretrain", lambda: sft(work, "pretrain", ["--init-config", work / "student" / "config.json"],
                                         work / "student" / "pretrain.jsonl", b.pretrain_steps, b.pretrain_lr, 16,
                                         b.pretrain_micro, seed, max_len=256,
                                         extra=["--weight-decay", 0.1]))["checkpoint"]
+    replay = work / "replay.jsonl"
+    jsonl(replay, student.replay_records(kb, b.replay_examples, seed))
+
+    def cat(name, *parts):  # one SFT data file from several
+        (work / name).write_text("".join((work / part).read_text() for part in parts))
+        return work / name
     server, url, _ = teacher.serve(kb)
     try:
         for style in ("template", "plain"):
             stage(f"distill_{style}", lambda: distill(work, style, url, b))
-        stage("critiques", lambda: critique_data(work, kb, url, b, seed))
-        data = work / "stage1_template_and_critiques.jsonl"
-        data.write_text((work / "stage1_template.jsonl").read_text() + (work / "stage1_critiques.jsonl").read_text())
-        t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", pre], data, b.sft_steps, b.sft_lr,
-                                                b.batch, b.cot_micro, seed))["checkpoint"]
-        stage("sft_plain", lambda: sft(work, "sft_plain", ["--model", pre], work / "stage1_plain.jsonl",
-                                       b.sft_steps, b.sft_lr, b.batch, b.plain_micro, seed))
-        r1 = stage("selfplay_1", lambda: selfplay_round(work, 1, t, b, seed))
-        stage("why_1", lambda: why_corrections_fail(work, 1))
-        stage("selfplay_2", lambda: selfplay_round(work, 2, t, b, seed) if r1["pairs"] else {**r1, "seconds": 0})
-        stage("teacher_pairs", lambda: teacher_pairs(work, url))
+        part1 = cat("stage1_part1.jsonl", "stage1_template.jsonl", "replay.jsonl")
+        early = stage("sft_early", lambda: sft(work, "sft_early", ["--model", pre], part1, b.early_steps, b.sft_lr,
+                                               b.batch, b.cot_micro, seed))["checkpoint"]
+        stage("critiques", lambda: critique_data(work, early, url, b, seed))
+        data = cat("stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
+        t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data,
+                                              b.sft_steps - b.early_steps, b.sft_lr, b.batch, b.cot_micro,
+                                              seed))["checkpoint"]
+        stage("sft_plain", lambda: sft(work, "sft_plain", ["--model", pre], cat(
+            "stage1_plain_replay.jsonl", "stage1_plain.jsonl", "replay.jsonl"), b.sft_steps, b.sft_lr, b.batch,
+            b.plain_micro, seed))
+        stage("selfplay_1", lambda: self_correction(work, "selfplay", 1, t, b, seed))
+        stage("selfplay_2", lambda: self_correction(work, "selfplay", 2, t, b, seed) if stage.done["selfplay_1"][
+            "pairs"] else {**stage.done["selfplay_1"], "seconds": 0})  # no pairs (--quick): no round 2 either
+        stage("located_1", lambda: self_correction(work, "located", 1, t, b, seed, "--locate", "confidence"))
+        stage("mechanism", lambda: mechanism(work, "selfplay"))
+        r1 = stage.done["selfplay_1"]
+        stage("baseline_samples", lambda: baselines_sampling(work, t, b, seed, r1["generated_tokens"],
+                                                             r1["sample_tokens"]))
+        stage("teacher_pairs", lambda: teacher_pairs(work, url, "selfplay"))
     finally:
         server.shutdown()
-    pairs = stage.done["teacher_pairs"]["pairs"]
-    stage("dpo_teacher", lambda: dpo(work, "dpo_teacher", t, work / "teacher_pairs.jsonl", b, seed) if pairs
-          else {"checkpoint": t})
-    extra = compute_matched_steps(work, stage.done, b)
-    stage("sft_matched", lambda: sft(work, "sft_matched", ["--model", t], data, extra, b.sft_lr, b.batch,
-                                     b.cot_micro, seed))
-    rows = [("pretrained", "pretrain"), ("plain SFT", "sft_plain"), ("template SFT", "sft_template"),
-            ("template SFT + matched compute", "sft_matched"), ("self-correction DPO, round 1", "selfplay_1"),
-            ("self-correction DPO, round 2", "selfplay_2"), ("teacher-corrected DPO", "dpo_teacher")]
-    table = []
-    for label, key in rows:
-        ev = stage(f"eval_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b))
-        info = dict(stage.done[key])
-        if key == "dpo_teacher":  # its cost: the teacher's corrections and the DPO run (the samples are round 1's)
-            info.update({k: stage.done["teacher_pairs"][k] for k in ("pairs", "correction_success_rate",
-                                                                     "teacher_calls")})
-            info["seconds"] += stage.done["teacher_pairs"]["seconds"]
-        table.append({"row": label, **ev, **{k: info.get(k) for k in (
-            "pairs", "correction_success_rate", "teacher_calls", "seconds")}})
+    same_steps = ["--steps", r1["steps"]] if r1["steps"] else []  # the positive control: same optimizer steps
+    stage("dpo_teacher", lambda: dpo(work, "dpo_teacher", t, work / "teacher_pairs.jsonl", b, seed, same_steps)
+          if stage.done["teacher_pairs"]["pairs"] else {"checkpoint": t, "steps": 0})
+    stage("rpo", lambda: dpo(work, "rpo", t, work / "baseline_samples" / "round_1" / "pairs.jsonl", b, seed)
+          if stage.done["baseline_samples"]["pairs"] else {"checkpoint": t, "steps": 0})
+    stage("rft", lambda: rft(work, t, b, seed))
+    extra = compute_matched_steps(work, stage.done, ["selfplay_1", "selfplay_2"], b)
+    stage("sft_matched", lambda: continued(work, "sft_matched", t, data, extra, b, seed))
+    table, by_checkpoint = [], {}  # a row that did not train (no pairs, as in --quick) shares its model's evaluation
+    for label, key in ROWS:
+        checkpoint = stage.done[key]["checkpoint"]
+        ev = stage(f"eval_{key}", lambda: by_checkpoint.get(checkpoint) or evaluate(work, key, checkpoint, b))
+        by_checkpoint[checkpoint] = {k: v for k, v in ev.items() if k != "seconds"}
+        info = stage.done[key]
+        calls = {"dpo_teacher": stage.done["teacher_pairs"].get("teacher_calls", 0)}.get(key, 0)
+        table.append({"row": label, "key": key, **{k: ev[k] for k in ("accuracy", "G", "T", "U", "consistency")},
+                      "steps": info.get("steps"), "pairs": info.get("pairs"), "stage2_teacher_calls": calls,
+                      "seconds": info["seconds"] + stage.done.get(SAMPLED_BY.get(key), {}).get("seconds", 0)})
+    template = stage.done["eval_sft_template"]
+    for row in table:
+        other = stage.done[f"eval_{row['key']}"]
+        row["vs_template"] = {x: paired_bootstrap(template, other, x) for x in ("G", "T", "U")}
     (work / "table.json").write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
-    return table, stage.done
+    return table, stage.done, run_gates(work, stage, b, seed, data, early, t, same_steps) if gates else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gates (dev split only) and paired statistics
+
+
+def paired_bootstrap(a, b, split=None, n=2000, seed=0):
+    """b's accuracy minus a's on the same questions (optionally one Disease Split), a 95% percentile-bootstrap
+    interval over questions, and the flips: questions b gets right that a got wrong (fixed) and the reverse
+    (broken). To be joined with eval_cmexam.compare_predictions (issue 14) once that exists."""
+    ids = [i for i in a["correct"] if split is None or a["split"][i] == split]
+    if not ids:
+        return None
+    diff = np.array([int(b["correct"][i]) - int(a["correct"][i]) for i in ids])
+    boots = np.random.default_rng(seed).choice(diff, (n, len(diff))).mean(1)
+    return {"diff": float(diff.mean()), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+            "fixed": int((diff == 1).sum()), "broken": int((diff == -1).sum()), "n": len(ids)}
+
+
+def pass_at_k(work, name):
+    records = [r for r in read_jsonl(work / name / "round_1" / "samples.jsonl") if not r["skipped"]]
+    return (statistics.mean(s["right"] for r in records for s in r["samples"]),
+            statistics.mean(any(s["right"] for s in r["samples"]) for r in records))
+
+
+def run_gates(work, stage, b, seed, data, early, t, same_steps):
+    """The issue's gates, on dev only: Stage 1 converged on T (part 2 run long_factor times longer gains <= 2
+    points), G has headroom (template SFT on dev G within [30, 75], pass@k >= pass@1 + 15) and the positive control
+    gains >= 3 on dev G; plus the DPO lr sweep on the teacher's pairs (dev G), from which the lr is fixed once."""
+    def ev(key):
+        return stage(f"dev_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b, "dev"))
+    template = ev("sft_template")
+    long = stage("sft_long", lambda: sft(work, "sft_long", ["--model", early], data,
+                                         b.long_factor * (b.sft_steps - b.early_steps), b.sft_lr, b.batch,
+                                         b.cot_micro, seed))
+    longer = ev("sft_long")
+    stage("dev_samples", lambda: selfplay(work, "dev_samples", t, work / "data" / "dev_G.csv", b, seed, "--sources",
+                                          "sample", samples=b.pass_k) or {})
+    pass1, passk = pass_at_k(work, "dev_samples")
+    sweep = {}
+    for lr in b.dpo_lrs.split(","):
+        key = f"dpo_teacher_lr{lr}"
+        if stage.done["teacher_pairs"]["pairs"]:
+            stage(key, lambda: dpo(work, key, t, work / "teacher_pairs.jsonl", b, seed, [*same_steps, "--lr", lr]))
+            sweep[lr] = ev(key)["G"]
+    control = ev("dpo_teacher")
+    from model import load_tokenizer
+    tokenizer = load_tokenizer(work / "student")
+    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+    recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
+              for key in ("pretrain", "sft_template") for x in "TGU"}
+    gates = {"stage1_converged": {"dev_T": template["T"], "dev_T_longer": longer["T"],
+                                  "pass": longer["T"] - template["T"] <= 0.02, "longer_steps": long["steps"]},
+             "G_headroom": {"dev_G": template["G"], "pass@1": pass1, f"pass@{b.pass_k}": passk,
+                            "pass": 0.30 <= template["G"] <= 0.75 and passk >= pass1 + 0.15},
+             "positive_control": {"dev_G": control["G"], "gain": control["G"] - template["G"],
+                                  "pass": control["G"] - template["G"] >= 0.03},
+             "dpo_lr_sweep_dev_G": sweep, "entry_recall": recall}
+    (work / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
+    return gates
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The table
 
 
-def fmt(x, pct=True):
-    if x is None:
-        return "-"
-    return f"{100 * x:.1f}" if pct else f"{x:.0f}"
+def pct(x, signed=False):
+    return "-" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
 
 
-def print_table(tables, stage1_calls):
-    print(f"\nHeld-out accuracy (%, greedy chain of thought, exact match of the letter set), {len(tables)} seed(s). "
-          f"Stage 1 cost {stage1_calls} teacher calls (trajectories + critique examples) for every template row; "
-          "'teacher' counts Stage 2's. 'vs template' is each seed's difference from its own template SFT row "
-          "(seeds differ more in where SFT lands than in what a later stage adds).")
-    head = f"{'row':32} {'accuracy':>14} {'vs template':>12} {'seen':>6} {'unseen':>7} {'consist.':>9} " \
-           f"{'pairs':>6} {'corr.ok':>8} {'teacher':>8} {'seconds':>8}"
+def print_table(tables, seeds):
+    print(f"\nTest accuracy (%, greedy chain of thought, exact match of the letter set), {len(tables)} seed(s); "
+          "G (Stage 2 diseases, no teacher trajectories) is the headline. 'vs template, G' is each seed's paired difference on G"
+          " with its 95% bootstrap interval and flips (fixed/broken), seeds separated by '|'.")
+    head = f"{'row':46} {'G':>11} {'T':>6} {'U':>6} {'vs template, G':>40} {'steps':>6} {'teacher':>8} {'sec':>5}"
     print(head + "\n" + "-" * len(head))
-    template = [c["accuracy"] for c in next(t for t in zip(*tables) if t[0]["row"] == "template SFT")]
-    spread = lambda xs: f" ±{100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else ""  # noqa: E731
     for i, first in enumerate(tables[0]):
         cells = [t[i] for t in tables]
-        acc = [c["accuracy"] for c in cells]
-        gain = [a - t for a, t in zip(acc, template)]
-        mean = lambda key: statistics.mean(c[key] for c in cells) if all(c.get(key) is not None for c in cells) \
-            else None  # noqa: E731
-        print(f"{first['row']:32} {fmt(mean('accuracy')) + spread(acc):>14} "
-              f"{f'{100 * statistics.mean(gain):+.1f}' + spread(gain):>12} {fmt(mean('seen')):>6} "
-              f"{fmt(mean('unseen')):>7} {fmt(mean('consistency')):>9} {fmt(mean('pairs'), False):>6} "
-              f"{fmt(mean('correction_success_rate')):>8} {fmt(mean('teacher_calls'), False):>8} "
-              f"{fmt(mean('seconds'), False):>8}")
+        def mean(key):
+            return statistics.mean(c[key] for c in cells) if all(c[key] is not None for c in cells) else None
+        sd = f"±{100 * statistics.stdev(c['G'] for c in cells):.1f}" if len(cells) > 1 else ""
+        paired = " | ".join(f"{pct(v['diff'], True)} [{pct(v['ci95'][0], True)},{pct(v['ci95'][1], True)}] "
+                            f"{v['fixed']}/{v['broken']}" for v in (c["vs_template"]["G"] for c in cells) if v)
+        steps = "/".join(str(c["steps"]) for c in cells)
+        print(f"{first['row']:46} {pct(mean('G')) + sd:>11} {pct(mean('T')):>6} {pct(mean('U')):>6} {paired:>40} "
+              f"{steps:>6} {mean('stage2_teacher_calls') or 0:>8.0f} {mean('seconds'):>5.0f}")
 
 
 def main(argv=None):
@@ -389,26 +557,33 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="run folder (resumable: rerun the same command)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing only")
+    parser.add_argument("--gates", action="store_true", help="also compute the dev gates and the DPO lr sweep")
     args = parser.parse_args(argv)
     b = QUICK if args.quick else Budget()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "budget.json").write_text(json.dumps(dataclasses.asdict(b), indent=1) + "\n")
-    start, tables, whys, seconds = time.time(), [], [], []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        table, stages = run_seed(out, seed, b)
+    start, seeds, tables, everything = time.time(), [int(s) for s in args.seeds.split(",")], [], {}
+    for seed in seeds:
+        table, stages, gates = run_seed(out, seed, b, args.gates)
         tables.append(table)
-        whys.append(stages["why_1"])
-        seconds.append(sum(stage["seconds"] for stage in stages.values()))
-        calls = stages["distill_template"]["teacher_calls"] + stages["critiques"]["teacher_calls"]
-    print_table(tables, calls)
-    print("\nRound 1's corrections graded step by step against the teacher's trajectory (miniature/diagnose.py), "
-          "% (mean over seeds):")
-    for key in [key for key in whys[0] if key != "seconds"]:
-        values = [w[key] for w in whys if w[key] is not None]
-        print(f"  {key.replace('_', ' '):40} {fmt(statistics.mean(values)) if values else '-':>6}")
-    print(f"\nwall time {time.time() - start:.0f} s (stages of each seed: {', '.join(f'{s:.0f}' for s in seconds)} "
-          f"s); per-seed details in {out}/seed_*/stages.json and table.json")
+        everything[seed] = {"table": table, "gates": gates, "mechanism": stages["mechanism"],
+                            "stage1_teacher_calls": stages["distill_template"]["teacher_calls"]
+                            + stages["critiques"]["teacher_calls"],
+                            "seconds": {k: v["seconds"] for k, v in stages.items()}}
+    (out / "table.json").write_text(json.dumps(everything, indent=1, ensure_ascii=False) + "\n")
+    print_table(tables, seeds)
+    print("\nStage 1 teacher calls (trajectories + critique examples), per seed: "
+          + ", ".join(str(everything[s]["stage1_teacher_calls"]) for s in seeds))
+    print("Round 1's step corrections (mechanism), per seed:")
+    for s in seeds:
+        print(f"  seed {s}: " + ", ".join(f"{k} {pct(v) if isinstance(v, float) else v}"
+                                          for k, v in everything[s]["mechanism"].items() if k != "seconds"))
+    for s in seeds:
+        if everything[s]["gates"]:
+            print(f"Gates (dev), seed {s}: " + json.dumps(everything[s]["gates"]))
+    print(f"\nwall time {time.time() - start:.0f} s; per-seed stages in {out}/seed_*/stages.json, "
+          f"everything in {out}/table.json")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import templates  # noqa: E402
-from exam import FINDINGS, ORGANS, PROCESSES, TREATMENTS  # noqa: E402
+from exam import FINDINGS, ORGANS, PROCESSES, TREATMENTS, knowledge_lines  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from teacher import answer_text, corrupt, critique_text, parse_question  # noqa: E402
+from teacher import answer_text, corrupt, critique_text, parse_question, step_critique_text  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -37,8 +37,8 @@ def corpus(data_dir, questions=600, seed=0):
     answers, critique prompts with corrections (for a sample of training questions), as chat text."""
     data_dir = Path(data_dir)
     kb = json.loads((data_dir / "kb.json").read_text(encoding="utf-8"))
-    texts = (data_dir / "kb.txt").read_text(encoding="utf-8").splitlines()
     rng = random.Random(seed)
+    texts = knowledge_lines(kb, rng)
     for row in templates.load_cmexam(data_dir / "train.csv")[:questions]:
         q = parse_question(templates.format_question(row))
         student = templates.student_messages(row)
@@ -46,7 +46,9 @@ def corpus(data_dir, questions=600, seed=0):
         for messages in (student + [{"role": "assistant", "content": answer_text(kb, q)}],
                          student + [{"role": "assistant", "content": answer_text(kb, q, "plain")}],
                          templates.critique_messages(row, wrong) + [
-                             {"role": "assistant", "content": critique_text(kb, q, wrong)}]):
+                             {"role": "assistant", "content": critique_text(kb, q, wrong)}],
+                         templates.step_critique_messages(row, wrong) + [
+                             {"role": "assistant", "content": step_critique_text(kb, q, wrong)}]):
             texts.append(templates.chat(messages, add_generation_prompt=False))
     return texts
 
@@ -82,13 +84,33 @@ def student_config(tokenizer, hidden=128, layers=4, heads=8, kv_heads=4, context
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pretraining data for `sft.py --init-config` ({"text"} records train on every token): the knowledge text, its
-# lines shuffled anew in each copy so that no fact is learned from its neighbours' positions.
+# Pretraining data for `sft.py --init-config` ({"text"} records train on every token): copies of the knowledge, each
+# fact in its canonical line and another phrasing in a random order (exam.knowledge_lines), lines shuffled anew in
+# each copy so that no fact is learned from its neighbours' positions. The same text replayed during SFT
+# (replay_records) keeps knowledge that no SFT example uses (the G and U diseases) from being erased (measured: entry
+# recall 100% after pretraining, 0% after SFT without replay; issue 11).
 
 
-def pretrain_records(kb_lines, copies, seed=0):
+def pretrain_records(kb, copies, seed=0):
     rng = random.Random(f"pretrain-{seed}")
-    return [{"text": "\n".join(rng.sample(kb_lines, len(kb_lines))) + "\n"} for _ in range(copies)]
+    return [{"text": "\n".join(knowledge_lines(kb, rng)) + "\n"} for _ in range(copies)]
+
+
+def replay_records(kb, n, seed=0, lines=24):
+    """n knowledge snippets of `lines` lines each (~250 tokens), to mix into SFT data."""
+    rng = random.Random(f"replay-{seed}")
+    return [{"text": "\n".join(knowledge_lines(kb, rng)[:lines]) + "\n"} for _ in range(n)]
+
+
+def entry_recall(model_dir, tokenizer, kb, split) -> float:
+    """Share of the `split` diseases (T, G or U) whose canonical knowledge line the model completes right, greedy,
+    from "<name>：" at the start of a line: does what pretraining stored survive (SFT without replay erased it)?"""
+    from model import generate, load
+    model, names = load(model_dir), [n for n, d in kb["diseases"].items() if d["split"] == split]
+    prompts = [tokenizer.encode(f"\n{name}：", add_special_tokens=False).ids for name in names]
+    outputs = generate(model, prompts, 12)
+    got = [tokenizer.decode(ids).split("；")[0] for ids in outputs]
+    return sum(g == "、".join(kb["diseases"][n]["findings"]) for g, n in zip(got, names)) / max(1, len(names))
 
 
 def main(argv=None):
@@ -101,7 +123,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--copies", type=int, default=400, help="shuffled copies of kb.txt in pretrain.jsonl")
+    parser.add_argument("--copies", type=int, default=400, help="copies of the knowledge in pretrain.jsonl")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -110,12 +132,12 @@ def main(argv=None):
     tokenizer.save(str(out / "tokenizer.json"))
     cfg = student_config(tokenizer, args.hidden, args.layers, args.heads, args.kv_heads)
     (out / "config.json").write_text(json.dumps(cfg.to_hf(torch.float32), indent=2) + "\n")
-    lines = (Path(args.data) / "kb.txt").read_text(encoding="utf-8").splitlines()
+    kb = json.loads((Path(args.data) / "kb.json").read_text(encoding="utf-8"))
     with open(out / "pretrain.jsonl", "w", encoding="utf-8") as f:
-        for record in pretrain_records(lines, args.copies, args.seed):
+        for record in pretrain_records(kb, args.copies, args.seed):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     n = sum(p.numel() for p in Transformer(cfg).parameters())
-    print(f"vocab {tokenizer.get_vocab_size()}, {n:,} parameters, {args.copies} x {len(lines)} lines -> {out}")
+    print(f"vocab {tokenizer.get_vocab_size()}, {n:,} parameters, {args.copies} copies of the knowledge -> {out}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: templates.py
-from templates import CORRECTION_MARK, extract_answer  # noqa: E402
+from templates import CORRECTION_MARK, FIRST_WRONG_LINE, extract_answer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading the question back out of a prompt built by templates.format_question
@@ -254,6 +254,30 @@ def critique_text(kb, q, wrong, max_problems=4) -> str:
     return "逐步检查原解答：\n" + "\n".join(problems) + f"\n{CORRECTION_MARK}\n{right}"
 
 
+def first_wrong_line(kb, q, wrong):
+    """1-based number of the first line of `wrong` that differs from the teacher's own trajectory, None if none
+    does. The format is canonical (a right step is the very same line), so this is the first wrong step."""
+    right, theirs = answer_text(kb, q).split("\n"), wrong.split("\n")
+    return next((k + 1 for k in range(max(len(right), len(theirs)))
+                 if k >= len(right) or k >= len(theirs) or right[k] != theirs[k]), None)
+
+
+def step_critique_text(kb, q, wrong) -> str:
+    """The step critique prompt's expected output (templates.step_critique_messages): the lines checked in order
+    from the first step line (line 2, after <think>), each right one passed with "无误", the first wrong one given its
+    right form, then the line number last. It states no answer: it locates, and the student rewrites from there."""
+    n = first_wrong_line(kb, q, wrong)
+    if n is None:
+        return f"逐行检查：未发现错误。\n{FIRST_WRONG_LINE}：无"
+    right = answer_text(kb, q).split("\n")
+    fix = right[n - 1] if n - 1 < len(right) else "（此行多余）"
+    checks = [f"{k} 无误" for k in range(2, n)] + [f"{n} 有误，应为：{fix}"]
+    return "逐行检查：\n" + "\n".join(checks) + f"\n{FIRST_WRONG_LINE}：{n}"
+
+
+_NUMBERED = re.compile(r"^\d+\| ?", re.M)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The server: POST /v1/chat/completions on 127.0.0.1. The reply depends on the prompt: a critique prompt (it holds
 # 【原解答】) gets a correction; any prompt holding a question gets an answer in the style the `model` names.
@@ -264,6 +288,9 @@ def reply(kb, body) -> str:
     q = parse_question(prompt)
     if q is None:
         return "<think>\n题目无法识别。\n</think>\n无法作答。"
+    if "【原解答】" in prompt and FIRST_WRONG_LINE in prompt:  # the step critique: lines numbered "N| "
+        wrong = prompt.split("【原解答】\n", 1)[1].split("\n【原解答结束】", 1)[0]
+        return step_critique_text(kb, q, _NUMBERED.sub("", wrong))
     if "【原解答】" in prompt:
         wrong = prompt.split("【原解答】", 1)[1].split("【原解答结束】", 1)[0]
         return critique_text(kb, q, wrong.strip())
@@ -285,7 +312,7 @@ def serve(kb, port=0):
                 return self._send(400, {"error": {"message": f"bad request: {e}"}})
             with lock:
                 stats["requests"] += 1
-                stats["critiques" if CORRECTION_MARK in text else "answers"] += 1
+                stats["critiques" if CORRECTION_MARK in text or FIRST_WRONG_LINE in text else "answers"] += 1
             self._send(200, {"id": f"mini-{stats['requests']}", "object": "chat.completion",
                              "model": body.get("model", "miniature-template"),
                              "choices": [{"index": 0, "finish_reason": "stop",

@@ -16,7 +16,7 @@ import exam  # noqa: E402
 import student  # noqa: E402
 import teacher  # noqa: E402
 
-SMALL = dict(train=400, test=150)
+SMALL = dict(stage1=300, stage2=100, dev=60, test=150)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def read_rows(path):
 
 def test_generator_is_deterministic_and_seeded(tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        exam.build(exam.ExamConfig(seed=seed, train=60, test=20), tmp_path / name)
-    files = ["kb.json", "kb.txt", "train.csv", "test.csv"]
+        exam.build(exam.ExamConfig(seed=seed, stage1=60, stage2=30, dev=20, test=20), tmp_path / name)
+    files = ["kb.json", "kb.txt", "stage1.csv", "stage2.csv", "train.csv", "dev.csv", "test.csv"]
     same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files]
     other = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes() for f in files]
     assert all(same) and not any(other)
@@ -67,10 +67,10 @@ def independent_answer(kb, row):
 
 def test_answer_keys_are_right(data):
     out, kb = data
-    for split in ("train", "test"):
+    for split in ("stage1", "stage2", "dev", "test"):
         rows = read_rows(out / f"{split}.csv")
         kinds = Counter(r["Question Type"] for r in rows)
-        assert set(kinds) == {"诊断", "诊断-治疗", "否定", "多选"}
+        assert set(kinds) == {"诊断", "否定", "多选"}
         for row in rows:
             answer = independent_answer(kb, row)
             assert answer == row["Answer"], row
@@ -78,24 +78,47 @@ def test_answer_keys_are_right(data):
             assert len(row["Options"].split("\n")) == 5
 
 
-def test_splits_are_disjoint_and_unseen_diseases_stay_out_of_training(data):
+def involved(kb, row):
+    """Every disease a question names: its subject (in the stem) and its disease options."""
+    options = [line[2:] for line in row["Options"].split("\n")]
+    return {n for n in kb["diseases"] if n in row["Question"]} | {o for o in options if o in kb["diseases"]}
+
+
+def test_splits_are_disjoint_as_specified(data):
     out, kb = data
-    train, test = read_rows(out / "train.csv"), read_rows(out / "test.csv")
+    split_of = {n: d["split"] for n, d in kb["diseases"].items()}
+    assert Counter(split_of.values()) == {"T": 24, "G": 24, "U": 12}
+    files = {name: read_rows(out / f"{name}.csv") for name in ("stage1", "stage2", "dev", "test")}
     key = lambda r: (r["Question"], frozenset(line[2:] for line in r["Options"].split("\n")))  # noqa: E731
-    assert len({key(r) for r in train}) == len(train) and len({key(r) for r in test}) == len(test)
-    assert not {key(r) for r in train} & {key(r) for r in test}
-    unseen = {n for n, d in kb["diseases"].items() if not d["seen"]}
-    assert unseen
-    for row in train:
-        assert not any(n in row["Question"] or n in row["Options"] for n in unseen)
-    assert Counter(r["Seen In Training"] for r in test)["否"] > len(test) // 4
+    keys = {name: {key(r) for r in rows} for name, rows in files.items()}
+    for name, rows in files.items():
+        assert len(keys[name]) == len(rows) == SMALL[name]  # no question twice within a file
+    names = list(files)
+    for i, a in enumerate(names):  # and none in two files
+        for b in names[i + 1:]:
+            assert not keys[a] & keys[b], (a, b)
+    for row in files["stage1"]:  # Stage 1: T diseases only, as subject and as options
+        assert {split_of[n] for n in involved(kb, row)} == {"T"} and row["Disease Split"] == "T"
+    for row in files["stage2"]:  # Stage 2: a G subject; distractors from T or G; never a U disease
+        subject = [n for n in kb["diseases"] if n in row["Question"]]
+        assert row["Disease Split"] == "G" and (not subject or split_of[subject[0]] == "G")
+        assert "U" not in {split_of[n] for n in involved(kb, row)}
+        assert "G" in {split_of[n] for n in involved(kb, row)} or "患者见" in row["Question"]
+    for row in files["dev"] + files["test"]:
+        assert "U" not in {split_of[n] for n in involved(kb, row)} or row["Disease Split"] == "U"
+    # U diseases appear in no training question at all
+    assert not {n for r in files["stage1"] + files["stage2"] for n in involved(kb, r)} & \
+        {n for n, x in split_of.items() if x == "U"}
+    test = Counter(r["Disease Split"] for r in files["test"])  # half G, a quarter T, a quarter U (rounded)
+    assert abs(test["G"] - 75) <= 1 and abs(test["T"] - 37.5) <= 1 and abs(test["U"] - 37.5) <= 1
+    assert Counter(r["Disease Split"] for r in files["dev"]) == {"T": 30, "G": 30}
 
 
 def test_csv_loads_with_templates_without_skips(data):
     out, _ = data
-    for split in ("train", "test"):
+    for split in ("train", "dev", "test"):
         rows, skipped = T.load_cmexam(out / f"{split}.csv", return_skipped=True)
-        assert skipped == [] and len(rows) == SMALL[split]
+        assert skipped == [] and len(rows) == SMALL.get(split, SMALL["stage1"] + SMALL["stage2"])
         assert {"Clinical Department", "Question Type", "Area of Competency"} <= set(rows[0])
 
 
@@ -106,6 +129,13 @@ def test_knowledge_text_states_every_fact(data):
         assert f"{name}：{'、'.join(d['findings'])}；治以{d['treatment']}；属{d['department']}。" in text
     for finding, names in kb["index"].items():
         assert set(names) == {n for n, d in kb["diseases"].items() if finding in d["findings"]}
+    # a pretraining copy: each disease's canonical line, and one more phrasing of the same findings
+    lines = exam.knowledge_lines(kb, random.Random(0))
+    for name, d in kb["diseases"].items():
+        mine = [line for line in lines if name in line]
+        assert len(mine) == 2 and exam.disease_line(name, d) in mine
+        other = next(line for line in mine if line != exam.disease_line(name, d))
+        assert sorted(re.findall(f"[{exam.FINDINGS}]", other)) == sorted(d["findings"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,6 +175,24 @@ def test_corruptions_are_wrong_and_critiques_fix_exactly_the_wrong_lines(data):
             if line[:1] in "ABCDE" or "：" in line and not line.startswith(("自我检查", "得出结论")):
                 assert line.split("：")[-1] in critique or "其余错误" in critique, (line, critique)
     assert set(kinds) == {"knowledge", "check", "misread", "conclusion"}
+
+
+def test_step_critiques_locate_the_first_wrong_line_and_state_no_answer(data):
+    import itertools
+    import selfplay
+    out, kb = data
+    rng = random.Random(0)
+    for row in T.load_cmexam(out / "stage1.csv")[:100]:
+        q = teacher.parse_question(T.format_question(row))
+        wrong, _ = teacher.corrupt(kb, q, rng)
+        pairs = itertools.zip_longest(wrong.split("\n"), teacher.answer_text(kb, q).split("\n"))
+        first = next(k for k, (a, b) in enumerate(pairs) if a != b) + 1  # this test's own count
+        reply = teacher.reply(kb, {"messages": T.step_critique_messages(row, wrong)})  # what the server answers
+        assert T.extract_first_wrong_line(reply) == first and reply.splitlines()[-1] == f"首错行：{first}"
+        assert first - 1 in selfplay.step_line_numbers(wrong)  # a step line selfplay.py accepts
+        assert "答案" not in reply and "无误，但" not in reply  # it locates; it states no answer
+        checked = [line.split()[0] for line in reply.splitlines()[1:-1]]
+        assert checked == [str(k) for k in range(2, first + 1)]  # every line before it passed, in order
 
 
 def test_consistency_on_hand_written_trajectories():
@@ -216,13 +264,26 @@ def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = json.loads((tmp_path / "seed_0" / "table.json").read_text())
-    assert [r["row"] for r in table] == ["pretrained", "plain SFT", "template SFT", "template SFT + matched compute",
-                                         "self-correction DPO, round 1", "self-correction DPO, round 2",
-                                         "teacher-corrected DPO"]
-    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["consistency"] <= 1 for r in table)
-    assert table[4]["teacher_calls"] == 0 and table[6]["teacher_calls"] > 0  # Stage 2 never calls the teacher
-    for row in table:
-        assert row["row"] in result.stdout
+    sys.path.insert(0, str(root / "miniature"))
+    import run
+    assert [r["row"] for r in table] == [label for label, _ in run.ROWS]
+    assert [r["row"] for r in table][2:] == [
+        "template SFT", "template SFT + matched compute", "RFT (own right samples)",
+        "Iterative RPO (right vs wrong samples)", "self-correction DPO, round 1", "self-correction DPO, round 2",
+        "self-correction, confidence-located, round 1", "teacher-corrected DPO"]
+    for r in table:
+        assert all(0 <= r[x] <= 1 for x in ("accuracy", "G", "T", "U", "consistency"))
+        assert r["stage2_teacher_calls"] == (0 if r["key"] != "dpo_teacher" else r["stage2_teacher_calls"])
+        assert r["row"] in result.stdout and isinstance(r["steps"], int)
+        paired = r["vs_template"]["G"]
+        assert paired["ci95"][0] <= paired["diff"] <= paired["ci95"][1] and paired["n"] > 0
+    assert table[-1]["stage2_teacher_calls"] > 0  # the positive control pays the teacher; no other Stage 2 row
+    assert table[2]["vs_template"]["G"] == {"diff": 0.0, "ci95": [0.0, 0.0], "fixed": 0, "broken": 0,
+                                             "n": table[2]["vs_template"]["G"]["n"]}
+    everything = json.loads((tmp_path / "table.json").read_text())
+    assert set(everything["0"]) >= {"table", "gates", "mechanism", "seconds", "stage1_teacher_calls"}
+    pairs = [json.loads(line) for line in (tmp_path / "seed_0" / "selfplay" / "round_1" / "pairs.jsonl").open()]
+    assert all(p["source"] == "step" for p in pairs)
     # Stage 1 data in question order, whatever order the teacher answered in (a seed then gives the same table)
     for style in ("template", "plain"):
         ids = [json.loads(line)["id"] for line in (tmp_path / "seed_0" / f"stage1_{style}.jsonl").open()]
@@ -251,7 +312,7 @@ def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
     lucky_lines = list(wrong_lines)
     j = next(k for k, line in enumerate(lines) if line.startswith("B "))
     lucky_lines[j] = lines[j].replace("，错", "，对") if lines[j].endswith("，错") else lines[j].replace("，对", "，错")
-    lucky = "\n".join(lucky_lines).replace(wrong.rsplit("答案：", 1)[1], row["answer"])
+    lucky = "\n".join(lucky_lines).rsplit("答案：", 1)[0] + "答案：" + row["answer"]  # only the answer line
     corrections = [teacher.critique_text(kb, q, wrong), f"逐步检查原解答：\n故答案应为X。\n{T.CORRECTION_MARK}\n{wrong}",
                    f"逐步检查原解答：\n故答案应为{row['answer']}。\n{T.CORRECTION_MARK}\n{lucky}"]
     graded = [T.extract_answer(T.extract_correction(c)) == row["answer"] for c in corrections]
@@ -281,3 +342,37 @@ def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
     assert n["wrong step lines (in corrected samples)"] == 3 and n["wrong step lines fixed"] == 1
     steps = sum(1 for line in lines if line[:2] in ("A ", "B ", "C ", "D ", "E ")) + 2  # options, keys, recall
     assert n["right step lines"] == 3 * (steps - 1) and n["right step lines broken"] == 1  # lucky's option B
+
+
+def test_paired_bootstrap_counts_flips_and_brackets_the_difference():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "miniature"))
+    import run
+    ids = [str(i) for i in range(200)]
+    rng = random.Random(0)
+    a = [rng.random() < 0.5 for _ in ids]
+    b = [x if rng.random() < 0.7 else not x for x in a]
+    split = {i: "G" if int(i) % 2 else "T" for i in ids}
+    A = {"correct": dict(zip(ids, a)), "split": split}
+    B = {"correct": dict(zip(ids, b)), "split": split}
+    for part in (None, "G"):
+        keep = [k for k, i in enumerate(ids) if part is None or split[i] == part]
+        fixed = sum(1 for k in keep if b[k] and not a[k])
+        broken = sum(1 for k in keep if a[k] and not b[k])
+        got = run.paired_bootstrap(A, B, part)
+        assert (got["fixed"], got["broken"], got["n"]) == (fixed, broken, len(keep))
+        assert got["diff"] == pytest.approx((fixed - broken) / len(keep))
+        # the interval: about the normal one for a mean of paired differences (independent float math)
+        d = [int(b[k]) - int(a[k]) for k in keep]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        assert got["ci95"][0] == pytest.approx(mean - 1.96 * se, abs=0.02)
+        assert got["ci95"][1] == pytest.approx(mean + 1.96 * se, abs=0.02)
+    assert run.paired_bootstrap(A, A) == {"diff": 0.0, "ci95": [0.0, 0.0], "fixed": 0, "broken": 0, "n": 200}
+    assert run.paired_bootstrap(A, B, "U") is None
+
+
+def test_continued_rows_train_at_the_final_lr_without_warmup():
+    """The matched-compute and RFT rows pass sft.py --lr <final> --warmup 0 --min-lr-ratio 1: a constant rate."""
+    import sft
+    assert [sft.lr_at(step, 7, 0, 3e-4, 1.0) for step in range(7)] == [pytest.approx(3e-4)] * 7
+    assert sft.lr_at(1499, 1500, 75, 3e-3, 0.1) == pytest.approx(3e-4)  # where Stage 1's cosine ends

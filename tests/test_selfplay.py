@@ -158,8 +158,8 @@ def test_scripted_run_makes_exactly_the_hand_decided_pairs(tmp_path, rows, token
         "no_answer": 1, "truncated": 2, "wrong_samples_sent_to_critique": 5, "critique_skipped_too_long": 1,
         "correction_attempts": 8, "corrections_right": 6, "correction_success_rate": 0.75,
         "wrong_samples_corrected": 4, "corrections_unmarked": 1, "corrections_malformed": 1,
-        "corrections_truncated": 0, "corrections_right_dropped_prompt_reference": 0, "pairs": 2,
-        "pairs_by_source": {"correction": 2}, "duplicate_pairs_dropped": 3,
+        "corrections_truncated": 0, "corrections_reemitted": 0, "corrections_right_dropped_prompt_reference": 0,
+        "pairs": 2, "pairs_by_source": {"correction": 2}, "duplicate_pairs_dropped": 3,
         "teacher_calls": 0}
     assert summary["generated_tokens"] > 0
     assert json.loads((tmp_path / "summary.json").read_text())["pairs"] == 2
@@ -411,7 +411,8 @@ def test_help():
     out = subprocess.run([sys.executable, str(ROOT / "selfplay.py"), "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
     assert out.returncode == 0
-    for flag in ("--rounds", "--samples", "--corrections", "--hint", "--sources", "--dpo-args", "--num-shards"):
+    for flag in ("--rounds", "--samples", "--corrections", "--hint", "--sources", "--dpo-args", "--num-shards",
+                 "--correction", "--locate", "--verify"):
         assert flag in out.stdout
 
 
@@ -612,3 +613,138 @@ def test_serve_starts_a_server_per_round_samples_from_it_and_stops_it(tmp_path, 
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     with pytest.raises(SystemExit, match="exited with code 3"):
         S.main(args + ["--out", str(tmp_path / "dead"), "--serve", f"{sys.executable} -c 'import sys; sys.exit(3)'"])
+# --correction step: prefix kept byte for byte, the excluded step never re-emitted, the pair rule.
+
+STEP_WRONG = "<think>\n审题：单选。\n回忆：甲有热。\n分析：A 对\n</think>\n依据如上。\n答案：A"  # q0's gold is C
+
+
+def step_sampler(tokenizer, rows, critiques, rewrites, calls):
+    """Scripted sample_texts for the step mode: students answer STEP_WRONG, critiques are scripted per call, and a
+    rewrite returns rewrites[c] (everything from the rewritten line on, as the real sampler decodes it with its
+    head); records each call's prompts and heads."""
+    def sample(model, tok, prompts, num_samples, max_new_tokens, cfg, seed, heads=None):
+        texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+        calls.append((texts, heads))
+        if heads is not None:
+            return [[(rewrites[n % len(rewrites)], True, 7)] for n in range(len(prompts))]
+        if texts and "首错行" in texts[0]:
+            return [[(c, True, 4) for c in critiques] for _ in prompts]
+        return [[(STEP_WRONG, True, 9)] * num_samples for _ in prompts]
+    return sample
+
+
+def test_step_pair_rule():
+    ok = dict(finished=True, reemitted=False, predicted="C", well_formed=True, verified=True)
+    assert S.step_pair_ok(ok, "C")
+    for key, bad in (("finished", False), ("reemitted", True), ("predicted", "A"), ("well_formed", False),
+                     ("verified", False)):
+        assert not S.step_pair_ok({**ok, key: bad}, "C"), key
+
+
+def test_step_corrections_keep_the_prefix_and_make_exactly_the_specified_pairs(tmp_path, rows, tokenizer, model_dir,
+                                                                                monkeypatch):
+    q0 = rows[0]
+    checker = tmp_path / "check.py"
+    checker.write_text("def no_x(text):\n    return 'X' not in text\n")
+    # critiques: line 3 (the wrong one), no line named, line 1 (<think>: not a step), line 3 again, line 3 again
+    critiques = ["2 无误\n3 有误\n首错行：3", "都对", "首错行：1", "首错行：3", "首错行：3"]
+    rewrites = ["回忆：甲有咳。\n分析：C 对\n</think>\n依据如上。\n答案：C",  # right: the pair
+                None, None,
+                "回忆：甲有热。\n分析：A 对\n</think>\n依据如上。\n答案：C",  # rebuilds the excluded line
+                "回忆：X。\n分析：C 对\n</think>\n依据如上。\n答案：C"]  # right but fails --verify
+    rewrites = [r for r in rewrites if r]
+    calls = []
+    monkeypatch.setattr(S, "sample_texts", step_sampler(tokenizer, [q0], critiques, rewrites, calls))
+    cfg = S.SelfPlayConfig(samples=1, corrections=5, max_new_tokens=64, critique_max_new_tokens=32,
+                           correction="step", verify=f"{checker}:no_x")
+    summary = S.make_pairs(model_dir, tokenizer, [q0], tmp_path / "run", cfg)
+    [student], [critique_prompt], _ = calls[0][0], calls[1][0], calls[2]
+    assert "首错行" in critique_prompt and "3| 回忆：甲有热。" in critique_prompt and "4| 分析：A 对" in critique_prompt
+    rewrite_prompts, heads = calls[2]
+    assert len(rewrite_prompts) == 3  # the three critiques that named a step line
+    prefix = "<think>\n审题：单选。\n"
+    for prompt, head in zip(rewrite_prompts, heads):
+        # the continuation is the student's own reply: the student prompt, then the kept lines byte for byte
+        assert prompt.startswith(student) and prompt[len(student):].startswith(prefix)
+        assert prompt.endswith(tokenizer.decode(head, skip_special_tokens=False))
+    [record] = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    entries = record["samples"][0]["corrections"]
+    assert [e["line"] for e in entries] == [3, None, None, 3, 3]
+    assert [e["marked"] for e in entries] == [True, False, False, True, True]
+    assert [e["reemitted"] for e in entries] == [False, False, False, True, False]
+    assert [e["right"] for e in entries] == [True, False, False, True, True]
+    assert [e["verified"] for e in entries] == [True, False, False, True, False]
+    for e in (entries[0], entries[3], entries[4]):
+        assert e["text"].startswith(prefix) and e["text"].split("\n")[:2] == STEP_WRONG.split("\n")[:2]
+    [pair] = read_jsonl(tmp_path / "run" / "pairs.jsonl")
+    assert pair["chosen"][0]["content"] == prefix + rewrites[0] and pair["rejected"][0]["content"] == STEP_WRONG
+    assert (pair["source"], pair["line"], pair["correction"], pair["locate"]) == ("step", 3, 0, "critique")
+    assert summary["pairs"] == 1 and summary["corrections_reemitted"] == 1 and summary["corrections_unmarked"] == 2
+    assert summary["teacher_calls"] == 0
+
+
+def test_step_rewrite_never_re_emits_the_excluded_line(tmp_path, rows, tokenizer, model_dir, monkeypatch):
+    """The real sampler, greedy, with a tiny model that has memorized a wrong sample (so continuing its kept lines
+    greedily re-emits its line 3): the step correction keeps lines 1-2 byte for byte and changes line 3."""
+    q0, stop = rows[0], (T.special_ids(tokenizer)["im_end"], T.special_ids(tokenizer)["endoftext"])
+    prompt = S.prompt_ids(tokenizer, T.student_messages(q0))
+    prefix = "<think>\n审题：单选。\n"
+    wrong = prefix + "回忆：胆总管结石见黄疸。\n</think>\n答案：A"
+    ids = prompt + tokenizer.encode(wrong, add_special_tokens=False).ids + [stop[0]]
+    model = M.load(model_dir)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.tensor([ids])
+    for _ in range(300):  # memorize the one reply
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1])[0, len(prompt) - 1:], x[0, len(prompt):])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    M.save(model, tmp_path / "memorized")
+    tokenizer.save(str(tmp_path / "memorized" / "tokenizer.json"))
+    model_dir = tmp_path / "memorized"
+    head_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
+    line_ids = tokenizer.encode(wrong.split("\n</think>")[0], add_special_tokens=False).ids[len(head_ids):]
+    [greedy] = M.generate(model, [prompt + head_ids], len(line_ids) + 4, stop_ids=stop)
+    assert greedy[:len(line_ids)] == line_ids  # the premise: without the exclusion, line 3 comes back
+    calls, real = [], S.sample_texts
+
+    def sampler(m, tok, prompts, num_samples, max_new_tokens, cfg, seed, heads=None):
+        text = tokenizer.decode(prompts[0], skip_special_tokens=False) if prompts else ""
+        if heads is None and "首错行" in text:
+            return [[("首错行：3", True, 3)] * num_samples for _ in prompts]
+        if heads is None:
+            return [[(wrong, True, 9)] * num_samples for _ in prompts]
+        calls.append(heads)
+        return real(m, tok, prompts, num_samples, 10, cfg, seed, heads=heads)
+    monkeypatch.setattr(S, "sample_texts", sampler)
+    for locate in ("critique", "confidence"):
+        cfg = S.SelfPlayConfig(samples=1, corrections=2, max_new_tokens=64, critique_max_new_tokens=16,
+                               temperature=0.0, correction="step", locate=locate)
+        S.make_pairs(model_dir, tokenizer, [q0], tmp_path / locate, cfg)
+        [record] = read_jsonl(tmp_path / locate / "samples.jsonl")
+        for e in record["samples"][0]["corrections"]:
+            k = e["line"] - 1
+            assert e["text"].split("\n")[:k] == wrong.split("\n")[:k] and e["text"].startswith(
+                "".join(x + "\n" for x in wrong.split("\n")[:k]))
+            assert e["text"].split("\n")[k] != wrong.split("\n")[k] and not e["reemitted"]
+        if locate == "critique":
+            assert [e["line"] for e in record["samples"][0]["corrections"]] == [3, 3]
+        else:  # the located line is the one holding the sample's least likely token, by an independent count
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + tokenizer.encode(wrong, add_special_tokens=False).ids]))[0]
+            enc = tokenizer.encode(wrong, add_special_tokens=False)
+            logps = torch.log_softmax(logits.double(), -1)[len(prompt) - 1:-1].gather(
+                -1, torch.tensor(enc.ids)[:, None])[:, 0]
+            lines = [wrong[:start].count("\n") for start, _ in enc.offsets]
+            steps = {1, 2}  # 审题 and line 3: inside <think>, not the tags
+            worst = min((lp, k) for lp, k in zip(logps.tolist(), lines) if k in steps)[1]
+            assert record["samples"][0]["corrections"][0]["line"] == worst + 1
+
+
+def test_step_mode_flags_are_checked(tmp_path, model_dir, capsys):
+    base = ["--model", str(model_dir), "--data", str(SAMPLE_CSV), "--out", str(tmp_path)]
+    for extra in (["--correction", "steps"], ["--locate", "guess"], ["--verify", "nofile.py"]):
+        with pytest.raises(SystemExit):
+            S.main(base + extra)
+        assert extra[0] in capsys.readouterr().err
