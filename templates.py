@@ -838,27 +838,72 @@ def write_jsonl(path, items):
     os.replace(tmp, path)
 
 
-def done_ids(path):
-    """Ids already in a JSONL output; a last line cut off by a kill is truncated away first."""
+def read_jsonl(path) -> list:
+    """The records of a JSONL output, [] if there is none. A last line cut off by a kill is truncated away first,
+    so the file is whole JSONL again for the appends of a resumed run."""
+    path = Path(path)
     if not path.exists():
-        return set()
+        return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         log.warning("%s: dropping a partial last line left by an interrupted run", path)
         data = data[:data.rfind(b"\n") + 1]
         with open(path, "r+b") as f:
             f.truncate(len(data))
-    ids = set()
+    records = []
     for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            ids.add(json.loads(line)["id"])
-        except (ValueError, KeyError, TypeError):
+            records.append(json.loads(line))
+        except ValueError:
+            records.append(None)
+        if not isinstance(records[-1], dict):
             raise UserError(f"{path}:{n}: not a record of this run (corrupt, or written by something else), so "
                             f"it cannot be resumed; delete that line (sed -i '{n}d' {path}) or use another --out") \
                 from None
-    return ids
+    return records
+
+
+def done_ids(path) -> set:
+    """Ids already in a JSONL output (read_jsonl: a torn last line is repaired first)."""
+    records = read_jsonl(path)
+    for n, record in enumerate(records, 1):
+        if "id" not in record:
+            raise UserError(f"{path}: record {n} has no id, so it is not a record of this run; use another --out")
+    return {record["id"] for record in records}
+
+
+def check_unique_ids(rows, source):
+    """Outputs are keyed by question id (resume, merge, scoring), so two questions with one id would be lost."""
+    if len({row["id"] for row in rows}) != len(rows):
+        raise UserError(f"{source}: question ids are not unique, so a run could not resume or be scored")
+
+
+def check_settings(path, settings, write=True):
+    """Refuse to resume a run with settings other than those it was started with (a file of two runs' outputs
+    would be neither). The first run writes them under a temporary name and renames it (atomic): processes started
+    together see no file or a whole one, never the half-written file that made 8 shards crash 1 time in 10."""
+    path = Path(path)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        changed.update({k: (v, None) for k, v in old.items() if k not in settings})
+        if changed:
+            raise UserError(f"{path.parent} was started with other settings (was, now): {changed}; use another --out")
+    elif write:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def reply_text(tokenizer, new_ids, head=()) -> tuple:
+    """(text, finished) of a sampled reply: finished = it ended with a stop id (the model stopped itself rather than
+    being cut off), which is then not part of the text. `head`: ids decoded in front (a reply continued mid-line
+    decodes whole). Special tokens inside the reply are kept, so a stray <|im_start|> is seen, not hidden."""
+    finished = bool(new_ids) and new_ids[-1] in STOP_IDS
+    return tokenizer.decode(list(head) + list(new_ids[:-1] if finished else new_ids), skip_special_tokens=False), \
+        finished
 
 
 def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
@@ -866,8 +911,7 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
     from tqdm import tqdm
 
     rows = load_cmexam(data)[:limit]
-    if len({row["id"] for row in rows}) != len(rows):
-        raise UserError(f"{data}: question ids are not unique, so a run could not resume")
+    check_unique_ids(rows, data)
     out = Path(out)
     lock_output(out)
     failed_path = out.with_name(out.name.removesuffix(".jsonl") + ".failed.jsonl")
