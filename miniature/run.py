@@ -26,15 +26,14 @@ import csv
 import dataclasses
 import json
 import os
-import random
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
 
 HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(HERE), str(ROOT)]
@@ -42,6 +41,7 @@ import exam  # noqa: E402
 import student  # noqa: E402
 import teacher  # noqa: E402
 import templates as T  # noqa: E402
+from eval_cmexam import mcnemar_exact, paired_ci  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Budgets, fixed in advance (miniature/README.md says why each is what it is); none was tuned on test accuracy.
@@ -460,7 +460,7 @@ def run_seed(out, seed, b, gates=False):
     template = stage.done["eval_sft_template"]
     for row in table:
         other = stage.done[f"eval_{row['key']}"]
-        row["vs_template"] = {x: paired_bootstrap(template, other, x) for x in ("G", "T", "U")}
+        row["vs_template"] = {x: paired_difference(template, other, x) for x in ("G", "T", "U")}
     (work / "table.json").write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
     return table, stage.done, run_gates(work, stage, b, seed, data, early, t, same_steps) if gates else None
 
@@ -469,17 +469,17 @@ def run_seed(out, seed, b, gates=False):
 # Gates (dev split only) and paired statistics
 
 
-def paired_bootstrap(a, b, split=None, n=2000, seed=0):
-    """b's accuracy minus a's on the same questions (optionally one Disease Split), a 95% percentile-bootstrap
-    interval over questions, and the flips: questions b gets right that a got wrong (fixed) and the reverse
-    (broken). To be joined with eval_cmexam.compare_predictions (issue 14) once that exists."""
+def paired_difference(a, b, split=None):
+    """b's accuracy minus a's on the same questions (optionally one Disease Split), with the project's one paired
+    comparison (eval_cmexam: Newcombe's paired 95% interval and the exact McNemar p) and the flips: questions b gets
+    right that a got wrong (fixed) and the reverse (broken)."""
     ids = [i for i in a["correct"] if split is None or a["split"][i] == split]
     if not ids:
         return None
-    diff = np.array([int(b["correct"][i]) - int(a["correct"][i]) for i in ids])
-    boots = np.random.default_rng(seed).choice(diff, (n, len(diff))).mean(1)
-    return {"diff": float(diff.mean()), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-            "fixed": int((diff == 1).sum()), "broken": int((diff == -1).sum()), "n": len(ids)}
+    pairs = Counter((bool(b["correct"][i]), bool(a["correct"][i])) for i in ids)
+    both, fixed, broken, neither = pairs[True, True], pairs[True, False], pairs[False, True], pairs[False, False]
+    return {"diff": (fixed - broken) / len(ids), "ci95": paired_ci(both, fixed, broken, neither),
+            "mcnemar_p": mcnemar_exact(fixed, broken), "fixed": fixed, "broken": broken, "n": len(ids)}
 
 
 def pass_at_k(work, name):
@@ -536,7 +536,7 @@ def pct(x, signed=False):
 def print_table(tables, seeds):
     print(f"\nTest accuracy (%, greedy chain of thought, exact match of the letter set), {len(tables)} seed(s); "
           "G (Stage 2 diseases, no teacher trajectories) is the headline. 'vs template, G' is each seed's paired difference on G"
-          " with its 95% bootstrap interval and flips (fixed/broken), seeds separated by '|'.")
+          " with its paired 95% interval (Newcombe) and flips (fixed/broken), seeds separated by '|'.")
     head = f"{'row':46} {'G':>11} {'T':>6} {'U':>6} {'vs template, G':>40} {'steps':>6} {'teacher':>8} {'sec':>5}"
     print(head + "\n" + "-" * len(head))
     for i, first in enumerate(tables[0]):

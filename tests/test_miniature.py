@@ -1,6 +1,7 @@
 """The miniature's foundations: the synthetic exam, the rule-based teacher (and its server), consistency, tokenizer."""
 import csv
 import json
+import math
 import random
 import re
 import sys
@@ -278,8 +279,8 @@ def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
         paired = r["vs_template"]["G"]
         assert paired["ci95"][0] <= paired["diff"] <= paired["ci95"][1] and paired["n"] > 0
     assert table[-1]["stage2_teacher_calls"] > 0  # the positive control pays the teacher; no other Stage 2 row
-    assert table[2]["vs_template"]["G"] == {"diff": 0.0, "ci95": [0.0, 0.0], "fixed": 0, "broken": 0,
-                                             "n": table[2]["vs_template"]["G"]["n"]}
+    same = table[2]["vs_template"]["G"]  # the template row against itself
+    assert (same["diff"], same["fixed"], same["broken"], same["mcnemar_p"]) == (0.0, 0, 0, 1.0)
     everything = json.loads((tmp_path / "table.json").read_text())
     assert set(everything["0"]) >= {"table", "gates", "mechanism", "seconds", "stage1_teacher_calls"}
     pairs = [json.loads(line) for line in (tmp_path / "seed_0" / "selfplay" / "round_1" / "pairs.jsonl").open()]
@@ -344,7 +345,7 @@ def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
     assert n["right step lines"] == 3 * (steps - 1) and n["right step lines broken"] == 1  # lucky's option B
 
 
-def test_paired_bootstrap_counts_flips_and_brackets_the_difference():
+def test_paired_difference_counts_flips_and_uses_the_newcombe_interval():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "miniature"))
     import run
     ids = [str(i) for i in range(200)]
@@ -358,7 +359,7 @@ def test_paired_bootstrap_counts_flips_and_brackets_the_difference():
         keep = [k for k, i in enumerate(ids) if part is None or split[i] == part]
         fixed = sum(1 for k in keep if b[k] and not a[k])
         broken = sum(1 for k in keep if a[k] and not b[k])
-        got = run.paired_bootstrap(A, B, part)
+        got = run.paired_difference(A, B, part)
         assert (got["fixed"], got["broken"], got["n"]) == (fixed, broken, len(keep))
         assert got["diff"] == pytest.approx((fixed - broken) / len(keep))
         # the interval: about the normal one for a mean of paired differences (independent float math)
@@ -367,8 +368,14 @@ def test_paired_bootstrap_counts_flips_and_brackets_the_difference():
         se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
         assert got["ci95"][0] == pytest.approx(mean - 1.96 * se, abs=0.02)
         assert got["ci95"][1] == pytest.approx(mean + 1.96 * se, abs=0.02)
-    assert run.paired_bootstrap(A, A) == {"diff": 0.0, "ci95": [0.0, 0.0], "fixed": 0, "broken": 0, "n": 200}
-    assert run.paired_bootstrap(A, B, "U") is None
+        # McNemar: the two-sided binomial tail of the smaller flip count at 1/2 (independent float math)
+        m = fixed + broken
+        tail = sum(math.comb(m, i) * 0.5 ** m for i in range(min(fixed, broken) + 1))
+        assert got["mcnemar_p"] == pytest.approx(min(1.0, 2 * tail))
+    same = run.paired_difference(A, A)
+    assert (same["diff"], same["fixed"], same["broken"], same["n"], same["mcnemar_p"]) == (0.0, 0, 0, 200, 1.0)
+    assert same["ci95"][0] < 0 < same["ci95"][1]  # no flips in 200 is not certainty of no difference
+    assert run.paired_difference(A, B, "U") is None
 
 
 def test_continued_rows_train_at_the_final_lr_without_warmup():
