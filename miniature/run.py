@@ -267,8 +267,9 @@ def dpo(work, name, model, pairs, b, seed, extra=()):
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
 
 
-def round_result(work, name, k, model):
-    """What selfplay.py's round k left: its summary, and its DPO checkpoint (or `model` if it made no pairs)."""
+def round_result(work, name, k, model, trained=True):
+    """What selfplay.py's round k left: its summary, and its DPO checkpoint (or `model` if it made no pairs, or if
+    the round only sampled: trained=False)."""
     round_dir = work / name / f"round_{k}"
     if not (round_dir / "summary.json").exists():
         raise SystemExit(f"{name} round {k} failed; see {work / f'{name}.log'}")
@@ -282,7 +283,7 @@ def round_result(work, name, k, model):
         tokens, n = step_tokens(round_dir / "dpo" / "metrics.jsonl")
         return {**result, "checkpoint": json.loads((round_dir / "done.json").read_text())["checkpoint"],
                 "train_tokens": tokens, "steps": n}
-    if summary["pairs"]:
+    if summary["pairs"] and trained:
         raise SystemExit(f"{name} round {k} made pairs but its DPO failed; see {work / f'{name}.log'}")
     print(f"{name} round {k}: no pairs, DPO skipped", flush=True)  # a student too weak to correct itself (--quick)
     return {**result, "checkpoint": str(model), "train_tokens": 0, "steps": 0}
@@ -299,7 +300,7 @@ def baselines_sampling(work, t, b, seed, budget_tokens, sample_tokens):
     samples = max(b.samples, round(b.samples * budget_tokens / max(1, sample_tokens)))
     selfplay(work, "baseline_samples", t, work / "data" / "stage2.csv", b, seed, "--sources", "sample",
              samples=samples)
-    return {**round_result(work, "baseline_samples", 1, t), "samples_per_question": samples}
+    return {**round_result(work, "baseline_samples", 1, t, trained=False), "samples_per_question": samples}
 
 
 def rft(work, t, b, seed):
