@@ -285,7 +285,8 @@ def round_result(work, name, k, model, trained=True):
                 "train_tokens": tokens, "steps": n}
     if summary["pairs"] and trained:
         raise SystemExit(f"{name} round {k} made pairs but its DPO failed; see {work / f'{name}.log'}")
-    print(f"{name} round {k}: no pairs, DPO skipped", flush=True)  # a student too weak to correct itself (--quick)
+    if trained:
+        print(f"{name} round {k}: no pairs, DPO skipped", flush=True)  # a student too weak to correct itself (--quick)
     return {**result, "checkpoint": str(model), "train_tokens": 0, "steps": 0}
 
 
