@@ -805,7 +805,6 @@ def chat_completion(cfg, messages, stats=None, run=None, extra=None) -> str:
     return with_retries(cfg, lambda: _request_once(cfg, messages, extra), stats, run)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # The student served by an inference server (vLLM): raw completions of the exact chat text (for Stage 2's sampling
 # and chain-of-thought eval), so the prompt can never drift from what training saw.
@@ -815,7 +814,6 @@ def chat_completion(cfg, messages, stats=None, run=None, extra=None) -> str:
 class Server:
     """The student as an OpenAI-compatible server (vLLM) serves it: where, under which name, and the ModelConfig of
     the checkpoint it serves (for the context size)."""
-
     base_url: str
     name: str
     config: object = None
@@ -900,7 +898,6 @@ def _distill_one(cfg, row, tries, hint_fallback, run=None):
             "tries": len(plan), "kept": False, "teacher": cfg.model}, stats
 
 
-
 def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
     """Distil the first `limit` questions of `data` into `out` (resuming if it exists); returns the summary."""
     from tqdm import tqdm
@@ -934,10 +931,8 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
                 write(future)
         except BaseException:  # Ctrl-C or a fatal teacher error: stop the others, keep what has finished
             run.stop.set()
-            for future in futures:
-                future.cancel()
-            for future in futures:
-                if future not in written and future.done() and not future.cancelled() and not future.exception():
+            for future in futures:  # cancel() fails on a finished future: keep its result
+                if not future.cancel() and future.done() and future not in written and not future.exception():
                     write(future)
             raise
         finally:
