@@ -543,7 +543,8 @@ def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k
             logits = model(token[:, None], (lengths + t)[:, None], cache, P + t, mask)[:, -1]
     stop_set, results = set(stop_ids), []
     for row in out[:, :steps].tolist():
-        results.append(row[:next((i + 1 for i, tok in enumerate(row) if tok in stop_set), len(row))])
+        end = next((i + 1 for i, tok in enumerate(row) if tok in stop_set), len(row))
+        results.append(row[:end])
     return results
 
 
