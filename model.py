@@ -1,21 +1,16 @@
 """
 model.py: the Qwen2 / Qwen2.5 decoder in plain PyTorch, its Hugging Face checkpoint format, and a KV-cached sampler.
 
-Everything else in MedCritical-ref stands on this file: Stage 1 (sft.py) and Stage 2 (dpo.py) train this model,
-selfplay.py and eval_cmexam.py sample from it. Qwen2 (Yang et al. 2024, arXiv 2407.10671) is a pre-norm decoder:
-RMSNorm, grouped-query attention with biases on q/k/v (none on o_proj), rotate-half RoPE, a SwiGLU MLP, and an
-untied LM head on 7B (tied on 0.5B-3B). Parameter names are Hugging Face's, so checkpoints load verbatim.
+Qwen2 (Yang et al. 2024, arXiv 2407.10671) is a pre-norm decoder: RMSNorm (in fp32), grouped-query attention with
+biases on q/k/v (none on o_proj), rotate-half RoPE, a SwiGLU MLP, and an LM head untied on 7B (tied on 0.5B-3B).
+Parameter names are Hugging Face's, so checkpoints load verbatim. Training scores tokens with
+`model(tokens, logits_at=..., targets=...)` (token_logps: no [n, V] logits held) and may add LoRA adapters.
 
-    from model import load, load_tokenizer, generate
     model = load("Qwen2.5-7B-Instruct", dtype=torch.bfloat16, device="cuda")
-    tok = load_tokenizer("Qwen2.5-7B-Instruct")
-    out = generate(model, [tok.encode(text).ids], max_new_tokens=512, stop_ids=(151645, 151643))
-
-Run `python model.py --help` for a quick sampling command (a checkpoint folder, or a small random model).
-Multi-GPU training wraps this model with `shard_model` (FSDP2, one unit per decoder block, then the root). Training
-scores tokens with `model(tokens, logits_at=..., targets=...)` (token_logps: the head in chunks, no [n, V] logits)
-and may add LoRA adapters (add_lora, lora_disabled, save_adapter in PEFT's format).
+    out = generate(model, [load_tokenizer("Qwen2.5-7B-Instruct").encode(text).ids], 512, stop_ids=(151645, 151643))
+    python model.py --model Qwen2.5-0.5B-Instruct     # sample one reply (no --model: a small random model)
 """
+import argparse
 import contextlib
 import json
 import math
@@ -29,7 +24,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from templates import ArgumentParser, UserError, nonnegative_float, positive_int, probability, run_main
+
+class UserError(ValueError):
+    """Bad input (data, checkpoint, argument, an output in use): templates.run_main prints it as one line and exits
+    2; any other exception is a bug and keeps its traceback. Here, in the bottom file, so that every script has it."""
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the fields of a Hugging Face Qwen2 config.json that change the computation.
@@ -54,29 +53,32 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def stop_ids(self) -> list:
+        """End of turn and end of text, the eos and bos ids: Qwen2.5-Instruct's own generation_config says
+        [151645, 151643]; a base model (eos = bos = 151643) or another tokenizer gets its own."""
+        return list(dict.fromkeys([self.eos_token_id, self.bos_token_id]))
+
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Read a config.json dict. Qwen releases put rope_theta at the top level; transformers 5 writes
-        rope_parameters = {"rope_type": "default", "rope_theta": ...}. Features we do not implement are errors,
-        not silent differences."""
+        """Read a config.json dict. Features we do not implement are errors, not silent differences."""
         if hf.get("model_type") not in (None, "qwen2"):
             raise UserError(f"model_type {hf.get('model_type')!r} is not qwen2 (only Qwen2 / Qwen2.5 checkpoints load)")
-        # Both keys are read: a transformers-5 config says rope_parameters {"rope_type": "default"}, and following the
-        # Qwen2.5 model card's long-context advice adds rope_scaling {"type": "yarn"} beside it.
+        # Qwen releases put rope_theta at the top level; transformers 5 writes rope_parameters {"rope_type":
+        # "default", "rope_theta": ...}, and following the Qwen2.5 model card's long-context advice adds
+        # rope_scaling {"type": "yarn"} beside it: both keys are checked.
         for key in ("rope_parameters", "rope_scaling"):
             scaling = hf.get(key) or {}
             if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
                 raise UserError(f"{key} {scaling} is not supported: only the default rotary embedding (no YaRN or "
                                 f"other RoPE scaling); remove it to run at the native context")
-        rope = hf.get("rope_parameters") or {}
         if hf.get("use_sliding_window"):
             raise UserError("use_sliding_window=true is not supported (Qwen2.5 checkpoints ship it false)")
         if hf.get("hidden_act", "silu") != "silu":
             raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses silu)")
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in known}
-        if "rope_theta" in rope:
-            kwargs["rope_theta"] = rope["rope_theta"]
+        kwargs = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}
+        if "rope_theta" in (hf.get("rope_parameters") or {}):
+            kwargs["rope_theta"] = hf["rope_parameters"]["rope_theta"]
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         cfg = cls(**kwargs)
@@ -88,22 +90,11 @@ class ModelConfig:
 
     def to_hf(self, dtype: torch.dtype) -> dict:
         """The config.json that transformers' Qwen2ForCausalLM (and so vLLM) reads back unchanged."""
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            **asdict(self),
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "attention_dropout": 0.0,
-            "initializer_range": 0.02,
-            "use_cache": True,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": self.num_hidden_layers,
-            "rope_scaling": None,
-            "torch_dtype": str(dtype).removeprefix("torch."),  # what vLLM's --dtype auto serves
-            "dtype": str(dtype).removeprefix("torch."),  # the same, under transformers 5's name
-        }
+        dtype = str(dtype).removeprefix("torch.")  # what vLLM's --dtype auto serves
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **asdict(self), "head_dim": self.head_dim,
+                "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_hidden_layers,
+                "rope_scaling": None, "torch_dtype": dtype, "dtype": dtype}  # dtype: transformers 5's name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,9 +117,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin [B, T, head_dim] for integer positions [B, T]. Computed in fp32 from scratch on every forward (a
-    few thousand flops): no buffers to materialise after meta-device construction, and no precision lost to a
-    bf16 table at long positions."""
+    """cos/sin [B, T, head_dim] for integer positions [B, T]. Computed in fp32 on every forward (a few thousand
+    flops): no buffers to materialise after meta-device construction, no precision lost to a bf16 table."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
     angles = positions.float()[..., None] * inv_freq
@@ -139,8 +129,7 @@ def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
 def apply_rope(x, cos, sin):
     # x: [B, H, T, D]; Qwen2 rotates the first half against the second half (not interleaved pairs).
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
 
 
 class Attention(nn.Module):
@@ -152,7 +141,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, start=0, kv_len=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, start=0, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -160,18 +149,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # Write this step's keys/values in place into the preallocated cache [B, H_kv, max_len, D] at slots
-            # `start` (an int, or a tensor of T slot ids: then a compiled decode step sees no Python number that
-            # changes from step to step) and attend over its first kv_len slots (None: all, with `mask` hiding the
-            # slots not written yet); `mask` hides left padding (and, in prefill, the future).
+            # [start, start + T) and attend over the slots written so far. A compiled decode step passes `start` as
+            # a tensor of slot ids (no Python number that changes from step to step) and attends over the whole
+            # cache, its `mask` hiding the slots not written yet. `mask` hides left padding (and, in prefill, the
+            # future).
             k_cache, v_cache = cache
             slots = start if torch.is_tensor(start) else torch.arange(start, start + T, device=x.device)
             k_cache.index_copy_(2, slots, k)
             v_cache.index_copy_(2, slots, v)
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            end = None if torch.is_tensor(start) else start + T
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
         groups = self.n_heads // self.n_kv_heads
         if mask is None or groups == 1:
-            # enable_gqa lets SDPA share each KV head across its query heads without copying (causal, no mask:
-            # training, where the fused kernels take it).
+            # enable_gqa shares each KV head across its query heads without copying (causal, no mask: training,
+            # where the fused kernels take it).
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
                                                enable_gqa=groups > 1)
         else:
@@ -205,8 +196,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, start=0, kv_len=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, kv_len, mask)
+    def forward(self, x, cos, sin, cache=None, start=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,30 +213,25 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
 
-    def forward(self, tokens, positions=None, cache=None, start=0, kv_len=None, mask=None, logits_at=None,
-                targets=None):
-        """tokens [B, T] -> logits [B, T, V], or [n, V] at the n positions a boolean `logits_at` [B, T] selects,
-        or, given `targets` [n] too, the fp32 log-probs [n] of those targets there (token_logps: training never
-        holds the [n, V] logits whole).
+    def forward(self, tokens, positions=None, cache=None, start=0, mask=None, logits_at=None, targets=None):
+        """tokens [B, T] -> logits [B, T, V]; called plainly, the full causal forward of training.
 
-        Called plainly it is the full causal forward used in training. The sampler passes per-row `positions`
-        (left-padded prompts start at position 0 after their padding), a KV `cache` (one (k, v) pair per layer)
-        written at slots [start, start + T), the number of slots `kv_len` to attend over, and a boolean `mask`
-        [B, 1, T, kv_len] (True = attend). Whoever needs only some positions' logits (training: the trained or
-        scored tokens; prefill: each row's last) passes `logits_at` and gets those n rows, in row-major order: the
-        head is never run on the others (at vocab 152k, a prompt's [B, T, V] logits would be GBs)."""
+        The sampler passes per-row `positions` (a left-padded prompt starts at 0 after its padding), a KV `cache`
+        (one (k, v) pair per layer) written at slots [start, start + T), and a boolean `mask` [B, 1, T, slots]
+        (True = attend). A boolean `logits_at` [B, T] gives the logits [n, V] of only the n positions it selects,
+        row-major (at vocab 152k a prompt's [B, T, V] logits would be GBs); with `targets` [n] too, the fp32
+        log-probs [n] of those targets there (token_logps)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Recompute each block in the backward pass: activations drop from O(layers) to O(1) blocks.
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, layer_cache, start, kv_len, mask)
+                x = layer(x, cos, sin, None if cache is None else cache[i], start, mask)
         if logits_at is not None:
             x = x[logits_at]
         if targets is not None:
@@ -255,15 +241,34 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
+    """Random init for models trained from scratch (tests, the miniature). Checkpoints overwrite all of this."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Log-probs of given tokens without the [n, V] logits. At vocab 152k, one DPO pair of 2 x 4,096 tokens has 8,192
-# scored positions: their fp32 logits are 5 GB, and autograd around a plain log-softmax holds ~4 such tensors (the
-# fp32 copy, logsumexp's temporary, its gradient, the gather's scatter buffer). Here the head, the fp32 log-softmax
-# and the gather run over chunks of positions; only the hidden states, the targets and one logsumexp per position
-# are kept, and backward recomputes each chunk's logits (one more head matmul: ~7% of a 7B model's flops, a third
-# of that extra). TRL's ChunkedLogProbFunction does the same over vocabulary tiles.
+# Sequence log-probs: log p(target) at chosen positions without the [n, V] logits. At vocab 152k one DPO pair of
+# 2 x 4,096 tokens has 8,192 scored positions: their fp32 logits are 5 GB, and autograd around a plain log-softmax
+# holds ~4 such tensors (the fp32 copy, logsumexp's temporary, its gradient, the gather's scatter buffer). Here the
+# head, the fp32 log-softmax and the gather run over chunks of positions; only the hidden states, the targets and
+# one logsumexp per position are kept, and backward recomputes each chunk's logits (one more head matmul: ~7% of a
+# 7B model's flops, a third of that extra). TRL's ChunkedLogProbFunction does the same over vocabulary tiles.
 
 LOGPS_CHUNK = 512  # positions per chunk: 512 x 152,064 fp32 = 0.3 GB, big enough for a full-speed GPU matmul
+
+
+def token_logps(hidden, head_weight, targets, chunk_size=None):
+    """log softmax(hidden @ head_weight.T)[i, targets[i]] in fp32, [n], for hidden [n, H], head_weight [V, H]."""
+    return TokenLogps.apply(hidden, head_weight, targets, chunk_size or LOGPS_CHUNK)
 
 
 class TokenLogps(torch.autograd.Function):
@@ -306,7 +311,7 @@ class TokenLogps(torch.autograd.Function):
                 g = g.scatter_add_(1, targets[s:s + c, None], grad[s:s + c, None]).to(dtype)
                 if need_hidden:
                     grad_hidden[s:s + c] = g @ w
-                if need_weight:
+                if need_weight:  # fp32: in place, no [V, H] temporary; bf16: addmm_ needs one dtype
                     if dtype == torch.float32:
                         grad_weight.addmm_(g.t(), h)
                     else:
@@ -315,29 +320,13 @@ class TokenLogps(torch.autograd.Function):
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
-def token_logps(hidden, head_weight, targets, chunk_size=None):
-    """log softmax(hidden @ head_weight.T)[i, targets[i]] in fp32, [n], for hidden [n, H], head_weight [V, H]."""
-    return TokenLogps.apply(hidden, head_weight, targets, chunk_size or LOGPS_CHUNK)
-
-
-def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
-    """Random init for models trained from scratch (tests, the miniature). Checkpoints overwrite all of this."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: the Hugging Face folder layout (config.json + model.safetensors, or shards + an index).
 
 INDEX_FILE = "model.safetensors.index.json"
+# A Hugging Face tokenizer's files (the .json is all we read; the rest let transformers load a checkpoint as is).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def hf_name(name: str) -> str:
@@ -354,8 +343,7 @@ def checkpoint_names(model: Transformer) -> dict:
 
 
 def read_config(path) -> dict:
-    """The config.json dict of a checkpoint folder (or of a config.json path), with one-line errors for a missing
-    folder, a missing file and a file that is not JSON."""
+    """The config.json dict of a checkpoint folder (or of a config.json path), with one-line errors."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not path.exists():
@@ -410,7 +398,6 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
     if unexpected:
         raise UserError(f"{path}: unexpected tensors {[(n, weight_map[n]) for n in unexpected[:5]]}")
-
     state = {}
     for file in sorted(set(weight_map.values())):
         if not (path / file).is_file():
@@ -437,26 +424,21 @@ def load(path, dtype=torch.float32, device="cpu") -> Transformer:
 
 
 def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30, dtype=None):
-    """Write the Hugging Face layout: config.json and safetensors in `dtype` (default: the parameters' dtype), split
-    into model-0000i-of-0000n.safetensors plus an index when larger than max_shard_bytes. Under FSDP pass the
-    gathered full `state_dict` (our parameter names) on rank 0."""
-    path = Path(path)
+    """Write the Hugging Face layout: config.json, generation_config.json and safetensors in `dtype` (default: the
+    parameters'), split into model-0000i-of-0000n.safetensors plus an index when larger than max_shard_bytes.
+    Under FSDP pass the gathered full `state_dict` (our parameter names) on rank 0. A LoRA model is saved merged
+    (a plain checkpoint; save_adapter writes the adapter)."""
+    path, cfg = Path(path), model.config
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
-    if getattr(model, "lora", None):  # a LoRA model is saved merged: a plain checkpoint (save_adapter: the adapter)
+    if getattr(model, "lora", None):
         state = merge_lora(state, model.lora)
-    tensors = {}
-    for name in checkpoint_names(model):
-        tensors[name] = state[name.removeprefix("model.")].detach().to("cpu", dtype).contiguous()
+    tensors = {name: state[name.removeprefix("model.")].detach().to("cpu", dtype).contiguous()
+               for name in checkpoint_names(model)}
     dtype = next(iter(tensors.values())).dtype
-    (path / "config.json").write_text(json.dumps(model.config.to_hf(dtype), indent=2) + "\n")
-    # Generation stops at the end of a turn and at end of text, the config's eos and bos ids: Qwen2.5-Instruct's own
-    # generation_config says [151645, 151643]; a base model (eos = bos = 151643) or another tokenizer gets its ids.
-    cfg = model.config
-    stop = [cfg.eos_token_id] + ([cfg.bos_token_id] if cfg.bos_token_id != cfg.eos_token_id else [])
+    (path / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2) + "\n")
     (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop}, indent=2) + "\n")
-
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.stop_ids}, indent=2) + "\n")
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -474,15 +456,10 @@ def save(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / file, metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
+        weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# A Hugging Face tokenizer's files (the .json is all we read; the rest let transformers load a checkpoint as is).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json")
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2) + "\n")
 
 
 def copy_tokenizer(source, dest):
@@ -516,6 +493,61 @@ def load_tokenizer(path):
 # the padding slots. With num_samples > 1 each prompt is prefilled once and its cache rows are then repeated.
 
 
+@torch.inference_mode()
+def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
+             num_samples=1, seed=0, check_every=8, compile=False):
+    """New token ids of token-id prompts (of any lengths), len(prompts) * num_samples lists (prompt i's samples at
+    [i*num_samples, ...)), each up to and including its first stop id or max_new_tokens long. Every `check_every`
+    steps (the loop's only host sync) the loop ends if all rows have stopped, and stopped rows leave the batch once
+    they are half of it. Same seed and inputs, same samples. compile=True (or a torch.compile mode) runs
+    decode_step compiled; eager (the default) attends over the slots written so far."""
+    P, N, device = max(map(len, prompts or [[]])), len(prompts) * num_samples, model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits, cache, valid, lengths = prefill(model, prompts, P + max_new_tokens)
+    if num_samples > 1:  # each prompt was prefilled once; its cache rows are copied once for its samples
+        cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
+        logits, lengths, valid = (t.repeat_interleave(num_samples, 0) for t in (logits, lengths, valid))
+    padded, graphs = not bool(valid.all()), compile == "reduce-overhead"
+    if graphs:
+        mark_static(cache)
+    out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    rows = torch.arange(N, device=device)  # which output row each live cache row belongs to
+    slots = torch.arange(P, P + max_new_tokens, device=device)  # slots[t]: where the token sampled at step t goes
+    steps = 0
+    for t in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        out[rows, t] = token
+        steps = t + 1
+        done |= torch.isin(token, stop)
+        if t == max_new_tokens - 1:
+            break
+        if (t + 1) % check_every == 0:
+            n_done = int(done.sum())
+            if n_done == len(rows):
+                break
+            if 2 * n_done >= len(rows):
+                # Half the rows have stopped (long chains of thought vary a lot in length): drop them from the
+                # batch. One copy of the live cache rows, at most log2(N) times per call, between compiled steps.
+                live = (~done).nonzero().squeeze(1)
+                cache = [(k[live], v[live]) for k, v in cache]
+                if graphs:
+                    mark_static(cache)
+                rows, lengths, token, done, valid = (x[live] for x in (rows, lengths, token, done, valid))
+        if compile:
+            logits = compiled_decode_step(None if compile is True else compile)(
+                model, token, lengths + t, cache, slots[t:t + 1], valid)
+        else:
+            mask = valid[:, None, None, :P + t + 1] if padded else None
+            logits = model(token[:, None], (lengths + t)[:, None], cache, P + t, mask)[:, -1]
+    stop_set, results = set(stop_ids), []
+    for row in out[:, :steps].tolist():
+        end = next((i + 1 for i, tok in enumerate(row) if tok in stop_set), len(row))
+        results.append(row[:end])
+    return results
+
+
 def sample_next(logits, temperature, top_k, top_p, generator):
     """One token id per row from logits [N, V]: greedy at temperature 0, else top-k then top-p (nucleus) filtering.
     Sampling uses the exponential race (argmax p / E, E ~ Exp(1)), which draws from p without a host sync."""
@@ -532,8 +564,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 def make_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, device):
@@ -543,9 +574,8 @@ def make_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, device):
 
 
 def prefill(model: Transformer, prompts, max_len):
-    """Run token-id prompts of different lengths through the model in one batch, left-padded to the longest (P),
-    into a fresh KV cache of max_len slots. Returns (next-token logits [B, V], cache, valid [B, max_len]: the slots
-    that hold real tokens, lengths [B])."""
+    """Run the prompts, left-padded to the longest (P), through the model into a fresh KV cache of max_len slots.
+    Returns (next-token logits [B, V], cache, valid [B, max_len]: the slots of real tokens, lengths [B])."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("need at least one prompt, and no empty prompt")
     cfg, device, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
@@ -562,12 +592,10 @@ def prefill(model: Transformer, prompts, max_len):
     valid = slots[None, :] >= pad[:, None]
     positions = (slots[None, :P] - pad[:, None]).clamp(min=0)
     # Each query attends causally to real keys; a padding query attends to itself so that no row is all -inf.
-    causal = slots[:P, None] >= slots[None, :P]
-    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    mask = ((slots[:P, None] >= slots[None, :P]) & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
     cache = make_cache(cfg, len(prompts), max_len, dtype, device)
-    last = slots[None, :P] == P - 1  # left padding: every prompt ends in the last column
-    logits = model(tokens, positions, cache, 0, P, mask[:, None], logits_at=last.expand(len(prompts), P))
-    return logits, cache, valid, lengths
+    last = (slots[None, :P] == P - 1).expand(len(prompts), P)  # left padding: every prompt ends in the last column
+    return model(tokens, positions, cache, 0, mask[:, None], logits_at=last), cache, valid, lengths
 
 
 @torch.inference_mode()
@@ -577,24 +605,16 @@ def next_token_logits(model: Transformer, prompts):
 
 
 def decode_step(model: Transformer, token, positions, cache, slot, valid):
-    """One new token per row -> next-token logits [N, V], with every shape fixed for the whole generation: the
-    token is written at cache slot `slot` (a 1-element tensor) and attends over all max_len slots, `valid` [N,
-    max_len] (not left padding) limited to the slots written so far. So torch.compile traces it once and reruns
-    the same graph at every step (and CUDA graphs can replay it): nothing in it changes shape or is a Python number
-    that changes (gpt-fast's design)."""
+    """One new token per row -> next-token logits [N, V], every shape fixed for the whole generation: the token is
+    written at cache slot `slot` (a 1-element tensor) and attends over all max_len slots, `valid` [N, max_len]
+    (not left padding) limited to the slots written so far. So torch.compile traces it once and reruns the same
+    graph at every step (and CUDA graphs can replay it): nothing in it changes shape or is a Python number that
+    changes (gpt-fast's design)."""
     written = torch.arange(valid.shape[1], device=valid.device) <= slot
-    return model(token[:, None], positions[:, None], cache, slot, None, (valid & written)[:, None, None, :])[:, -1]
+    return model(token[:, None], positions[:, None], cache, slot, (valid & written)[:, None, None, :])[:, -1]
 
 
 _compiled_steps = {}
-
-
-def mark_static(cache):
-    """CUDA graphs replay fixed addresses, and skip a graph that mutates an input unless that input is marked
-    static: the KV cache, written in place at every step, is."""
-    for k, v in cache:
-        torch._dynamo.mark_static_address(k)
-        torch._dynamo.mark_static_address(v)
 
 
 def compiled_decode_step(mode=None):
@@ -606,87 +626,12 @@ def compiled_decode_step(mode=None):
     return _compiled_steps[mode]
 
 
-@torch.inference_mode()
-def generate(model: Transformer, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
-             num_samples=1, seed=0, check_every=8, compile=False):
-    """Sample continuations of token-id prompts (lists of different lengths) in one batch.
-
-    Returns len(prompts) * num_samples lists of new token ids, samples of prompt i at [i*num_samples, ...), each
-    up to and including its first stop id (or max_new_tokens long). Every row stops at its own stop id; the loop
-    ends when all rows have stopped, and rows that have stopped leave the batch once they are half of it (both
-    checked every `check_every` steps, the only host sync in the loop). The same seed and inputs give the same
-    samples. compile=True (or a torch.compile mode string) runs the decode step compiled (decode_step: attention
-    over the whole cache, masked); eager (the default) attends over the slots written so far."""
-    P, N, device = max(map(len, prompts or [[]])), len(prompts) * num_samples, model.embed_tokens.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    logits, cache, valid, lengths = prefill(model, prompts, P + max_new_tokens)
-    if num_samples > 1:  # each prompt was prefilled once; its cache rows are copied once for its samples
-        cache = [(k.repeat_interleave(num_samples, 0), v.repeat_interleave(num_samples, 0)) for k, v in cache]
-        logits, lengths, valid = (t.repeat_interleave(num_samples, 0) for t in (logits, lengths, valid))
-    padded = not bool(valid.all())
-    step = compiled_decode_step(None if compile is True else compile) if compile else None
-    graphs = compile == "reduce-overhead"
-    if graphs:
-        mark_static(cache)
-
-    out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    rows = torch.arange(N, device=device)  # which output row each live cache row belongs to
-    slots = torch.arange(P, P + max_new_tokens, device=device)  # slot[t]: where the token sampled at step t goes
-    steps = 0
-    for t in range(max_new_tokens):
-        next_token = sample_next(logits, temperature, top_k, top_p, generator)
-        out[rows, t] = next_token
-        steps = t + 1
-        done |= torch.isin(next_token, stop)
-        if t == max_new_tokens - 1:
-            break
-        if (t + 1) % check_every == 0:
-            n_done = int(done.sum())
-            if n_done == len(rows):
-                break
-            if 2 * n_done >= len(rows):
-                # Half the rows have stopped (long chains of thought vary a lot in length): drop them from the
-                # batch. One copy of the live cache rows, at most log2(N) times per call, between compiled steps.
-                live = (~done).nonzero().squeeze(1)
-                cache = [(k[live], v[live]) for k, v in cache]
-                if graphs:
-                    mark_static(cache)
-                rows, lengths, next_token, done, valid = rows[live], lengths[live], next_token[live], done[live], \
-                    valid[live]
-        if step is not None:
-            logits = step(model, next_token, lengths + t, cache, slots[t:t + 1], valid)
-            continue
-        kv_len = P + t + 1
-        mask = valid[:, None, None, :kv_len] if padded else None
-        logits = model(next_token[:, None], (lengths + t)[:, None], cache, P + t, kv_len, mask)[:, -1]
-
-    results = []
-    stop_set = set(stop_ids)
-    for row in out[:, :steps].tolist():
-        end = next((i + 1 for i, tok in enumerate(row) if tok in stop_set), len(row))
-        results.append(row[:end])
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Multi-GPU training: FSDP2's manual wrap, shared by sft.py and dpo.py.
-
-
-def shard_model(model: Transformer, mesh=None, mixed_precision: bool = False):
-    """Shard each decoder block as its own FSDP2 unit, then the root (embedding, final norm, head). Each block's
-    parameters are all-gathered just before it runs and freed after, so a rank holds 1/world of the model plus one
-    block. With mixed_precision (GPU), parameters are gathered and computed in bf16 while the sharded master copy,
-    gradients' reduce-scatter and the optimizer stay in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    kwargs = {"mesh": mesh}
-    if mixed_precision:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
+def mark_static(cache):
+    """CUDA graphs replay fixed addresses, and skip a graph that mutates an input unless that input is marked
+    static: the KV cache, written in place at every step, is."""
+    for k, v in cache:
+        torch._dynamo.mark_static_address(k)
+        torch._dynamo.mark_static_address(v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -711,8 +656,8 @@ class LoRAConfig:
 class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, cfg: LoRAConfig):
         nn.Module.__init__(self)
-        self.in_features, self.out_features, self.weight, self.bias = base.in_features, base.out_features, \
-            base.weight, base.bias
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
         # fp32 whatever the base's dtype: updates of lr x Adam's ~1 would vanish in bf16's 8 bits of mantissa.
         kwargs = {"bias": False, "device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Linear(self.in_features, cfg.rank, **kwargs)
@@ -730,8 +675,7 @@ class LoRALinear(nn.Linear):
         # Under autocast x stays as it is (PEFT's fp32 copy would be cast back to bf16 and saved: one more activation).
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
-        return (y + delta * self.scaling).to(y.dtype)
+        return (y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(y.dtype)
 
 
 def add_lora(model: Transformer, cfg: LoRAConfig) -> Transformer:
@@ -795,9 +739,8 @@ def save_adapter(model: Transformer, path, state_dict=None, base_model=None):
 
 def load_adapter(model: Transformer, path):
     """Fill a LoRA model's adapters from a folder save_adapter (or PEFT, same config) wrote."""
-    path = Path(path)
+    path, cfg = Path(path), model.lora
     saved = json.loads((path / ADAPTER_CONFIG).read_text())
-    cfg = model.lora
     if (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"])) != (cfg.rank, cfg.alpha, sorted(cfg.targets)):
         raise ValueError(f"{path}: adapter r={saved['r']} alpha={saved['lora_alpha']} targets "
                          f"{saved['target_modules']} differ from this run's {cfg}")
@@ -812,39 +755,44 @@ def load_adapter(model: Transformer, path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A small command line: sample from a checkpoint (or a random model) to check that a download works.
+# A small command line: sample from a checkpoint (or a random model) to check that a download works. Plain argparse
+# and no templates import (this file is the bottom of the import graph), so the prompt is raw text.
+
+CHAT_EXAMPLE = "<|im_start|>user\n患者，男，45岁，胸痛3小时。最可能的诊断是什么？<|im_end|>\n<|im_start|>assistant\n"
 
 
 def main():
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="Hugging Face Qwen2 folder (config.json, *.safetensors, tokenizer.json); "
-                        "none: a small random model")
-    parser.add_argument("--prompt", default="患者，男，45岁，胸痛3小时。最可能的诊断是什么？",
-                        help="the user message")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to sample")
-    parser.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass")
+    parser = argparse.ArgumentParser(description="Sample from a Qwen2 checkpoint (none: a small random model).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", help="Hugging Face Qwen2 folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", default=CHAT_EXAMPLE, help="the text to continue, tokenized as is (the "
+                        "default: one user turn in the chat format templates.chat writes)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample (>= 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                         choices=["bfloat16", "float16", "float32"], help="weights and compute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    if args.max_new_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
+        parser.error("--max-new-tokens must be >= 1, --top-p in (0, 1], --temperature >= 0")
     if args.model is None:
         print("no --model given: sampling 16 tokens from a small random Qwen2-shaped model")
         cfg = ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2)
-        model = init_weights(Transformer(cfg)).eval()
-        print(generate(model, [[1, 2, 3], [4, 5]], 16, temperature=1.0, num_samples=2))
+        print(generate(init_weights(Transformer(cfg)).eval(), [[1, 2, 3], [4, 5]], 16, temperature=1.0,
+                       num_samples=2))
         return
-    from templates import chat, special_ids  # the one chat template; only this command line needs it
-    model = load(args.model, dtype=dtype, device=args.device)
-    tok = load_tokenizer(args.model)
-    ids = tok.encode(chat([{"role": "user", "content": args.prompt}]), add_special_tokens=False).ids
-    stop = special_ids(tok)
-    [new] = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     stop_ids=(stop["im_end"], stop["endoftext"]))
+    try:
+        model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        tok = load_tokenizer(args.model)
+    except UserError as e:  # one line and exit 2, as templates.run_main does for the other scripts
+        parser.exit(2, f"error: {e}\n")
+    # Stop at the config's end-of-turn and end-of-text ids (templates.STOP_IDS for Qwen2.5-Instruct).
+    [new] = generate(model, [tok.encode(args.prompt, add_special_tokens=False).ids], args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, stop_ids=model.config.stop_ids)
     print(tok.decode(new))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    main()

@@ -1,12 +1,11 @@
-"""Every text format of MedCritical, and the Stage 1 teacher: chat template, CMExam, prompts, answers, distillation.
+"""templates.py: every text format of MedCritical (Su et al., arXiv 2509.23368), and Stage 1's teacher.
 
-MedCritical (Su et al., arXiv 2509.23368) trains a small student in two stages. This file holds the text side of
-both: the Qwen2.5-Instruct chat template and the SFT label mask; CMExam loading (Liu et al., NeurIPS 2023) and the
-question as the student sees it; Stage 1's high-level template (the reasoning structure) and detailed template (a
-worked long chain of thought) that guide the teacher; Stage 2's self-critique prompt; answer extraction, which
-decides every accuracy number; and an OpenAI-compatible teacher client (standard library only) with the `distill`
-command that turns CMExam questions into graded SFT data (only trajectories that reach the gold answer are kept).
-Standard library only (tqdm for distill's progress bar); tokenizer arguments are `tokenizers.Tokenizer` objects.
+The Qwen2.5-Instruct chat template and the SFT label mask; CMExam (Liu et al., NeurIPS 2023) and the question as the
+student sees it; answer extraction, which decides every accuracy number; Stage 1's high-level and detailed templates
+that guide the teacher; Stage 2's self-critique prompt; the conventions every script shares (one-line errors,
+checked arguments, output locks, resumable JSONL); and an OpenAI-compatible teacher client with the `distill`
+command, which keeps only the teacher's trajectories that reach the gold answer. Standard library only, besides
+model.UserError (one error class for all six scripts) and tqdm (distill's progress bar).
 
     python templates.py distill --data train.csv --out sft.jsonl --base-url http://127.0.0.1:8000 --model QwQ-32B
     python templates.py show --data val.csv --index 0      # print every prompt built for one question
@@ -16,6 +15,8 @@ import csv
 import ctypes
 import dataclasses
 import fcntl
+import http.client
+import io
 import itertools
 import json
 import logging
@@ -28,12 +29,13 @@ import sys
 import threading
 import time
 import unicodedata
-import http.client
 import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from model import UserError  # one class: templates.UserError is model.UserError
 
 log = logging.getLogger("templates")
 
@@ -79,14 +81,11 @@ def special_ids(tokenizer) -> dict:
 
 def encode_chat(tokenizer, messages):
     """Token ids of chat(messages, add_generation_prompt=False) and a same-length list of bools, True exactly on
-    the tokens of every assistant message's content and its closing <|im_end|> (the SFT/DPO labels: mask[i]
-    says whether ids[i] is a target, predicted from ids[:i]; the caller shifts).
-
-    `tokenizer` is a tokenizers.Tokenizer. The text is tokenized piece by piece (template / assistant output) so
-    the mask is exact. The prompt part is tokenized alone, exactly as at inference, where the reply is generated
-    after the tokens of chat(prompt); the result equals tokenizing the whole text in one go except when a reply
-    begins with a line break (after optional spaces): Qwen's pre-tokenizer would merge it with the "\\n" after
-    "assistant" into a token the model can never produce after the prompt."""
+    the tokens of every assistant message's content and its closing <|im_end|> (mask[i]: ids[i] is a target,
+    predicted from ids[:i]; the caller shifts). Tokenized piece by piece (template / assistant output), the prompt
+    part alone as at inference: this equals tokenizing the whole text in one go except when a reply begins with a
+    line break (after optional spaces), which Qwen's pre-tokenizer would merge with the "\\n" after "assistant"
+    into a token the model can never produce after the prompt."""
     ids, mask = [], []
     for trained, group in itertools.groupby(_chat_pieces(messages, False), key=lambda piece: piece[1]):
         piece_ids = tokenizer.encode("".join(text for text, _ in group), add_special_tokens=False).ids
@@ -94,6 +93,14 @@ def encode_chat(tokenizer, messages):
         mask += [trained] * len(piece_ids)
     return ids, mask
 
+
+def reply_text(tokenizer, new_ids, head=()) -> tuple:
+    """(text, finished) of a sampled reply: finished = it ended with a stop id (the model stopped itself rather than
+    being cut off), which is then not part of the text. `head`: ids decoded in front (a reply continued mid-line
+    decodes whole). Special tokens inside the reply are kept, so a stray <|im_start|> is seen, not hidden."""
+    finished = bool(new_ids) and new_ids[-1] in STOP_IDS
+    ids = list(head) + list(new_ids[:-1] if finished else new_ids)
+    return tokenizer.decode(ids, skip_special_tokens=False), finished
 
 # ----------------------------------------------------------------------------------------------------------------
 # CMExam: official CSV (Question, Options, Answer, Explanation [+ 5 annotation columns in test]), JSON, JSONL
@@ -137,39 +144,34 @@ def _parse_answer(value):
 
 def _read_records(path):
     """[(where, record dict or None)] and the column names, from a .csv, .json (a list) or .jsonl file."""
-    if path.suffix.lower() not in (".csv", ".json", ".jsonl"):
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json", ".jsonl"):
         raise UserError(f"{path}: a CMExam file must end in .csv, .json or .jsonl (convert it, or rename it if it "
                         "is one of them)")
     try:
-        return _read_records_utf8(path)
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 (byte {e.start}); CMExam files are UTF-8: convert it, e.g. "
                         f"iconv -f GBK -t UTF-8 {path} > utf8{path.suffix}") from None
-
-
-def _read_records_utf8(path):
-    if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            columns, records, line = list(reader.fieldnames or []), [], 2
-            for record in reader:  # a record spans several lines (the options), so name the one it starts on
-                records.append((f"line {line}", record))
-                line = reader.line_num + 1
-        return records, columns
-    if path.suffix.lower() == ".jsonl":
-        lines = enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        records = [(f"line {i}", _json_or_none(text)) for i, text in lines if text.strip()]
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        records, line = [], 2
+        for record in reader:  # a record spans several lines (the options), so name the one it starts on
+            records.append((f"line {line}", record))
+            line = reader.line_num + 1
+        return records, list(reader.fieldnames or [])
+    if suffix == ".jsonl":
+        records = [(f"line {i}", _json_or_none(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg}); a .json file holds one list of "
                             "questions (one question a line is .jsonl)") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of questions")
         records = [(f"item {i}", record) for i, record in enumerate(data)]
-    columns = {k for _, record in records if isinstance(record, dict) for k in record}
-    return records, sorted(columns)
+    return records, sorted({k for _, record in records if isinstance(record, dict) for k in record})
 
 
 def _json_or_none(text):
@@ -306,7 +308,7 @@ def is_well_formed(text) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts: the student's question, Stage 1's templates and teacher prompt, Stage 2's critique prompt
+# Stage 1 prompts: the question as the student sees it, the high-level and detailed templates, the teacher prompt
 
 def format_question(row) -> str:
     kind = "多项选择题（有两个或两个以上正确选项）" if len(row["answer"]) > 1 else "单项选择题（只有一个正确选项）"
@@ -321,6 +323,20 @@ OUTPUT_FORMAT = ("请先在<think>和</think>之间写出完整的推理过程�
 def student_messages(row):
     """The question as the student sees it at training (SFT records) and at inference: no templates, no hint."""
     return [{"role": "user", "content": f"{format_question(row)}\n\n{OUTPUT_FORMAT}"}]
+
+
+def _hint(hint_answer):  # the gold answer, shown only when a caller passes it explicitly (and records that)
+    return (f"\n\n提示：本题的正确答案是{hint_answer}。请像独立解题一样写出完整推理，推理中不要提及这个提示。"
+            if hint_answer else "")
+
+
+def teacher_messages(row, hint_answer=None):
+    """Stage 1 teacher prompt: the high-level template, the detailed template, then the question."""
+    return [{"role": "user", "content": (
+        f"你是一位经验丰富的临床医学专家，请为下面的医学考试题写出严谨、完整的推理过程。\n\n{HIGH_LEVEL_TEMPLATE}\n\n"
+        f"下面是一个按此结构解答的示例：\n\n{DETAILED_TEMPLATE}\n\n现在请用同样的结构和格式解答这道题：\n\n"
+        f"{format_question(row)}{_hint(hint_answer)}\n\n{OUTPUT_FORMAT}")}]
+
 
 
 HIGH_LEVEL_TEMPLATE = """\
@@ -367,18 +383,8 @@ E. 主动脉夹层：题干没有撕裂样疼痛、背部放射或两上肢血�
 DETAILED_TEMPLATE = f"【示例题目】\n{format_question(EXEMPLAR)}\n\n【示例解答】\n{EXEMPLAR_SOLUTION}"
 
 
-def _hint(hint_answer):  # the gold answer, shown only when a caller passes it explicitly (and records that)
-    return (f"\n\n提示：本题的正确答案是{hint_answer}。请像独立解题一样写出完整推理，推理中不要提及这个提示。"
-            if hint_answer else "")
-
-
-def teacher_messages(row, hint_answer=None):
-    """Stage 1 teacher prompt: the high-level template, the detailed template, then the question."""
-    return [{"role": "user", "content": (
-        f"你是一位经验丰富的临床医学专家，请为下面的医学考试题写出严谨、完整的推理过程。\n\n{HIGH_LEVEL_TEMPLATE}\n\n"
-        f"下面是一个按此结构解答的示例：\n\n{DETAILED_TEMPLATE}\n\n现在请用同样的结构和格式解答这道题：\n\n"
-        f"{format_question(row)}{_hint(hint_answer)}\n\n{OUTPUT_FORMAT}")}]
-
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2 prompts: the self-critique of a wrong trajectory, its Step-DPO form, and what a kept text must not say
 
 CORRECTION_MARK = "【修正后的解答】"
 
@@ -394,21 +400,13 @@ def critique_messages(row, wrong_trajectory, hint_answer=None):
         f"因此不要提及原解答或本次检查。{OUTPUT_FORMAT}")}]
 
 
-# A kept text (an SFT trajectory, a chosen correction) is trained as the answer to the plain student prompt, so it
-# must not refer to what only its own prompt showed: the original solution and the check (critique_messages), the
-# exemplar (teacher_messages) or, where one was shown, the hint (_hint). The phrases are the prompts' own words and
-# the ways a model echoes them; medical text uses 提示 ("indicates") and 检查 ("examination") all the time, so those
-# count only in the forms below.
-PROMPT_REFERENCES = ("原解答", "原答案", "原来的解答", "原来的答案", "之前的解答", "之前的答案", "上述解答", "本次检查",
-                     "最终答案是错误的", "示例")
-HINT_REFERENCES = ("提示:", "题目提示", "根据提示", "按照提示", "结合提示", "提示中", "提示的答案", "提示答案", "这个提示",
-                   "该提示", "本题的正确答案", "正确答案是", "正确答案为", "已知答案", "给定的答案", "独立解题")
 
 
-def prompt_reference(text, hinted=False) -> str:
-    """The first phrase of `text` that refers to the prompt (HINT_REFERENCES too if a hint was shown), "" if none."""
-    text = unicodedata.normalize("NFKC", text)
-    return next((p for p in PROMPT_REFERENCES + (HINT_REFERENCES if hinted else ()) if p in text), "")
+def extract_correction(text) -> str:
+    """The corrected solution after the last CORRECTION_MARK of a critique output, "" if it has none."""
+    parts = re.split(r"【\s*修正后的解答\s*】[:：]?", text)
+    return parts[-1].strip() if len(parts) > 1 else ""
+
 FIRST_WRONG_LINE = "首错行"
 
 
@@ -429,22 +427,25 @@ def extract_first_wrong_line(text):
     found = re.findall(rf"{FIRST_WRONG_LINE}\s*[:：]\s*(\d+)", unicodedata.normalize("NFKC", text or ""))
     return int(found[-1]) if found else None
 
+# A kept text (an SFT trajectory, a chosen correction) is trained as the answer to the plain student prompt, so it
+# must not refer to what only its own prompt showed: the original solution and the check (critique_messages), the
+# exemplar (teacher_messages) or, where one was shown, the hint (_hint). The phrases are the prompts' own words and
+# the ways a model echoes them; medical text uses 提示 ("indicates") and 检查 ("examination") all the time, so those
+# count only in the forms below.
+PROMPT_REFERENCES = ("原解答", "原答案", "原来的解答", "原来的答案", "之前的解答", "之前的答案", "上述解答", "本次检查",
+                     "最终答案是错误的", "示例")
+HINT_REFERENCES = ("提示:", "题目提示", "根据提示", "按照提示", "结合提示", "提示中", "提示的答案", "提示答案", "这个提示",
+                   "该提示", "本题的正确答案", "正确答案是", "正确答案为", "已知答案", "给定的答案", "独立解题")
 
-def extract_correction(text) -> str:
-    """The corrected solution after the last CORRECTION_MARK of a critique output, "" if it has none."""
-    parts = re.split(r"【\s*修正后的解答\s*】[:：]?", text)
-    return parts[-1].strip() if len(parts) > 1 else ""
 
+def prompt_reference(text, hinted=False) -> str:
+    """The first phrase of `text` that refers to the prompt (HINT_REFERENCES too if a hint was shown), "" if none."""
+    text = unicodedata.normalize("NFKC", text)
+    return next((p for p in PROMPT_REFERENCES + (HINT_REFERENCES if hinted else ()) if p in text), "")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Runs, shared by all six scripts (this file is the one they all import, and it needs only the standard library):
-# one-line errors for bad input, arguments checked at parse time, one writer per output, and workers that die with
-# their launcher.
-
-class UserError(ValueError):
-    """Bad input (data, checkpoint, argument, an output in use): run_main prints it as one line and exits 2.
-    Any other exception is a bug and keeps its traceback."""
-
+# Runs, shared by all six scripts: one-line errors for bad input (UserError), arguments checked at parse time, one
+# writer per output, workers that die with their launcher, and resumable JSONL outputs.
 
 def die(message, code=2):
     """`error: <what, where, what to do>` on stderr and exit `code`. Under torchrun rank 0 says it: the other ranks
@@ -495,18 +496,18 @@ def checked(kind, low, high=None, low_open=False):
 
 
 positive_int, nonnegative_int = checked(int, 1), checked(int, 0)
-positive_float, nonnegative_float, probability = checked(float, 0, low_open=True), checked(float, 0), \
-    checked(float, 0, 1, low_open=True)
+positive_float, nonnegative_float = checked(float, 0, low_open=True), checked(float, 0)
+probability = checked(float, 0, 1, low_open=True)
 
 _LOCKS = {}  # lock file -> the open file holding its flock, kept for this process's lifetime
 
 
 def lock_output(path):
     """Make this process the only writer of a run's output (a folder: <path>/.lock; a file: <path>.lock) until it
-    exits. A second run stops at once with the holder's PID. The lock is an flock, which the kernel releases when
-    its holder dies however it dies (kill -9 included), so a killed run's lock is simply taken over; the file
-    holding the PID stays behind and means nothing by itself. Asking again for a lock this process holds is a no-op
-    (a test or script calling several mains in one process). Under torchrun call it on rank 0 only."""
+    exits; a second run stops at once with the holder's PID. An flock, which the kernel releases when its holder
+    dies however it dies (kill -9 included), so a killed run's lock is simply taken over; the PID file left behind
+    means nothing by itself. Asking again for a lock this process holds is a no-op (several mains in one process).
+    Under torchrun call it on rank 0 only."""
     path = Path(path)
     lock = path / ".lock" if path.is_dir() else path.with_name(path.name + ".lock")
     key = str(lock.resolve())
@@ -538,9 +539,9 @@ _PARENT_AT_IMPORT = os.getppid()
 def die_with_parent(parent_pid=None):
     """Linux: have the kernel send this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), so that a
     torchrun worker or selfplay's DPO run never outlives a killed launcher as an orphan still writing the run's
-    folder. If the parent (`parent_pid`, by default the one this process had when this file was imported) already
-    died before the call, the race prctl(2) warns of, this process has been reparented and ends now. Elsewhere a
-    no-op. Also usable as a subprocess preexec_fn (it survives exec)."""
+    folder. If the parent (`parent_pid`, by default this process's parent when this file was imported) died before
+    the call, the race prctl(2) warns of, this process ends now. Elsewhere a no-op. Usable as a subprocess
+    preexec_fn (it survives exec)."""
     if _PRCTL is None:
         return
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -577,8 +578,81 @@ def daemon_pool(workers):
     return submit
 
 
+# Resumable outputs (distill here; eval_cmexam.py and selfplay.py too): every record is appended and synced as it is
+# made, and a restarted run skips the ids already written.
+
+
+def append_jsonl(f, record):
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())  # a killed run loses at most the records in flight, never a written one
+
+
+def write_jsonl(path, items):
+    """Replace a JSONL file atomically: a kill leaves the old file or the new one, never half of either."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), "utf-8")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSONL output, [] if there is none. A last line cut off by a kill is truncated away first,
+    so the file is whole JSONL again for the appends of a resumed run."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        log.warning("%s: dropping a partial last line left by an interrupted run", path)
+        data = data[:data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    records = []
+    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            records.append(_json_or_none(line))
+            if not isinstance(records[-1], dict):
+                raise UserError(f"{path}:{n}: not a record of this run (corrupt, or written by something else), so "
+                                f"it cannot be resumed; delete that line (sed -i '{n}d' {path}) or use another --out")
+    return records
+
+
+def done_ids(path) -> set:
+    """Ids already in a JSONL output (read_jsonl: a torn last line is repaired first)."""
+    records = read_jsonl(path)
+    for n, record in enumerate(records, 1):
+        if "id" not in record:
+            raise UserError(f"{path}: record {n} has no id, so it is not a record of this run; use another --out")
+    return {record["id"] for record in records}
+
+
+def check_unique_ids(rows, source):
+    """Outputs are keyed by question id (resume, merge, scoring), so two questions with one id would be lost."""
+    if len({row["id"] for row in rows}) != len(rows):
+        raise UserError(f"{source}: question ids are not unique, so a run could not resume or be scored")
+
+
+def check_settings(path, settings, write=True):
+    """Refuse to resume a run with settings other than those it was started with (a file of two runs' outputs
+    would be neither). The first run writes them under a temporary name and renames it (atomic): processes started
+    together see no file or a whole one, never the half-written file that made 8 shards crash 1 time in 10."""
+    path = Path(path)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        changed.update({k: (v, None) for k, v in old.items() if k not in settings})
+        if changed:
+            raise UserError(f"{path.parent} was started with other settings (was, now): {changed}; use another --out")
+    elif write:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Teacher client: any OpenAI-compatible /v1/chat/completions (vLLM, DeepSeek, OpenAI), standard library only
+
 
 @dataclasses.dataclass
 class TeacherConfig:
@@ -621,6 +695,19 @@ class TeacherRun:
     reason: str = ""  # why it stopped, if a request stopped it
     connection_failures: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def halt(self, reason) -> TeacherFatal:
+        """Stop every request of the run, with the first reason given; the TeacherFatal to raise."""
+        with self.lock:
+            self.reason = self.reason or reason
+        self.stop.set()
+        return TeacherFatal(reason)
+
+    def connected(self, ok) -> int:
+        """Count a request that could not connect (ok=False), or end the streak -> requests in a row that could not."""
+        with self.lock:
+            self.connection_failures = 0 if ok else self.connection_failures + 1
+            return self.connection_failures
 
 
 def _http_once(cfg, path, body=None):
@@ -678,9 +765,9 @@ def _request_once(cfg, messages, extra=None):
 
 def with_retries(cfg, attempt, stats=None, run=None):
     """attempt()'s result. Retries 429, 5xx, timeouts, connection errors and unusable bodies with exponential
-    backoff; raises TeacherError at once on other 4xx. `stats` (a Counter) counts requests and failures by kind.
+    backoff; raises TeacherError at once on other 4xx; `stats` (a Counter) counts requests and failures by kind.
     Raises TeacherFatal, which should end the run, on 401/403, and once cfg.max_connection_failures requests in a
-    row of `run` (a TeacherRun its concurrent requests share) could not connect: against a dead or refusing
+    row of `run` (the TeacherRun its concurrent requests share) could not connect: against a dead or refusing
     server, retrying each question would take hours for nothing."""
     stats = Counter() if stats is None else stats
     run = TeacherRun() if run is None else run
@@ -691,32 +778,24 @@ def with_retries(cfg, attempt, stats=None, run=None):
         try:
             reply = attempt()
         except TeacherFatal as e:  # the key cannot be sent, the URL is malformed: no request of the run can go
-            with run.lock:
-                run.reason = run.reason or str(e)
-            run.stop.set()
+            run.halt(str(e))
             raise
         except TeacherError as e:
             stats[e.kind] += 1
-            with run.lock:
-                run.connection_failures = run.connection_failures + 1 if e.kind == "connection" else 0
-                failures = run.connection_failures
-            fatal = (f"the teacher at {cfg.base_url} refused the request ({e}): check the key in ${cfg.api_key_env} "
-                     "(--api-key-env) and --model" if e.kind in ("http_401", "http_403") else
-                     f"{failures} requests in a row could not connect to {cfg.base_url} ({e}): is the server up, "
-                     "at that address (--base-url)?" if failures >= cfg.max_connection_failures else None)
-            if fatal:
-                with run.lock:
-                    run.reason = run.reason or fatal  # what every other request of the run now stops with
-                run.stop.set()
-                raise TeacherFatal(fatal) from None
+            failures = run.connected(e.kind != "connection")
+            if e.kind in ("http_401", "http_403"):
+                raise run.halt(f"the teacher at {cfg.base_url} refused the request ({e}): check the key in "
+                               f"${cfg.api_key_env} (--api-key-env) and --model") from None
+            if failures >= cfg.max_connection_failures:
+                raise run.halt(f"{failures} requests in a row could not connect to {cfg.base_url} ({e}): is the "
+                               "server up, at that address (--base-url)?") from None
             retryable = e.kind in ("http_429", "timeout", "connection", "bad_response") or e.kind.startswith("http_5")
             if not retryable or n == cfg.max_retries:
                 raise
             delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** n) * random.uniform(0.5, 1.5)
             run.stop.wait(min(cfg.backoff_max, max(delay, e.retry_after or 0)))
         else:
-            with run.lock:
-                run.connection_failures = 0
+            run.connected(True)
             return reply
 
 
@@ -727,15 +806,14 @@ def chat_completion(cfg, messages, stats=None, run=None, extra=None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The student served by an inference server (vLLM): raw completions of the exact chat text, for Stage 2's sampling
-# and chain-of-thought eval. Sending the text templates.chat rendered (not the server's chat template) means the
-# prompt can never drift from what training saw.
+# The student served by an inference server (vLLM): raw completions of the exact chat text (for Stage 2's sampling
+# and chain-of-thought eval), so the prompt can never drift from what training saw.
 
 
 @dataclasses.dataclass
 class Server:
     """The student as an OpenAI-compatible server (vLLM) serves it: where, under which name, and the ModelConfig of
-    the checkpoint it serves (model.py's; for the context size)."""
+    the checkpoint it serves (for the context size)."""
     base_url: str
     name: str
     config: object = None
@@ -820,92 +898,6 @@ def _distill_one(cfg, row, tries, hint_fallback, run=None):
             "tries": len(plan), "kept": False, "teacher": cfg.model}, stats
 
 
-# Resumable outputs (distill here; eval_cmexam.py and selfplay.py too): every record is appended and synced as it
-# is made, and a restarted run skips the ids already written.
-
-
-def append_jsonl(f, record):
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # a killed run loses at most the records in flight, never a written one
-
-
-def write_jsonl(path, items):
-    """Replace a JSONL file atomically: a kill leaves the old file or the new one, never half of either."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items), "utf-8")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path) -> list:
-    """The records of a JSONL output, [] if there is none. A last line cut off by a kill is truncated away first,
-    so the file is whole JSONL again for the appends of a resumed run."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        log.warning("%s: dropping a partial last line left by an interrupted run", path)
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
-    records = []
-    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            records.append(None)
-        if not isinstance(records[-1], dict):
-            raise UserError(f"{path}:{n}: not a record of this run (corrupt, or written by something else), so "
-                            f"it cannot be resumed; delete that line (sed -i '{n}d' {path}) or use another --out") \
-                from None
-    return records
-
-
-def done_ids(path) -> set:
-    """Ids already in a JSONL output (read_jsonl: a torn last line is repaired first)."""
-    records = read_jsonl(path)
-    for n, record in enumerate(records, 1):
-        if "id" not in record:
-            raise UserError(f"{path}: record {n} has no id, so it is not a record of this run; use another --out")
-    return {record["id"] for record in records}
-
-
-def check_unique_ids(rows, source):
-    """Outputs are keyed by question id (resume, merge, scoring), so two questions with one id would be lost."""
-    if len({row["id"] for row in rows}) != len(rows):
-        raise UserError(f"{source}: question ids are not unique, so a run could not resume or be scored")
-
-
-def check_settings(path, settings, write=True):
-    """Refuse to resume a run with settings other than those it was started with (a file of two runs' outputs
-    would be neither). The first run writes them under a temporary name and renames it (atomic): processes started
-    together see no file or a whole one, never the half-written file that made 8 shards crash 1 time in 10."""
-    path = Path(path)
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        changed.update({k: (v, None) for k, v in old.items() if k not in settings})
-        if changed:
-            raise UserError(f"{path.parent} was started with other settings (was, now): {changed}; use another --out")
-    elif write:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(tmp, path)
-
-
-def reply_text(tokenizer, new_ids, head=()) -> tuple:
-    """(text, finished) of a sampled reply: finished = it ended with a stop id (the model stopped itself rather than
-    being cut off), which is then not part of the text. `head`: ids decoded in front (a reply continued mid-line
-    decodes whole). Special tokens inside the reply are kept, so a stray <|im_start|> is seen, not hidden."""
-    finished = bool(new_ids) and new_ids[-1] in STOP_IDS
-    return tokenizer.decode(list(head) + list(new_ids[:-1] if finished else new_ids), skip_special_tokens=False), \
-        finished
-
-
 def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
     """Distil the first `limit` questions of `data` into `out` (resuming if it exists); returns the summary."""
     from tqdm import tqdm
@@ -939,10 +931,8 @@ def distill(cfg, data, out, tries=4, hint_fallback=False, limit=None) -> dict:
                 write(future)
         except BaseException:  # Ctrl-C or a fatal teacher error: stop the others, keep what has finished
             run.stop.set()
-            for future in futures:
-                future.cancel()
-            for future in futures:
-                if future not in written and future.done() and not future.cancelled() and not future.exception():
+            for future in futures:  # cancel() fails on a finished future: keep its result
+                if not future.cancel() and future.done() and future not in written and not future.exception():
                     write(future)
             raise
         finally:

@@ -60,10 +60,10 @@ def test_cached_decoding_equals_full_forward(pair):
     with torch.no_grad():
         full = ours(tokens)
         cache = M.make_cache(ours.config, 2, 20, torch.float32, "cpu")
-        steps = [ours(tokens[:, :12], None, cache, 0, 12, torch.ones(12, 12, dtype=torch.bool).tril())]
+        steps = [ours(tokens[:, :12], None, cache, 0, torch.ones(12, 12, dtype=torch.bool).tril())]
         for t in range(12, 20):
             pos = torch.full((2, 1), t)
-            steps.append(ours(tokens[:, t:t + 1], pos, cache, t, t + 1))
+            steps.append(ours(tokens[:, t:t + 1], pos, cache, t))
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
 
@@ -308,7 +308,7 @@ def test_masked_gqa_attention_equals_float64_math(T):
     mask = torch.rand(B, 1, T, S, generator=g) > 0.3
     mask[..., start:] |= torch.eye(T, dtype=torch.bool)  # every query sees itself
     with torch.no_grad():
-        ours = attn(x, cos, sin, [c.clone() for c in cache], start, S, mask)
+        ours = attn(x, cos, sin, [c.clone() for c in cache], start, mask)  # attends over start + T = S slots
         # the oracle: float64, explicit repeat of each KV head over its 4 query heads
         q = attn.q_proj(x).view(B, T, 8, -1).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, 2, -1).transpose(1, 2)
