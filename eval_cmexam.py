@@ -397,12 +397,10 @@ def protocol_of(predictions):
 
 
 def score(predictions, rows, dropped=()) -> dict:
-    """Accuracy overall, by single/multiple answer and by each annotation column present, over the `rows` that
-    have a scored prediction (`credited` says which are right); records skipped (prompt too long, judge failure)
-    are counted by reason and left out, rows with no prediction counted as missing. Also: the accuracy with every
-    skipped, missing or truncated question counted wrong (strict) and on finished replies only, the rows `dropped`
-    at load ([(where, reason)]), predicted vs gold letter counts, direct mode's mean answer mass, and the questions
-    that need their options. Refuses (ValueError) duplicates, mixed protocols and non-finite direct-mode scores."""
+    """The report of `predictions` on `rows` (README: "Evaluation on CMExam"): accuracy over the questions with a
+    scored prediction (`credited` says which are right), overall and by group; records skipped (prompt too long,
+    judge failure) counted by reason and left out, rows without a prediction counted as missing, `dropped` the rows
+    load_cmexam skipped ([(where, reason)]). Refuses duplicates, mixed protocols and non-finite direct-mode scores."""
     by_id = {}
     for rec in predictions:
         if rec["id"] in by_id:
@@ -415,53 +413,44 @@ def score(predictions, rows, dropped=()) -> dict:
     if nonfinite:
         raise ValueError(f"non-finite scores in {len(nonfinite)} predictions (e.g. id {nonfinite[0]}): the model "
                          "produced NaN/inf logits; refusing to score")
-    columns = [c for c in ANNOTATION_COLUMNS if any(c in row for row in rows)]
-    overall, finished_only, kinds, groups = [], [], defaultdict(list), {c: defaultdict(list) for c in columns}
-    skipped, missing, no_answer, truncated, masses = Counter(), 0, 0, 0, []
-    letters, options, need_stem, need_gold = {x: Counter() for x in LETTERS}, defaultdict(list), 0, 0
-    for row in rows:
-        rec = by_id.get(row["id"])
-        if rec is None:
-            missing += 1
-            continue
-        if rec.get("skipped"):
-            skipped[rec["skipped"]] += 1
-            continue
-        correct = credited(rec, row["answer"])
-        if mode != "judge":
-            no_answer += not rec["extracted"]
-            for x in row["answer"]:
-                letters[x]["gold"] += 1
-            for x in set(rec["extracted"]):
-                letters[x]["predicted"] += 1
-        masses += [rec["answer_mass"]] if "answer_mass" in rec else []
-        truncated += rec.get("finished") is False
-        if rec.get("finished") is not False:
-            finished_only.append(correct)
-        overall.append(correct)
-        kinds["multiple" if len(row["answer"]) > 1 else "single"].append(correct)
-        for c in columns:
-            value = str(row.get(c) or "").strip()
-            groups[c][value if value.lower() not in ("", "nan") else "(missing)"].append(correct)
-        stem, gold = needs_options(row)
-        need_stem, need_gold = need_stem + stem, need_gold + gold
-        options["needs" if stem or gold else "rest"].append(correct)
-    scored = len(overall)
+    present = [(row, by_id[row["id"]]) for row in rows if row["id"] in by_id]
+    scored = [(row, rec) for row, rec in present if not rec.get("skipped")]
+    right = [credited(rec, row["answer"]) for row, rec in scored]
+    needs = [needs_options(row) for row, _ in scored]  # (stem, gold text)
+
+    def where(keep):  # accuracy on the scored questions (row, rec) that keep() keeps
+        return _stats([ok for (row, rec), ok in zip(scored, right) if keep(row, rec)])
+
+    def by_value(column):  # accuracy per value of an annotation column, largest group first
+        groups = defaultdict(list)
+        for (row, _), ok in zip(scored, right):
+            value = str(row.get(column) or "").strip()
+            groups[value if value.lower() not in ("", "nan") else "(missing)"].append(ok)
+        return {v: _stats(o) for v, o in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))}
+
+    n, truncated = len(scored), sum(rec.get("finished") is False for _, rec in scored)
+    no_answer = sum(not rec["extracted"] for _, rec in scored)
+    letters = {x: Counter({"gold": sum(x in row["answer"] for row, _ in scored),
+                           "predicted": sum(x in rec["extracted"] for _, rec in scored)}) for x in LETTERS}
+    masses = [rec["answer_mass"] for _, rec in scored if "answer_mass" in rec]
     return {
         "protocol": protocol, "protocol_description": PROTOCOLS.get(mode) if mode != "judge" else
         f"{PROTOCOLS['judge']}; {JUDGE_PROTOCOLS[protocol.split('/')[1]]}", "questions": len(rows),
-        "scored": scored, "missing": missing, "skipped": dict(skipped), "overall": _stats(overall),
-        "strict": _stats(overall + [False] * (len(rows) - scored)), "finished_only": _stats(finished_only),
-        "answer_type": {kind: _stats(kinds[kind]) for kind in ("single", "multiple")},
-        "columns": {c: {v: _stats(o) for v, o in sorted(groups[c].items(), key=lambda kv: (-len(kv[1]), kv[0]))}
-                    for c in columns},
-        "no_answer": None if mode == "judge" else {"n": no_answer, "share": no_answer / scored if scored else None},
-        "truncated": {"n": truncated, "share": truncated / scored if scored else None},
+        "scored": n, "missing": len(rows) - len(present),
+        "skipped": dict(Counter(rec["skipped"] for _, rec in present if rec.get("skipped"))),
+        "overall": _stats(right), "strict": _stats(right + [False] * (len(rows) - n)),
+        "finished_only": where(lambda row, rec: rec.get("finished") is not False),
+        "answer_type": {"single": where(lambda row, rec: len(row["answer"]) == 1),
+                        "multiple": where(lambda row, rec: len(row["answer"]) > 1)},
+        "columns": {c: by_value(c) for c in ANNOTATION_COLUMNS if any(c in row for row in rows)},
+        "no_answer": None if mode == "judge" else {"n": no_answer, "share": no_answer / n if n else None},
+        "truncated": {"n": truncated, "share": truncated / n if n else None},
         "dropped_at_load": {"n": len(dropped), "reasons": dict(Counter(reason for _, reason in dropped))},
-        "letters": None if mode == "judge" else {x: dict(letters[x]) for x in LETTERS},
+        "letters": None if mode == "judge" else {x: dict(+letters[x]) for x in LETTERS},  # + drops zero counts
         "answer_mass_mean": sum(masses) / len(masses) if masses else None,
-        "needs_options": {"stem": need_stem, "gold_text": need_gold, "needs": _stats(options["needs"]),
-                          "rest": _stats(options["rest"])},
+        "needs_options": {"stem": sum(stem for stem, _ in needs), "gold_text": sum(gold for _, gold in needs),
+                          "needs": _stats([ok for ok, need in zip(right, needs) if any(need)]),
+                          "rest": _stats([ok for ok, need in zip(right, needs) if not any(need)])},
     }
 
 
