@@ -19,7 +19,8 @@ report names the one it used:
     python eval_cmexam.py --compare runs/eval_a runs/eval_b      # paired: which questions flipped, McNemar
 
 One process on one GPU. <out>/<mode>.predictions.jsonl is appended as predictions are made, so the same command
-resumes a killed run (and re-judges every stored reply whose judge call failed).
+resumes a killed run (and re-judges every stored reply whose judge call failed); the report (terminal table and
+<out>/<mode>.report.json) covers every selected question.
 """
 import dataclasses
 import hashlib
@@ -527,13 +528,9 @@ def mcnemar_exact(b, c):
 
 
 def compare_predictions(preds_a, preds_b) -> dict:
-    """Paired comparison of two prediction lists (records of eval_cmexam's predictions files) of one protocol.
-
-    Returns a dict: protocol; n, the questions scored in both (in both lists, skipped in neither, same gold); their
-    split both_right + only_a + only_b + neither = n; accuracy_a, accuracy_b on those n; difference = accuracy_a -
-    accuracy_b; ci95, its paired 95% interval (paired_ci, Newcombe's method 10); mcnemar_p, the exact McNemar
-    p-value (two-sided binomial on only_a vs only_b); only_in_a / only_in_b, questions in one list alone; skipped_a
-    / skipped_b, questions in both that one run skipped (left out of n)."""
+    """Paired comparison of two prediction lists of one protocol, on the n questions both scored (same gold, skipped
+    in neither): the 2x2 table, both accuracies, their difference with paired_ci and mcnemar_exact, and how many
+    questions were left out (in one list alone, or skipped by one run)."""
     protocols = protocol_of(preds_a), protocol_of(preds_b)
     if protocols[0] != protocols[1]:
         raise ValueError(f"cannot pair runs of different protocols: {protocols[0]} vs {protocols[1]}")
@@ -544,21 +541,22 @@ def compare_predictions(preds_a, preds_b) -> dict:
         raise ValueError(f"{len(differ)} questions (e.g. id {differ[0]}) have other gold answers: not the same data")
     paired = [i for i in both if not a[i].get("skipped") and not b[i].get("skipped")]
     table = Counter((credited(a[i]), credited(b[i])) for i in paired)
-    cells = table[True, True], table[True, False], table[False, True], table[False, False]
+    both_right, only_a, only_b, neither = table[True, True], table[True, False], table[False, True], table[False, False]
     n = len(paired)
-    return {"protocol": protocols[0], "n": n, "both_right": cells[0], "only_a": cells[1], "only_b": cells[2],
-            "neither": cells[3], "accuracy_a": (cells[0] + cells[1]) / n if n else None,
-            "accuracy_b": (cells[0] + cells[2]) / n if n else None,
-            "difference": (cells[1] - cells[2]) / n if n else None, "ci95": paired_ci(*cells),
-            "mcnemar_p": mcnemar_exact(cells[1], cells[2]), "only_in_a": len(a) - len(both),
+    return {"protocol": protocols[0], "n": n, "both_right": both_right, "only_a": only_a, "only_b": only_b,
+            "neither": neither, "accuracy_a": (both_right + only_a) / n if n else None,
+            "accuracy_b": (both_right + only_b) / n if n else None,
+            "difference": (only_a - only_b) / n if n else None, "ci95": paired_ci(both_right, only_a, only_b, neither),
+            "mcnemar_p": mcnemar_exact(only_a, only_b), "only_in_a": len(a) - len(both),
             "only_in_b": len(b) - len(both), "skipped_a": sum(bool(a[i].get("skipped")) for i in both),
             "skipped_b": sum(bool(b[i].get("skipped")) for i in both)}
 
 
 def format_comparison(c, name_a="A", name_b="B") -> str:
+    def acc(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
     diff = "-" if c["difference"] is None else f"{100 * c['difference']:+.1f} points"
     ci = "" if c["ci95"] is None else f", 95% CI [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] (paired)"
-    acc = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     return "\n".join([
         f"paired comparison, protocol {c['protocol']}: A = {name_a}, B = {name_b}",
         f"{c['n']} questions scored in both    B right  B wrong",
@@ -597,17 +595,16 @@ def calibrate(judge, rows, cot_path, out_path) -> dict:
         for rec in judged(judge, rows_by_id, todo):
             append_jsonl(f, rec)
     scored = [rec for rec in read_jsonl(out_path) if not rec.get("skipped")]
-    cells = Counter((bool(rec["correct"]), rec["exact_match"]) for rec in scored)
+    cells = Counter((bool(rec["correct"]), rec["exact_match"]) for rec in scored)  # (judge, exact match)
+    rr, rw, wr, ww = cells[True, True], cells[True, False], cells[False, True], cells[False, False]
     n = len(scored)
-    agree = cells[True, True] + cells[False, False]
-    chance = ((cells[True, True] + cells[True, False]) * (cells[True, True] + cells[False, True]) +
-              (cells[False, True] + cells[False, False]) * (cells[True, False] + cells[False, False])) / n ** 2 \
-        if n else None
+    agree = (rr + ww) / n if n else None
+    chance = ((rr + rw) * (rr + wr) + (wr + ww) * (rw + ww)) / n ** 2 if n else None  # Cohen's, from the margins
     return {"protocol": f"judge/{judge.protocol}", "cot_predictions": str(cot_path), "judged": n,
-            "judge_failures": len(known) - n, "agreement": agree / n if n else None,
-            "kappa": (agree / n - chance) / (1 - chance) if n and chance < 1 else None,
-            "judge_right_exact_right": cells[True, True], "judge_right_exact_wrong": cells[True, False],
-            "judge_wrong_exact_right": cells[False, True], "judge_wrong_exact_wrong": cells[False, False]}
+            "judge_failures": len(known) - n, "agreement": agree,
+            "kappa": (agree - chance) / (1 - chance) if n and chance < 1 else None,
+            "judge_right_exact_right": rr, "judge_right_exact_wrong": rw, "judge_wrong_exact_right": wr,
+            "judge_wrong_exact_wrong": ww}
 
 
 # ----------------------------------------------------------------------------------------------------------------
