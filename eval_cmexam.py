@@ -1,22 +1,16 @@
 """
 eval_cmexam.py: CMExam evaluation of a Qwen2 checkpoint, with a per-category report a researcher can compare.
 
-CMExam (Liu et al., NeurIPS 2023) is the Chinese national medical licensing exam: 5-option questions, about 3% with
-several correct answers, and in the official test file five annotation columns (Disease Group, Area of Competency,
-Clinical Department, Medical Discipline, Difficulty level). MedCritical (Su et al., arXiv 2509.23368) reports on its
-test split. Three protocols, and every report says which one it used:
+CMExam (Liu et al., NeurIPS 2023): 5-option questions of the Chinese medical licensing exam, ~3% with several right
+answers; its test file adds five annotation columns. Three protocols (README: "Evaluation on CMExam"), and every
+report names the one it used:
 
-  cot     multiple choice, chain of thought (the standard protocol): the student prompt (templates.student_messages),
-          greedy generation, templates.extract_answer; correct iff the predicted letter SET equals the gold set and
-          the model finished its reply (one cut off at --max-new-tokens scores wrong, counted).
-  direct  multiple choice without generation, a cheap deterministic baseline: one forward pass over a prompt that
-          ends inside the assistant turn with "答案：" already written; the option letters are read off the
-          next-token distribution (rule in choose_letters).
-  judge   the question stem only (no options), a free answer, and an OpenAI-compatible judge (QwQ-32B for the
-          authors) deciding right or wrong against the gold options' text. --judge-protocol authors (default) is the
-          authors' scripts exactly (github destinybird/SP-Huatuo, Processingfiles/ForTest.py and ForJudge.py):
-          their raw prompt, 0.7 / 0.9, 450 new tokens, their judge prompt with the whole reply, a one-token "1"/"2"
-          verdict; --judge-protocol rubric is our stricter variant (JUDGE_PROMPT), with no published peer.
+  cot     the student prompt, greedy, templates.extract_answer; right iff the letter SET equals the gold set and the
+          reply finished (one cut off at --max-new-tokens scores wrong, counted).
+  direct  no generation: the letters are read off the next-token distribution after "答案：" (choose_letters).
+  judge   the stem alone, a free answer, an OpenAI-compatible judge against the gold options' text. --judge-protocol
+          authors is the authors' scripts exactly (github destinybird/SP-Huatuo, ForTest.py and ForJudge.py);
+          rubric is our stricter variant (JUDGE_PROMPT), with no published peer.
 
     python eval_cmexam.py --model Qwen2.5-7B-Instruct --data test_with_annotations.csv --out runs/eval
     python eval_cmexam.py --model ckpt --data val.csv --out runs/eval --mode direct --sample 500 --sample-seed 0
@@ -24,10 +18,9 @@ test split. Three protocols, and every report says which one it used:
         --judge-base-url http://127.0.0.1:8000 --judge-model QwQ-32B
     python eval_cmexam.py --compare runs/eval_a runs/eval_b      # paired: which questions flipped, McNemar
 
-One process on one GPU (a 7B model in bf16 fits on one; no torchrun). Predictions are appended to
-<out>/<mode>.predictions.jsonl as they are made, so a killed run started again with the same command resumes where it
-stopped (in judge mode it also re-judges, from the stored replies, every question whose judge call failed); the
-report (terminal table and <out>/<mode>.report.json) always covers every selected question.
+One process on one GPU. <out>/<mode>.predictions.jsonl is appended as predictions are made, so the same command
+resumes a killed run (and re-judges every stored reply whose judge call failed); the report (terminal table and
+<out>/<mode>.report.json) covers every selected question.
 """
 import dataclasses
 import hashlib
@@ -38,14 +31,20 @@ import re
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-import templates as T
 from model import ModelConfig, generate, load, load_tokenizer, next_token_logits
+from templates import (LETTERS, ArgumentParser, Server, TeacherConfig, TeacherError, TeacherRun, UserError,
+                       append_jsonl, chat, chat_completion, check_settings, check_unique_ids, completions,
+                       daemon_pool, extract_answer, format_question, load_cmexam, lock_output, nonnegative_float,
+                       positive_int, probability, read_jsonl, reply_text, run_main, served_models, stop_ids,
+                       student_messages, teacher_arg_type, write_jsonl)
 
 ANNOTATION_COLUMNS = ("Disease Group", "Area of Competency", "Clinical Department", "Medical Discipline",
                       "Difficulty level")
@@ -61,12 +60,13 @@ JUDGE_PROTOCOLS = {
                "reply judged with their prompt, one-token verdict 1 (right) / 2 (wrong)",
     "rubric": "ours: chat template, greedy, the answer after </think> judged with a stricter rubric (JUDGE_PROMPT)",
 }
-# Student sampling per protocol: (max_new_tokens, temperature, top_p). cot's cap is the longest reply our Stage 1
-# data holds (distill lets the teacher write TeacherConfig.max_tokens = 8192; sft.py trains up to 8192 tokens), so
-# a trained student is never cut off mid-answer; a reply that still hits it is looping, and scores wrong. At batch 32
-# a 7B model's KV cache for (625 + 8192) tokens is ~16 GB in bf16.
-STUDENT_SAMPLING = {"cot": (T.TeacherConfig.max_tokens, 0.0, 1.0), "rubric": (T.TeacherConfig.max_tokens, 0.0, 1.0),
-                    "authors": (450, 0.7, 0.9)}
+# The student's sampling per protocol. cot's cap is the longest reply our Stage 1 data holds (distill's teacher
+# writes up to TeacherConfig.max_tokens = 8192; sft.py trains up to 8192 tokens), so a trained student is never cut
+# off mid-answer; a reply that still hits it is looping, and scores wrong. At batch 32 a 7B model's KV cache for
+# (625 + 8192) tokens is ~16 GB in bf16.
+COT_SAMPLING = {"max_new_tokens": TeacherConfig.max_tokens, "temperature": 0.0, "top_p": 1.0}
+STUDENT_SAMPLING = {"cot": COT_SAMPLING, "rubric": COT_SAMPLING,
+                    "authors": {"max_new_tokens": 450, "temperature": 0.7, "top_p": 0.9}}
 # The judge's sampling: the authors' ForJudge.py asks vLLM for max_tokens 1, temperature 0.01, top_k 2 and
 # allowed_token_ids = the ids of "1" and "2" (16 and 17 in Qwen2.5's and QwQ's vocabulary); top_p is vLLM's 1.0.
 JUDGE_SAMPLING = {"authors": {"temperature": 0.01, "top_p": 1.0, "max_tokens": 1},
@@ -79,7 +79,6 @@ AUTHORS_VERDICT_IDS = (16, 17)
 DIRECT_INSTRUCTION = "请直接写出正确选项的字母（多选题按字母顺序连写），不要解释。"
 DIRECT_ANSWER_START = "答案："  # written inside the assistant turn; the next token is the answer
 
-
 # The authors' prompts, character for character (ForTest.py, ForJudge.py). ForTest.py hands the student prompt to
 # vLLM's LLM.generate as a plain string: no chat template. ForJudge.py wraps its prompt in the judge's chat template
 # with the system message below, and sends the reply cut after "只解释这一个问题即可" if the model echoed the prompt.
@@ -88,18 +87,6 @@ AUTHORS_STUDENT_PROMPT = ("你是一位医学专家，请先深呼吸，然后�
 AUTHORS_JUDGE_SYSTEM = "You are a helpful assistant."
 AUTHORS_JUDGE_PROMPT = ("这是一位小模型对问题的回复内容，根据其内容判断其是否做到了正确回复。问题：{question}？"
                         "答案是：{answer}，小模型回复：{response}。如果正确，则只直接回复1。如果错误，则只直接回复2")
-
-
-def prompt_text(row, mode, judge_protocol="authors") -> str:
-    if mode == "cot":
-        return T.chat(T.student_messages(row))
-    if mode == "direct":
-        return T.chat([{"role": "user", "content": f"{T.format_question(row)}\n\n{DIRECT_INSTRUCTION}"}]) \
-            + DIRECT_ANSWER_START
-    if judge_protocol == "authors":
-        return AUTHORS_STUDENT_PROMPT.format(question=row["question"])
-    return T.chat([{"role": "user", "content": row["question"]}])  # rubric: the stem alone, as a user turn
-
 
 JUDGE_PROMPT = """\
 你是一位医学考试阅卷专家。下面是一道医学考试题的题干、标准答案和考生的回答。请判断考生回答的最终结论与标准答案是否一致：\
@@ -118,6 +105,17 @@ JUDGE_PROMPT = """\
 请简要说明理由，最后一行只写“判定：正确”或“判定：错误”。"""
 
 
+def prompt_text(row, mode, judge_protocol="authors") -> str:
+    if mode == "cot":
+        return chat(student_messages(row))
+    if mode == "direct":
+        return chat([{"role": "user", "content": f"{format_question(row)}\n\n{DIRECT_INSTRUCTION}"}]) \
+            + DIRECT_ANSWER_START
+    if judge_protocol == "authors":
+        return AUTHORS_STUDENT_PROMPT.format(question=row["question"])
+    return chat([{"role": "user", "content": row["question"]}])  # rubric: the stem alone, as a user turn
+
+
 def judge_messages(row, output, protocol="authors"):
     """The judge sees the stem, the gold options' text (no letters: the model never saw the options) and the reply:
     all of it (authors) or the final answer after its last </think> (rubric)."""
@@ -134,8 +132,7 @@ def judge_messages(row, output, protocol="authors"):
 
 def parse_verdict(text):
     """True/False from the judge's last "判定：正确/错误" after its thinking; None if it gave none."""
-    text = unicodedata.normalize("NFKC", text).rsplit("</think>", 1)[-1]
-    verdicts = re.findall(r"判定\W*(正确|错误)", text)
+    verdicts = re.findall(r"判定\W*(正确|错误)", unicodedata.normalize("NFKC", text).rsplit("</think>", 1)[-1])
     return None if not verdicts else verdicts[-1] == "正确"
 
 
@@ -143,8 +140,7 @@ def parse_token_verdict(text):
     """The authors' one-token verdict, strictly: "1" right, "2" wrong, anything else None (a counted judge failure:
     a server that ignored allowed_token_ids). A reasoning parser may file the token as thinking, which the client
     returns inside <think> tags; they are not part of the verdict."""
-    token = re.sub(r"</?think>", "", text).strip()
-    return {"1": True, "2": False}.get(token)
+    return {"1": True, "2": False}.get(re.sub(r"</?think>", "", text).strip())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,12 +155,12 @@ def answer_token_ids(tokenizer) -> dict:
     context = "<|im_start|>assistant\n" + DIRECT_ANSWER_START
     base = tokenizer.encode(context, add_special_tokens=False).ids
     found = {}
-    for mask in range(1, 2 ** len(T.LETTERS)):
-        letters = "".join(letter for i, letter in enumerate(T.LETTERS) if mask >> i & 1)
+    for mask in range(1, 2 ** len(LETTERS)):
+        letters = "".join(letter for i, letter in enumerate(LETTERS) if mask >> i & 1)
         ids = tokenizer.encode(context + letters, add_special_tokens=False).ids
         if len(ids) == len(base) + 1 and ids[:-1] == base:
             found[letters] = ids[-1]
-    if not set(T.LETTERS) <= set(found):
+    if not set(LETTERS) <= set(found):
         raise ValueError(f"direct mode needs each of A-E as its own token after {DIRECT_ANSWER_START!r}; "
                          f"this tokenizer has only {sorted(found)}")
     return found
@@ -191,35 +187,36 @@ def choose_letters(probs: dict, multiple: bool) -> str:
 # Predictions. One JSON record per question, written (and fsynced) the moment it exists: id, mode, prompt_hash,
 # gold, output (raw text), extracted (letters), correct, skipped (None or a reason) and per-mode details.
 
+class Prompt(NamedTuple):
+    text: str
+    ids: list
+
+
+class Judge(NamedTuple):
+    cfg: TeacherConfig
+    protocol: str  # "authors" or "rubric"
+    extra: dict  # extra request fields (the authors' top_k and allowed_token_ids)
+
 
 def prompt_hash(text) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_predictions(path):
-    T.done_ids(path)  # drops a last line cut off by a kill, so the file is whole JSONL again
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path.exists() else []
-
-
 def record(row, mode, prompt, **fields):
-    rec = {"id": row["id"], "mode": mode, "prompt_hash": prompt_hash(prompt), "gold": row["answer"], "output": "",
-           "extracted": "", "correct": None, "skipped": None}
-    rec.update(fields)
-    return rec
+    return {"id": row["id"], "mode": mode, "prompt_hash": prompt_hash(prompt.text), "gold": row["answer"],
+            "output": "", "extracted": "", "correct": None, "skipped": None, **fields}
 
 
 def predict_direct(model, tokenizer, batch, prompts, candidates):
-    logits = next_token_logits(model, [prompts[row["id"]][1] for row in batch])  # left-padded, last position only
+    logits = next_token_logits(model, [prompts[row["id"]].ids for row in batch])  # left-padded, last position only
     if not torch.isfinite(logits).all():
         raise SystemExit(f"non-finite logits for the batch starting at question {batch[0]['id']}: refusing to score "
                          f"(a broken checkpoint, or an overflow in {logits.dtype})")
-    probs = logits.float().softmax(-1).cpu()
     records = []
-    for row, p in zip(batch, probs):
+    for row, p in zip(batch, logits.float().softmax(-1).cpu()):
         allowed = {s: p[i].item() for s, i in candidates.items() if set(s) <= set(row["options"])}
         letters = choose_letters(allowed, multiple=len(row["answer"]) > 1)
-        records.append(record(row, "direct", prompts[row["id"]][0], output=tokenizer.decode([int(p.argmax())]),
+        records.append(record(row, "direct", prompts[row["id"]], output=tokenizer.decode([int(p.argmax())]),
                               extracted=letters, correct=letters == row["answer"],
                               probs={s: float(f"{q:.6g}") for s, q in allowed.items()},
                               answer_mass=float(f"{sum(allowed.values()):.6g}")))
@@ -227,35 +224,29 @@ def predict_direct(model, tokenizer, batch, prompts, candidates):
 
 
 def predict_generate(model, tokenizer, batch, prompts, args):
-    """cot and judge: one batched generate call, or with a T.Server one request per question carrying the exact
+    """cot and judge: one batched generate call, or with a Server one request per question carrying the exact
     prompt text (new_tokens is then the reply's re-encoded length); outputs keep special tokens except the final
     stop."""
-    stop_ids = tuple(T.special_ids(tokenizer)[name] for name in ("im_end", "endoftext"))
+    stop = stop_ids(tokenizer)
     # The seed comes from the batch's first question, so batches draw different noise and a resumed run the same.
     seed = zlib.crc32(repr((args.seed, batch[0]["id"])).encode())
-    if isinstance(model, T.Server):
+    if isinstance(model, Server):
         try:
-            replies = T.completions(model, [prompts[row["id"]][0] for row in batch], 1, args.max_new_tokens,
-                                    args.temperature, args.top_p, stop_ids=stop_ids, seed=seed)
-        except T.TeacherError as e:
-            raise T.UserError(f"server {model.base_url} failed: {e}; rerun the same command to resume") from None
+            replies = completions(model, [prompts[row["id"]].text for row in batch], 1, args.max_new_tokens,
+                                  args.temperature, args.top_p, stop_ids=stop, seed=seed)
+        except TeacherError as e:
+            raise UserError(f"server {model.base_url} failed: {e}; rerun the same command to resume") from None
         outputs = [(text, finished, len(tokenizer.encode(text, add_special_tokens=False).ids) + finished)
                    for [(text, finished)] in replies]
     else:
-        rows = generate(model, [prompts[row["id"]][1] for row in batch], args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids, seed=seed)
-        outputs = []
-        for new in rows:
-            finished = bool(new) and new[-1] in stop_ids
-            outputs.append((tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=False), finished,
-                            len(new)))
+        new = generate(model, [prompts[row["id"]].ids for row in batch], args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, stop_ids=stop, seed=seed)
+        outputs = [(*reply_text(tokenizer, ids), len(ids)) for ids in new]
     records = []
     for row, (text, finished, new_tokens) in zip(batch, outputs):
-        rec = record(row, args.mode, prompts[row["id"]][0], output=text, new_tokens=new_tokens, finished=finished)
-        if args.mode == "judge":
-            rec["judge_protocol"] = args.judge_protocol
+        rec = record(row, args.mode, prompts[row["id"]], output=text, new_tokens=new_tokens, finished=finished)
         if args.mode == "cot":
-            rec["extracted"] = T.extract_answer(text)
+            rec["extracted"] = extract_answer(text)
             rec["correct"] = rec["extracted"] == row["answer"] and finished  # as credited() scores it
         records.append(rec)
     return records
@@ -263,94 +254,96 @@ def predict_generate(model, tokenizer, batch, prompts, args):
 
 def judge_one(judge, row, rec, run=None):
     """Fills in the judge's verdict; a judge failure becomes a counted skip. Only a TeacherFatal (the run must stop:
-    refused key, unreachable judge) is raised. `judge` is (TeacherConfig, protocol, extra request fields)."""
-    cfg, protocol, extra = judge
+    refused key, unreachable judge) is raised."""
+    rec = {**rec, "judge_protocol": judge.protocol}
     try:
-        reply = T.chat_completion(cfg, judge_messages(row, rec["output"], protocol), run=run, extra=extra)
-    except T.TeacherError as e:
+        reply = chat_completion(judge.cfg, judge_messages(row, rec["output"], judge.protocol), run=run,
+                                extra=judge.extra)
+    except TeacherError as e:
         return {**rec, "correct": None, "skipped": f"judge_{e.kind}"}
-    verdict = (parse_token_verdict if protocol == "authors" else parse_verdict)(reply)
-    return {**rec, "judge_output": reply, "correct": verdict, "skipped": None if verdict is not None
-            else "judge_unparseable"}
+    verdict = (parse_token_verdict if judge.protocol == "authors" else parse_verdict)(reply)
+    return {**rec, "judge_output": reply, "correct": verdict,
+            "skipped": None if verdict is not None else "judge_unparseable"}
 
 
-def judge_failed(rec):
-    return str(rec.get("skipped") or "").startswith("judge_")
+def judged(judge, rows_by_id, records):
+    """judge_one over `records`, judge.cfg.concurrency calls at a time, yielded in order."""
+    with ThreadPoolExecutor(judge.cfg.concurrency) as pool:
+        yield from pool.map(lambda rec: judge_one(judge, rows_by_id[rec["id"]], rec), records)
 
 
 def rejudge(judge, rows_by_id, path):
     """Judge again, from the stored replies, every record of `path` whose judge call failed (nothing is generated
     again), then replace the file atomically. Returns how many were re-judged."""
-    records = read_predictions(path)
-    failed = [i for i, rec in enumerate(records) if judge_failed(rec) and rec["id"] in rows_by_id]
-    with ThreadPoolExecutor(judge[0].concurrency) as pool:
-        for i, rec in zip(failed, pool.map(lambda i: judge_one(judge, rows_by_id[records[i]["id"]], records[i]),
-                                           failed)):
-            records[i] = rec
+    records = read_jsonl(path)
+    failed = [i for i, rec in enumerate(records)
+              if str(rec.get("skipped") or "").startswith("judge_") and rec["id"] in rows_by_id]
+    for i, rec in zip(failed, judged(judge, rows_by_id, [records[i] for i in failed])):
+        records[i] = rec
     if failed:
-        T.write_jsonl(path, records)
+        write_jsonl(path, records)
     return len(failed)
+
+
+def judge_while_generating(judge, rows_by_id, batches, write):
+    """Judge each generated batch in threads while the GPU generates the next; write each record once judged.
+    Daemon threads and one TeacherRun: Ctrl-C or a fatal judge error (refused key, dead server) stops every request,
+    and the verdicts already in are written first."""
+    submit, judge_run, pending = daemon_pool(judge.cfg.concurrency), TeacherRun(), []
+    try:
+        for records in batches:
+            pending += [submit(judge_one, judge, rows_by_id[rec["id"]], rec, judge_run) for rec in records]
+            done = {fut for fut in pending if fut.done()}  # one snapshot: none dropped or written twice
+            pending = [fut for fut in pending if fut not in done]
+            write([fut.result() for fut in done])
+        wait(pending)
+        records = [fut.result() for fut in pending]  # a TeacherFatal is raised before anything is written
+        pending = []
+        write(records)
+    except BaseException:
+        judge_run.stop.set()
+        write([fut.result() for fut in pending if fut.done() and not fut.exception()])
+        raise
+    finally:
+        for fut in pending:
+            fut.cancel()
+        submit(None)
 
 
 def run(model, tokenizer, rows, args, path, judge=None):
     """Predict every row not yet in `path`, longest prompt first (a memory problem shows in the first batch)."""
-    done = {rec["id"]: rec for rec in read_predictions(path)}
     prompts = {}
     for row in rows:
         text = prompt_text(row, args.mode, args.judge_protocol)
-        prompts[row["id"]] = (text, tokenizer.encode(text, add_special_tokens=False).ids)
-    changed = [i for i, rec in done.items() if i in prompts and rec["prompt_hash"] != prompt_hash(prompts[i][0])]
+        prompts[row["id"]] = Prompt(text, tokenizer.encode(text, add_special_tokens=False).ids)
+    done = {rec["id"]: rec for rec in read_jsonl(path)}
+    changed = [i for i, rec in done.items() if i in prompts and rec["prompt_hash"] != prompt_hash(prompts[i].text)]
     if changed:
-        raise T.UserError(f"{path}: {len(changed)} stored predictions (e.g. id {changed[0]}) were made from other "
-                          f"prompts (data or templates changed); use another --out")
-    pending = sorted((row for row in rows if row["id"] not in done), key=lambda r: -len(prompts[r["id"]][1]))
-    context = model.config.max_position_embeddings
-    budget = 0 if args.mode == "direct" else args.max_new_tokens
-    candidates = answer_token_ids(tokenizer) if args.mode == "direct" else None
-    # Daemon threads, one TeacherRun: Ctrl-C or a fatal judge error (refused key, dead server) stops every request.
-    submit, judge_run = (T.daemon_pool(judge[0].concurrency), T.TeacherRun()) if judge else (None, None)
-    judging = []
-    bar = tqdm(total=len(pending), desc=args.mode, unit="question", dynamic_ncols=True)
-    with open(path, "a", encoding="utf-8") as f:
+        raise UserError(f"{path}: {len(changed)} stored predictions (e.g. id {changed[0]}) were made from other "
+                        f"prompts (data or templates changed); use another --out")
+    context, budget = model.config.max_position_embeddings, 0 if args.mode == "direct" else args.max_new_tokens
+    todo = sorted((row for row in rows if row["id"] not in done), key=lambda row: -len(prompts[row["id"]].ids))
+    too_long = [row for row in todo if len(prompts[row["id"]].ids) + budget > context]
+    todo = [row for row in todo if len(prompts[row["id"]].ids) + budget <= context]
+    predict = partial(predict_direct, candidates=answer_token_ids(tokenizer)) if args.mode == "direct" \
+        else partial(predict_generate, args=args)
+    batches = (predict(model, tokenizer, todo[i:i + args.batch_size], prompts)
+               for i in range(0, len(todo), args.batch_size))
+    with open(path, "a", encoding="utf-8") as f, \
+            tqdm(total=len(too_long) + len(todo), desc=args.mode, unit="question", dynamic_ncols=True) as bar:
         def write(records):
             for rec in records:
-                T.append_jsonl(f, rec)
+                append_jsonl(f, rec)
             bar.update(len(records))
 
-        try:
-            too_long = [r for r in pending if len(prompts[r["id"]][1]) + budget > context]
-            write([record(r, args.mode, prompts[r["id"]][0], skipped="prompt_too_long",
-                          skip_detail=f"{len(prompts[r['id']][1])} prompt tokens + {budget} new > context {context}")
-                   for r in too_long])
-            pending = [r for r in pending if len(prompts[r["id"]][1]) + budget <= context]
-            for start in range(0, len(pending), args.batch_size):
-                batch = pending[start:start + args.batch_size]
-                if args.mode == "direct":
-                    write(predict_direct(model, tokenizer, batch, prompts, candidates))
-                    continue
-                records = predict_generate(model, tokenizer, batch, prompts, args)
-                if submit is None:
-                    write(records)
-                    continue
-                # The judge works in threads while the GPU generates the next batch.
-                judging += [submit(judge_one, judge, row, rec, judge_run) for row, rec in zip(batch, records)]
-                finished = {fut for fut in judging if fut.done()}  # one snapshot: none dropped or written twice
-                judging = [fut for fut in judging if fut not in finished]
-                write([fut.result() for fut in finished])
-            for fut in as_completed(judging):
-                judging.remove(fut)
-                write([fut.result()])
-        except BaseException:  # Ctrl-C or a fatal judge error: stop the judge, keep the verdicts already in
-            if submit:
-                judge_run.stop.set()
-                write([fut.result() for fut in judging if fut.done() and not fut.cancelled() and not fut.exception()])
-            raise
-        finally:
-            bar.close()
-            if submit:
-                for fut in judging:
-                    fut.cancel()
-                submit(None)
+        write([record(row, args.mode, prompts[row["id"]], skipped="prompt_too_long",
+                      skip_detail=f"{len(prompts[row['id']].ids)} prompt tokens + {budget} new > context {context}")
+               for row in too_long])
+        if judge:
+            judge_while_generating(judge, {row["id"]: row for row in rows}, batches, write)
+        else:
+            for records in batches:
+                write(records)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,12 +398,10 @@ def protocol_of(predictions):
 
 
 def score(predictions, rows, dropped=()) -> dict:
-    """Accuracy overall, by single/multiple answer and by each annotation column present, over the `rows` that
-    have a scored prediction (`credited` says which are right); records skipped (prompt too long, judge failure)
-    are counted by reason and left out, rows with no prediction counted as missing. Also: the accuracy with every
-    skipped, missing or truncated question counted wrong (strict) and on finished replies only, the rows `dropped`
-    at load ([(where, reason)]), predicted vs gold letter counts, direct mode's mean answer mass, and the questions
-    that need their options. Refuses (ValueError) duplicates, mixed protocols and non-finite direct-mode scores."""
+    """The report of `predictions` on `rows` (README: "Evaluation on CMExam"): accuracy over the questions with a
+    scored prediction (`credited` says which are right), overall and by group; records skipped (prompt too long,
+    judge failure) counted by reason and left out, rows without a prediction counted as missing, `dropped` the rows
+    load_cmexam skipped ([(where, reason)]). Refuses duplicates, mixed protocols and non-finite direct-mode scores."""
     by_id = {}
     for rec in predictions:
         if rec["id"] in by_id:
@@ -423,53 +414,44 @@ def score(predictions, rows, dropped=()) -> dict:
     if nonfinite:
         raise ValueError(f"non-finite scores in {len(nonfinite)} predictions (e.g. id {nonfinite[0]}): the model "
                          "produced NaN/inf logits; refusing to score")
-    columns = [c for c in ANNOTATION_COLUMNS if any(c in row for row in rows)]
-    overall, finished_only, kinds, groups = [], [], defaultdict(list), {c: defaultdict(list) for c in columns}
-    skipped, missing, no_answer, truncated, masses = Counter(), 0, 0, 0, []
-    letters, options, need_stem, need_gold = {x: Counter() for x in T.LETTERS}, defaultdict(list), 0, 0
-    for row in rows:
-        rec = by_id.get(row["id"])
-        if rec is None:
-            missing += 1
-            continue
-        if rec.get("skipped"):
-            skipped[rec["skipped"]] += 1
-            continue
-        correct = credited(rec, row["answer"])
-        if mode != "judge":
-            no_answer += not rec["extracted"]
-            for x in row["answer"]:
-                letters[x]["gold"] += 1
-            for x in set(rec["extracted"]):
-                letters[x]["predicted"] += 1
-        masses += [rec["answer_mass"]] if "answer_mass" in rec else []
-        truncated += rec.get("finished") is False
-        if rec.get("finished") is not False:
-            finished_only.append(correct)
-        overall.append(correct)
-        kinds["multiple" if len(row["answer"]) > 1 else "single"].append(correct)
-        for c in columns:
-            value = str(row.get(c) or "").strip()
-            groups[c][value if value.lower() not in ("", "nan") else "(missing)"].append(correct)
-        stem, gold = needs_options(row)
-        need_stem, need_gold = need_stem + stem, need_gold + gold
-        options["needs" if stem or gold else "rest"].append(correct)
-    scored = len(overall)
+    present = [(row, by_id[row["id"]]) for row in rows if row["id"] in by_id]
+    scored = [(row, rec) for row, rec in present if not rec.get("skipped")]
+    right = [credited(rec, row["answer"]) for row, rec in scored]
+    needs = [needs_options(row) for row, _ in scored]  # (stem, gold text)
+
+    def where(keep):  # accuracy on the scored questions (row, rec) that keep() keeps
+        return _stats([ok for (row, rec), ok in zip(scored, right) if keep(row, rec)])
+
+    def by_value(column):  # accuracy per value of an annotation column, largest group first
+        groups = defaultdict(list)
+        for (row, _), ok in zip(scored, right):
+            value = str(row.get(column) or "").strip()
+            groups[value if value.lower() not in ("", "nan") else "(missing)"].append(ok)
+        return {v: _stats(o) for v, o in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))}
+
+    n, truncated = len(scored), sum(rec.get("finished") is False for _, rec in scored)
+    no_answer = sum(not rec["extracted"] for _, rec in scored)
+    letters = {x: Counter({"gold": sum(x in row["answer"] for row, _ in scored),
+                           "predicted": sum(x in rec["extracted"] for _, rec in scored)}) for x in LETTERS}
+    masses = [rec["answer_mass"] for _, rec in scored if "answer_mass" in rec]
     return {
         "protocol": protocol, "protocol_description": PROTOCOLS.get(mode) if mode != "judge" else
         f"{PROTOCOLS['judge']}; {JUDGE_PROTOCOLS[protocol.split('/')[1]]}", "questions": len(rows),
-        "scored": scored, "missing": missing, "skipped": dict(skipped), "overall": _stats(overall),
-        "strict": _stats(overall + [False] * (len(rows) - scored)), "finished_only": _stats(finished_only),
-        "answer_type": {kind: _stats(kinds[kind]) for kind in ("single", "multiple")},
-        "columns": {c: {v: _stats(o) for v, o in sorted(groups[c].items(), key=lambda kv: (-len(kv[1]), kv[0]))}
-                    for c in columns},
-        "no_answer": None if mode == "judge" else {"n": no_answer, "share": no_answer / scored if scored else None},
-        "truncated": {"n": truncated, "share": truncated / scored if scored else None},
+        "scored": n, "missing": len(rows) - len(present),
+        "skipped": dict(Counter(rec["skipped"] for _, rec in present if rec.get("skipped"))),
+        "overall": _stats(right), "strict": _stats(right + [False] * (len(rows) - n)),
+        "finished_only": where(lambda row, rec: rec.get("finished") is not False),
+        "answer_type": {"single": where(lambda row, rec: len(row["answer"]) == 1),
+                        "multiple": where(lambda row, rec: len(row["answer"]) > 1)},
+        "columns": {c: by_value(c) for c in ANNOTATION_COLUMNS if any(c in row for row in rows)},
+        "no_answer": None if mode == "judge" else {"n": no_answer, "share": no_answer / n if n else None},
+        "truncated": {"n": truncated, "share": truncated / n if n else None},
         "dropped_at_load": {"n": len(dropped), "reasons": dict(Counter(reason for _, reason in dropped))},
-        "letters": None if mode == "judge" else {x: dict(letters[x]) for x in T.LETTERS},
+        "letters": None if mode == "judge" else {x: dict(+letters[x]) for x in LETTERS},  # + drops zero counts
         "answer_mass_mean": sum(masses) / len(masses) if masses else None,
-        "needs_options": {"stem": need_stem, "gold_text": need_gold, "needs": _stats(options["needs"]),
-                          "rest": _stats(options["rest"])},
+        "needs_options": {"stem": sum(stem for stem, _ in needs), "gold_text": sum(gold for _, gold in needs),
+                          "needs": _stats([ok for ok, need in zip(right, needs) if any(need)]),
+                          "rest": _stats([ok for ok, need in zip(right, needs) if not any(need)])},
     }
 
 
@@ -546,13 +528,9 @@ def mcnemar_exact(b, c):
 
 
 def compare_predictions(preds_a, preds_b) -> dict:
-    """Paired comparison of two prediction lists (records of eval_cmexam's predictions files) of one protocol.
-
-    Returns a dict: protocol; n, the questions scored in both (in both lists, skipped in neither, same gold); their
-    split both_right + only_a + only_b + neither = n; accuracy_a, accuracy_b on those n; difference = accuracy_a -
-    accuracy_b; ci95, its paired 95% interval (paired_ci, Newcombe's method 10); mcnemar_p, the exact McNemar
-    p-value (two-sided binomial on only_a vs only_b); only_in_a / only_in_b, questions in one list alone; skipped_a
-    / skipped_b, questions in both that one run skipped (left out of n)."""
+    """Paired comparison of two prediction lists of one protocol, on the n questions both scored (same gold, skipped
+    in neither): the 2x2 table, both accuracies, their difference with paired_ci and mcnemar_exact, and how many
+    questions were left out (in one list alone, or skipped by one run)."""
     protocols = protocol_of(preds_a), protocol_of(preds_b)
     if protocols[0] != protocols[1]:
         raise ValueError(f"cannot pair runs of different protocols: {protocols[0]} vs {protocols[1]}")
@@ -563,21 +541,22 @@ def compare_predictions(preds_a, preds_b) -> dict:
         raise ValueError(f"{len(differ)} questions (e.g. id {differ[0]}) have other gold answers: not the same data")
     paired = [i for i in both if not a[i].get("skipped") and not b[i].get("skipped")]
     table = Counter((credited(a[i]), credited(b[i])) for i in paired)
-    cells = table[True, True], table[True, False], table[False, True], table[False, False]
+    both_right, only_a, only_b, neither = table[True, True], table[True, False], table[False, True], table[False, False]
     n = len(paired)
-    return {"protocol": protocols[0], "n": n, "both_right": cells[0], "only_a": cells[1], "only_b": cells[2],
-            "neither": cells[3], "accuracy_a": (cells[0] + cells[1]) / n if n else None,
-            "accuracy_b": (cells[0] + cells[2]) / n if n else None,
-            "difference": (cells[1] - cells[2]) / n if n else None, "ci95": paired_ci(*cells),
-            "mcnemar_p": mcnemar_exact(cells[1], cells[2]), "only_in_a": len(a) - len(both),
+    return {"protocol": protocols[0], "n": n, "both_right": both_right, "only_a": only_a, "only_b": only_b,
+            "neither": neither, "accuracy_a": (both_right + only_a) / n if n else None,
+            "accuracy_b": (both_right + only_b) / n if n else None,
+            "difference": (only_a - only_b) / n if n else None, "ci95": paired_ci(both_right, only_a, only_b, neither),
+            "mcnemar_p": mcnemar_exact(only_a, only_b), "only_in_a": len(a) - len(both),
             "only_in_b": len(b) - len(both), "skipped_a": sum(bool(a[i].get("skipped")) for i in both),
             "skipped_b": sum(bool(b[i].get("skipped")) for i in both)}
 
 
 def format_comparison(c, name_a="A", name_b="B") -> str:
+    def acc(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
     diff = "-" if c["difference"] is None else f"{100 * c['difference']:+.1f} points"
     ci = "" if c["ci95"] is None else f", 95% CI [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] (paired)"
-    acc = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     return "\n".join([
         f"paired comparison, protocol {c['protocol']}: A = {name_a}, B = {name_b}",
         f"{c['n']} questions scored in both    B right  B wrong",
@@ -604,31 +583,28 @@ def predictions_file(path):
 
 
 def calibrate(judge, rows, cot_path, out_path) -> dict:
-    """Judge the cot replies of `cot_path` whose exact-match verdict is known (scored, finished) with this judge
-    protocol, and count how often the judge agrees with exact match (and Cohen's kappa). Resumable like a run:
-    out_path gets one record per question, and failed judge calls are judged again on the next run."""
+    """Judge the cot replies of `cot_path` whose exact-match verdict is known (scored, finished), and count how
+    often the judge agrees with exact match (and Cohen's kappa). Resumable like a run."""
     rows_by_id = {row["id"]: row for row in rows}
-    known = [rec for rec in read_predictions(predictions_file(cot_path)) if rec["id"] in rows_by_id
+    known = [rec for rec in read_jsonl(predictions_file(cot_path)) if rec["id"] in rows_by_id
              and rec["mode"] == "cot" and not rec.get("skipped") and rec.get("finished") is not False]
     rejudge(judge, rows_by_id, out_path)
-    done = {rec["id"] for rec in read_predictions(out_path)}
-    todo = [{**rec, "mode": "judge", "judge_protocol": judge[1], "exact_match": credited(rec)}
-            for rec in known if rec["id"] not in done]
-    with open(out_path, "a", encoding="utf-8") as f, ThreadPoolExecutor(judge[0].concurrency) as pool:
-        for rec in pool.map(lambda rec: judge_one(judge, rows_by_id[rec["id"]], rec), todo):
-            T.append_jsonl(f, rec)
-    judged = [rec for rec in read_predictions(out_path) if not rec.get("skipped")]
-    cells = Counter((bool(rec["correct"]), rec["exact_match"]) for rec in judged)
-    n = len(judged)
-    agree = cells[True, True] + cells[False, False]
-    chance = ((cells[True, True] + cells[True, False]) * (cells[True, True] + cells[False, True]) +
-              (cells[False, True] + cells[False, False]) * (cells[True, False] + cells[False, False])) / n ** 2 \
-        if n else None
-    return {"protocol": f"judge/{judge[1]}", "cot_predictions": str(cot_path), "judged": n,
-            "judge_failures": len(known) - n, "agreement": agree / n if n else None,
-            "kappa": (agree / n - chance) / (1 - chance) if n and chance < 1 else None,
-            "judge_right_exact_right": cells[True, True], "judge_right_exact_wrong": cells[True, False],
-            "judge_wrong_exact_right": cells[False, True], "judge_wrong_exact_wrong": cells[False, False]}
+    done = {rec["id"] for rec in read_jsonl(out_path)}
+    todo = [{**rec, "mode": "judge", "exact_match": credited(rec)} for rec in known if rec["id"] not in done]
+    with open(out_path, "a", encoding="utf-8") as f:
+        for rec in judged(judge, rows_by_id, todo):
+            append_jsonl(f, rec)
+    scored = [rec for rec in read_jsonl(out_path) if not rec.get("skipped")]
+    cells = Counter((bool(rec["correct"]), rec["exact_match"]) for rec in scored)  # (judge, exact match)
+    rr, rw, wr, ww = cells[True, True], cells[True, False], cells[False, True], cells[False, False]
+    n = len(scored)
+    agree = (rr + ww) / n if n else None
+    chance = ((rr + rw) * (rr + wr) + (wr + ww) * (rw + ww)) / n ** 2 if n else None  # Cohen's, from the margins
+    return {"protocol": f"judge/{judge.protocol}", "cot_predictions": str(cot_path), "judged": n,
+            "judge_failures": len(known) - n, "agreement": agree,
+            "kappa": (agree - chance) / (1 - chance) if n and chance < 1 else None,
+            "judge_right_exact_right": rr, "judge_right_exact_wrong": rw, "judge_wrong_exact_right": wr,
+            "judge_wrong_exact_wrong": ww}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,91 +612,111 @@ def calibrate(judge, rows, cot_path, out_path) -> dict:
 
 
 def select_rows(path, limit=None, sample=None, seed=0, return_dropped=False):
-    rows, dropped = T.load_cmexam(path, return_skipped=True)
-    if len({row["id"] for row in rows}) != len(rows):
-        raise T.UserError(f"{path}: question ids are not unique, so predictions could not be matched or resumed")
+    rows, dropped = load_cmexam(path, return_skipped=True)
+    check_unique_ids(rows, path)
     if sample is not None:
         picked = set(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
         rows = [row for i, row in enumerate(rows) if i in picked]
     return (rows[:limit], dropped) if return_dropped else rows[:limit]
 
 
+def compare_runs(a, b, out=None) -> dict:
+    files = [predictions_file(p) for p in (a, b)]
+    result = {**compare_predictions(*map(read_jsonl, files)), "a": str(files[0]), "b": str(files[1])}
+    print(format_comparison(result, *files))
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+def load_student(args):
+    """The model (model.load, or a Server at --base-url) and its tokenizer; refuses a mismatched vocabulary and
+    non-finite weights."""
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if args.base_url:
+        config = ModelConfig.from_hf(json.loads((Path(args.model) / "config.json").read_text()))
+        try:
+            name = args.served_model or served_models(args.base_url)[0]
+        except (TeacherError, IndexError) as e:
+            raise SystemExit(f"{args.base_url}/v1/models did not list a model ({e!r}); is the server up?") from None
+        model = Server(args.base_url, name, config, args.server_concurrency)
+    else:
+        model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
+    broken = [] if args.base_url else [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise UserError(f"{args.model}: non-finite weights in {len(broken)} tensors (e.g. {broken[0]}): refusing to "
+                        "score a broken checkpoint")
+    return model, tokenizer
+
+
 def main(argv=None):
-    parser = T.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="Hugging Face Qwen2 checkpoint folder")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
     parser.add_argument("--data", help="CMExam .csv/.json/.jsonl (official test_with_annotations.csv)")
     parser.add_argument("--out", help="folder for <mode>.predictions.jsonl, .report.json, .run.json")
     parser.add_argument("--mode", choices=PROTOCOLS, default="cot")
     parser.add_argument("--judge-protocol", choices=JUDGE_PROTOCOLS, default="authors",
-                        help="judge mode: the authors' scripts exactly (the only judged numbers published), or our "
-                             "stricter rubric variant")
+                        help="judge mode: the authors' scripts exactly, or our stricter rubric")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="paired comparison of two prediction files (or run folders) of one protocol; "
                              "writes <out>/compare.json if --out is given")
     parser.add_argument("--judge-calibrate", metavar="COT_PREDICTIONS",
-                        help="judge mode without a model: judge these cot replies and report agreement with exact "
-                             "match")
+                        help="judge mode without a model: judge these cot replies, report agreement with exact match")
     pick = parser.add_mutually_exclusive_group()
-    pick.add_argument("--limit", type=T.positive_int, help="only the first N questions of the file")
-    pick.add_argument("--sample", type=T.positive_int, help="a random N questions (seeded by --sample-seed)")
+    pick.add_argument("--limit", type=positive_int, help="only the first N questions of the file")
+    pick.add_argument("--sample", type=positive_int, help="a random N questions (seeded by --sample-seed)")
     parser.add_argument("--sample-seed", type=int, default=0, help="for --sample")
     parser.add_argument("--seed", type=int, default=0, help="for sampling at --temperature > 0")
-    parser.add_argument("--batch-size", type=T.positive_int, default=32, help="questions per generate call / forward pass")
-    parser.add_argument("--max-new-tokens", type=T.positive_int,
-                        help="(default: 8192 for cot and rubric, the longest reply of the Stage 1 data, see "
-                             "STUDENT_SAMPLING; 450 for authors)")
-    parser.add_argument("--temperature", type=T.nonnegative_float,
-                        help="(default: 0 = greedy for cot and rubric, 0.7 for authors)")
-    parser.add_argument("--top-p", type=T.probability, help="(default: 1.0 for cot and rubric, 0.9 for authors)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="questions per generate call / forward")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="(default: 8192; 450 for authors)")
+    parser.add_argument("--temperature", type=nonnegative_float, help="(default: 0 = greedy; 0.7 for authors)")
+    parser.add_argument("--top-p", type=probability, help="(default: 1.0; 0.9 for authors)")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--base-url", help="cot/judge: generate with this OpenAI-compatible server (e.g. `vllm "
-                        "serve MODEL --dtype bfloat16`; key, if any, from $OPENAI_API_KEY), not model.generate")
+    parser.add_argument("--base-url", help="cot/judge: generate with this OpenAI-compatible server (vLLM; key, if "
+                        "any, from $OPENAI_API_KEY), not model.generate")
     parser.add_argument("--served-model", help="the model name the server serves (default: the first it lists)")
     parser.add_argument("--server-concurrency", type=int, default=64, help="requests in flight to --base-url")
-    for field in dataclasses.fields(T.TeacherConfig):  # the judge endpoint, judge mode only
-        per_protocol = field.name in JUDGE_SAMPLING["authors"]  # default: JUDGE_SAMPLING[--judge-protocol]
-        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=T.teacher_arg_type(field),
+    for field in dataclasses.fields(TeacherConfig):  # the judge endpoint, judge mode only
+        per_protocol = field.name in JUDGE_SAMPLING["authors"]
+        parser.add_argument("--judge-" + field.name.replace("_", "-"), type=teacher_arg_type(field),
                             default=None if per_protocol else field.default,
                             help=f"judge mode: TeacherConfig.{field.name}" + (" (default: per --judge-protocol)"
                                                                               if per_protocol else ""))
     parser.add_argument("--judge-allowed-token-ids", default=",".join(map(str, AUTHORS_VERDICT_IDS)),
-                        help="authors: the judge tokenizer's ids of '1' and '2', sent as vLLM's allowed_token_ids "
-                             "with top_k 2 as ForJudge.py does; 'none' for a server that rejects those fields")
+                        help="authors: the judge's ids of '1' and '2', sent as vLLM's allowed_token_ids with top_k 2 "
+                             "as ForJudge.py does; 'none' for a server that rejects those fields")
     args = parser.parse_args(argv)
     if args.base_url and args.mode == "direct":
         parser.error("--base-url generates (cot, judge); direct mode reads next-token scores from the model itself")
-
     if args.compare:
-        files = [predictions_file(p) for p in args.compare]
-        result = {**compare_predictions(*(read_predictions(f) for f in files)), "a": str(files[0]), "b": str(files[1])}
-        print(format_comparison(result, *files))
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result))
-        return result
+        return compare_runs(*args.compare, args.out)
     if not args.data or not args.out or not (args.model or args.judge_calibrate):
         parser.error("--data, --out and --model are required (--model not with --judge-calibrate)")
-    student = STUDENT_SAMPLING[args.judge_protocol if args.mode == "judge" else "cot"]
-    for name, value in zip(("max_new_tokens", "temperature", "top_p"), student):
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    defaults = {**STUDENT_SAMPLING[args.judge_protocol if args.mode == "judge" else "cot"],
+                **{"judge_" + name: value for name, value in JUDGE_SAMPLING[args.judge_protocol].items()}}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     rows, dropped = select_rows(args.data, args.limit, args.sample, args.sample_seed, return_dropped=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    T.lock_output(out / f"{args.mode}.predictions.jsonl")  # one writer per mode: two would append twice
-    judge_cfg = T.TeacherConfig(**{f.name: getattr(args, "judge_" + f.name) if getattr(args, "judge_" + f.name)
-                                   is not None else JUDGE_SAMPLING[args.judge_protocol][f.name]
-                                   for f in dataclasses.fields(T.TeacherConfig)})
+    path = out / f"{args.mode}.predictions.jsonl"
+    lock_output(path)  # one writer per mode: two would append twice
     extra = {}
     if args.judge_protocol == "authors" and args.judge_allowed_token_ids.lower() != "none":
         extra = {"top_k": 2, "allowed_token_ids": [int(i) for i in args.judge_allowed_token_ids.split(",")]}
-    judge = (judge_cfg, args.judge_protocol, extra)
+    cfg = TeacherConfig(**{f.name: getattr(args, "judge_" + f.name) for f in dataclasses.fields(TeacherConfig)})
+    judge = Judge(cfg, args.judge_protocol, extra)
     if args.judge_calibrate:
-        path = out / f"judge-{args.judge_protocol}.calibration.jsonl"
-        result = calibrate(judge, rows, args.judge_calibrate, path)
-        path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        calibration = out / f"judge-{args.judge_protocol}.calibration.jsonl"
+        result = calibrate(judge, rows, args.judge_calibrate, calibration)
+        calibration.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result))
         return result
     # Settings that change a prediction: a resumed run must use the same ones, or its file would mix two runs.
@@ -729,45 +725,23 @@ def main(argv=None):
         settings.update(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed if args.temperature > 0 else None)
     if args.mode == "judge":
-        settings.update(judge_protocol=args.judge_protocol, judge_model=judge_cfg.model,
-                        judge_temperature=judge_cfg.temperature, judge_top_p=judge_cfg.top_p,
-                        judge_max_tokens=judge_cfg.max_tokens, judge_extra=extra)
+        settings.update(judge_protocol=args.judge_protocol, judge_model=judge.cfg.model,
+                        judge_temperature=judge.cfg.temperature, judge_top_p=judge.cfg.top_p,
+                        judge_max_tokens=judge.cfg.max_tokens, judge_extra=extra)
     if args.base_url:  # the server's own numerics (and dtype) make the predictions
         settings.update(server=args.base_url, dtype=None)
     run_file = out / f"{args.mode}.run.json"
-    if run_file.exists() and json.loads(run_file.read_text()) != settings:
-        raise T.UserError(f"{run_file} holds other settings: {run_file.read_text()}; use another --out to compare")
-
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if args.base_url:
-        config = ModelConfig.from_hf(json.loads((Path(args.model) / "config.json").read_text()))
-        try:
-            name = args.served_model or T.served_models(args.base_url)[0]
-        except (T.TeacherError, IndexError) as e:
-            raise SystemExit(f"{args.base_url}/v1/models did not list a model ({e!r}); is the server up?") from None
-        model = T.Server(args.base_url, name, config, args.server_concurrency)
-    else:
-        model = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise T.UserError(f"tokenizer has {tokenizer.get_vocab_size()} ids, model only {model.config.vocab_size}")
-    broken = [] if isinstance(model, T.Server) else [name for name, p in model.named_parameters()
-                                                     if not torch.isfinite(p).all()]
-    if broken:
-        raise T.UserError(f"{args.model}: non-finite weights in {len(broken)} tensors (e.g. {broken[0]}): refusing to "
-                          "score a broken checkpoint")
-    path = out / f"{args.mode}.predictions.jsonl"
-    if args.mode == "judge":
-        n = rejudge(judge, {row["id"]: row for row in rows}, path)
-        if n:
-            print(f"re-judged {n} stored replies whose judge call had failed")
-    run_file.write_text(json.dumps(settings, indent=2) + "\n")  # only now: a mistyped --model records nothing
+    check_settings(run_file, settings, write=False)
+    model, tokenizer = load_student(args)
+    if args.mode == "judge" and (n := rejudge(judge, {row["id"]: row for row in rows}, path)):
+        print(f"re-judged {n} stored replies whose judge call had failed")
+    check_settings(run_file, settings)  # written only now: a mistyped --model records nothing
     run(model, tokenizer, rows, args, path, judge if args.mode == "judge" else None)
-
-    report = {**score(read_predictions(path), rows, dropped), "settings": {**settings, "data": args.data}}
+    report = {**score(read_jsonl(path), rows, dropped), "settings": {**settings, "data": args.data}}
     (out / f"{args.mode}.report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     print(format_report(report))
     return report
 
 
 if __name__ == "__main__":
-    T.run_main(main)
+    run_main(main)

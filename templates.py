@@ -79,6 +79,13 @@ def special_ids(tokenizer) -> dict:
     return ids
 
 
+def stop_ids(tokenizer) -> tuple:
+    """The ids a reply ends on, end of turn then end of text: STOP_IDS for Qwen's tokenizer, others for a miniature
+    or test tokenizer (so never STOP_IDS itself where the tokenizer is at hand)."""
+    ids = special_ids(tokenizer)
+    return ids["im_end"], ids["endoftext"]
+
+
 def encode_chat(tokenizer, messages):
     """Token ids of chat(messages, add_generation_prompt=False) and a same-length list of bools, True exactly on
     the tokens of every assistant message's content and its closing <|im_end|> (mask[i]: ids[i] is a target,
@@ -98,9 +105,10 @@ def reply_text(tokenizer, new_ids, head=()) -> tuple:
     """(text, finished) of a sampled reply: finished = it ended with a stop id (the model stopped itself rather than
     being cut off), which is then not part of the text. `head`: ids decoded in front (a reply continued mid-line
     decodes whole). Special tokens inside the reply are kept, so a stray <|im_start|> is seen, not hidden."""
-    finished = bool(new_ids) and new_ids[-1] in STOP_IDS
+    finished = bool(new_ids) and new_ids[-1] in stop_ids(tokenizer)
     ids = list(head) + list(new_ids[:-1] if finished else new_ids)
     return tokenizer.decode(ids, skip_special_tokens=False), finished
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # CMExam: official CSV (Question, Options, Answer, Explanation [+ 5 annotation columns in test]), JSON, JSONL

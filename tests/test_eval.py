@@ -341,7 +341,7 @@ def test_resume_after_limit_then_full_run(random_ckpt, tmp_path):
 
 
 def test_resume_after_a_crash_and_a_torn_last_line(random_ckpt, tmp_path, monkeypatch):
-    writes, append = [], T.append_jsonl
+    writes, append = [], E.append_jsonl
 
     def crash_after_seven(f, rec):
         if len(writes) == 7:
@@ -349,10 +349,10 @@ def test_resume_after_a_crash_and_a_torn_last_line(random_ckpt, tmp_path, monkey
         writes.append(rec["id"])
         append(f, rec)
 
-    monkeypatch.setattr(T, "append_jsonl", crash_after_seven)
+    monkeypatch.setattr(E, "append_jsonl", crash_after_seven)
     with pytest.raises(KeyboardInterrupt):
         run(random_ckpt, tmp_path, "--mode", "direct", "--batch-size", 4)
-    monkeypatch.setattr(T, "append_jsonl", append)
+    monkeypatch.setattr(E, "append_jsonl", append)
     path = tmp_path / "direct.predictions.jsonl"
     assert [r["id"] for r in read(path)] == writes
     with open(path, "a", encoding="utf-8") as f:
