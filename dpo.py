@@ -180,11 +180,12 @@ def load_pairs(path, tokenizer, max_length, max_prompt_length, truncate_rejected
 
 def collate(examples, pad_id, device="cpu"):
     """One micro-batch: the rows prompt + reply of the B chosen then the B rejected replies, in sft.collate_rows
-    (the mask on each reply); "units" = B pairs (train_step divides by the pairs of the whole step); the precomputed
-    reference log-probs "ref_logps" [2, B] if the examples carry them."""
+    (the mask on each reply); "units" = B pairs (train_step divides by the pairs of the whole step), "n_tokens" all
+    the rows' tokens (TRL's count: benchmarks/bench_dpo.py compares tokens/s); the precomputed reference log-probs
+    "ref_logps" [2, B] if the examples carry them."""
     rows = [(e["prompt"] + e[key], [False] * len(e["prompt"]) + [True] * len(e[key]))
             for key in ("chosen", "rejected") for e in examples]
-    batch = {**collate_rows(rows, pad_id, device), "units": len(examples)}
+    batch = {**collate_rows(rows, pad_id, device), "units": len(examples), "n_tokens": sum(len(r) for r, _ in rows)}
     if "ref_chosen" in examples[0]:
         batch["ref_logps"] = torch.tensor([[e["ref_chosen"] for e in examples],
                                            [e["ref_rejected"] for e in examples]], device=device)
@@ -332,8 +333,9 @@ def main(argv=None):
     loss_args = {k: getattr(args, k) for k in ("beta", "label_smoothing", "ipo", "rpo_alpha")}
     # Resuming needs the same pairs, loss and reference too (the reference path: a resumed policy loads from the
     # checkpoint, the reference from --ref-model / --model).
-    resume = resume_point(args, examples, **loss_args, reference=str(Path(args.ref_model or args.model).resolve()),
-                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, max_pairs=args.max_pairs)
+    checkpoint, start_step, settings = resume_point(
+        args, examples, **loss_args, reference=str(Path(args.ref_model or args.model).resolve()),
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, max_pairs=args.max_pairs)
     # The reference computes exactly as the policy does: FSDP mixed precision gathers the policy's fp32 weights as
     # bf16, so a sharded reference is stored bf16, and so is a LoRA base on GPU (the compute dtype); unsharded, the
     # policy's weights stay fp32 (under bf16 autocast on GPU), and so do the reference's. Else step 0 is not ln 2.
@@ -347,7 +349,8 @@ def main(argv=None):
     elif not args.lora_rank:
         ref = load_reference(args.ref_model or args.model, device, world_size, ref_dtype)
     fit(args, examples, functools.partial(collate, pad_id=pad_id, device=device),
-        functools.partial(batch_loss, ref=ref, **loss_args), device, *resume, desc="dpo", info=counts,
+        functools.partial(batch_loss, ref=ref, **loss_args), device, checkpoint, start_step, settings, desc="dpo",
+        info=counts,
         bar_keys=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
         length=lambda e: len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])))
 

@@ -167,8 +167,9 @@ def main(argv=None):
     vocab = read_config(args.init_config or args.model).get("vocab_size", ModelConfig.vocab_size)
     if top >= vocab:
         raise UserError(f"token ids reach {top} but the model's vocab is {vocab}")
+    checkpoint, start_step, settings = resume_point(args, examples)
     collate = functools.partial(collate_rows, pad_id=special_ids(tokenizer)["endoftext"], device=device)
-    fit(args, examples, collate, sft_loss, device, *resume_point(args, examples), desc="sft", info=counts,
+    fit(args, examples, collate, sft_loss, device, checkpoint, start_step, settings, desc="sft", info=counts,
         length=lambda example: len(example[0]))
 
 
@@ -315,11 +316,6 @@ def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precisio
                                                                          broadcast_from_rank0=True))
     model.activation_checkpointing = activation_checkpointing
     return model
-
-
-def model_dtype(args, device, lora):
-    """Parameters: fp32 master weights to train; with LoRA the frozen base in the compute dtype (bf16 on GPU)."""
-    return getattr(torch, args.dtype) if lora and device.type == "cuda" else torch.float32
 
 
 def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
@@ -541,41 +537,48 @@ def total_steps(args, n_examples):
     return args.steps if args.steps else math.ceil(args.epochs * n_examples / args.batch_size)
 
 
-def fit(args, examples, collate, loss_fn, device, checkpoint, start_step, settings, desc="train", info=None,
-        bar_keys=(), length=None):
-    """The rest of a run: the model from --model (or --init-config) and its AdamW, restored from `checkpoint` if
-    resuming (resume_point), trained from start_step to the last step, with a checkpoint every args.save_every steps
-    and at the end (out/final points to the last); then the process group ends. `info` goes into the metrics file's
-    start record, `bar_keys` (metric names) onto the progress bar, and `length(example)` (padded tokens it costs)
-    groups each step's examples into micro-batches."""
-    rank, world_size = get_rank(), get_world_size()
-    steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
-    init_config = getattr(args, "init_config", None)  # dpo.py has no --init-config
-    if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
-        sizes = torch.tensor([len(examples), -len(examples)], device=device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-        if sizes.tolist() != [len(examples), -len(examples)]:
-            raise RuntimeError(f"ranks hold between {-sizes[1]} and {sizes[0]} examples; they must agree")
-    lora = None if not args.lora_rank else LoRAConfig(
-        args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout,
-        tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+def trainable_model(args, device, world_size, checkpoint=None):
+    """The model to train and its AdamW: from --model (or --init-config), prepared (sharded), and restored exactly
+    (fp32 master weights, AdamW, RNG) from `checkpoint` when resuming."""
+    dtype, lora = getattr(torch, args.dtype), None
+    if args.lora_rank:
+        lora = LoRAConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout,
+                          tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     # A LoRA checkpoint's weights are merged; its resume rebuilds the base + the checkpoint's adapter instead.
     model = load_model(checkpoint, seed=args.seed) if checkpoint and not lora else \
-        load_model(args.model, init_config, seed=args.seed)
-    model = prepare_model(model, device, world_size, model_dtype(args, device, lora),
+        load_model(args.model, getattr(args, "init_config", None), seed=args.seed)  # dpo.py has no --init-config
+    # Parameters: fp32 master weights to train; with LoRA the frozen base in the compute dtype (bf16 on GPU).
+    model = prepare_model(model, device, world_size, dtype if lora and device.type == "cuda" else torch.float32,
                           mixed_precision=device.type == "cuda" and dtype == torch.bfloat16,
                           activation_checkpointing=args.activation_checkpointing, lora=lora,
                           adapter=checkpoint / "adapter" if lora and checkpoint else None)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     if checkpoint:
-        load_checkpoint(checkpoint, model, optimizer)
-        print0(f"resumed from {checkpoint} (step {start_step})")
+        step = load_checkpoint(checkpoint, model, optimizer)["step"]
+        print0(f"resumed from {checkpoint} (step {step})")
+    return model, optimizer
 
+
+def fit(args, examples, collate, loss_fn, device, checkpoint, start_step, settings, desc="train", info=None,
+        bar_keys=(), length=None):
+    """The rest of a run (after resume_point): train from start_step to the last step, with a checkpoint every
+    args.save_every steps and at the end (out/final points to the last); then the process group ends. `info` goes
+    into the metrics file's start record, `bar_keys` (metric names) onto the progress bar, and `length(example)`
+    (padded tokens it costs) groups each step's examples into micro-batches."""
+    rank, world_size = get_rank(), get_world_size()
+    steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
+    if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
+        sizes = torch.tensor([len(examples), -len(examples)], device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        if sizes.tolist() != [len(examples), -len(examples)]:
+            raise RuntimeError(f"ranks hold between {-sizes[1]} and {sizes[0]} examples; they must agree")
+    model, optimizer = trainable_model(args, device, world_size, checkpoint)
     warmup_steps = round(args.warmup * steps)
     # Saved with each checkpoint and checked on resume: the data position (= step) only means something for the
     # same examples, batch size and seed.
     data_state = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed, "steps": steps}
-    weights_dtype = save_dtype(args.save_dtype, dtype, device, init_config or Path(args.model) / "config.json")
+    source = getattr(args, "init_config", None) or Path(args.model) / "config.json"
+    weights_dtype = save_dtype(args.save_dtype, dtype, device, source)
     metrics = MetricsLog(Path(args.out) / "metrics.jsonl", start_step, rank == 0)
     metrics.write(event="start", step=start_step, world_size=world_size, **data_state, **(info or {}))
     bar = tqdm(total=steps, initial=start_step, desc=desc, disable=rank != 0, dynamic_ncols=True)
