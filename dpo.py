@@ -1,17 +1,12 @@
 """
-dpo.py: Stage 2 of MedCritical, Direct Preference Optimization on self-correction pairs, in plain PyTorch.
-
-The student fine-tuned by sft.py answered training questions; where it was wrong, the same model critiqued and
-corrected itself (selfplay.py). A correction that reached the gold answer is `chosen`, the wrong trajectory
-`rejected`. DPO (Rafailov et al. 2023, arXiv 2305.18290) trains the policy pi on these pairs against a frozen copy of
-its starting point, the reference ref:
+dpo.py: Stage 2 of MedCritical, Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) in plain
+PyTorch, on the self-correction pairs of selfplay.py (chosen: the student's correction that reached the gold answer;
+rejected: its wrong trajectory), against a frozen reference ref (the policy pi's starting point):
 
     loss = -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))))
 
-with log-probs SUMMED over the response tokens (model.token_logps: the head in chunks, never [tokens, vocab] whole).
-The MedCritical authors used this sigmoid loss with beta 0.3, a cosine schedule and 5% warmup, LoRA rank 8 and lr
-1e-5; the defaults here are for full fine-tuning of Qwen2.5-7B on 8 x 80 GB, --lora-rank gives the authors' recipe
-(the reference is then the policy with its adapters off: no second model).
+with log-probs SUMMED over the reply tokens. The training machinery (FSDP2, AdamW + cosine, checkpoints, resume) is
+sft.py's. With --lora-rank the reference is the policy with its adapters off (the authors' recipe: no second model).
 
     python dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo            # one process
     torchrun --nproc-per-node 8 dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo \\
@@ -19,11 +14,6 @@ The MedCritical authors used this sigmoid loss with beta 0.3, a cosine schedule 
     python dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo-lora --lora-rank 8 --lr 1e-5 \\
         --epochs 10 --min-lr-ratio 0 --batch-size 16 --max-length 2048 --max-pairs 1000   # the authors', 1 GPU
     python dpo.py --estimate-memory --model Qwen2.5-7B-Instruct --world-size 8   # per-rank memory, allocates nothing
-
-The data is the conversational preference JSONL that TRL reads, one pair a line, extra keys kept as metadata:
-    {"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", "content": ...}],
-     "rejected": [{"role": "assistant", "content": ...}], "question_id": ..., ...}
-The training machinery (FSDP2 wrap, AdamW, warmup + cosine, checkpoints and resume, metrics log) is sft.py's.
 """
 import contextlib
 import functools
@@ -38,11 +28,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import LOGPS_CHUNK, ModelConfig, load_tokenizer, lora_disabled, read_config
-from sft import (add_training_args, all_reduce_sum, autocast, build_optimizer, check_batch_sizes, fit, get_rank,
-                 init_distributed, load_checkpoint, load_model, lora_config, model_dtype, prepare_model, resume_point,
-                 run_settings, seed_all, teardown_distributed)
-from templates import (ArgumentParser, UserError, checked, encode_chat, lock_output, nonnegative_float, positive_float,
+from sft import (add_training_args, all_reduce_sum, autocast, collate_rows, fit, load_model, prepare_model, print0,
+                 resume_point, start_run, target_logps)
+from templates import (ArgumentParser, UserError, checked, encode_chat, nonnegative_float, positive_float,
                        positive_int, run_main, special_ids)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loss
@@ -75,43 +65,23 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sequence log-probs. A batch holds B pairs as 2B rows, the chosen rows then the rejected rows, right-padded to one
-# length T: tokens [2B, T], and mask [2B, T] True on the response tokens (targets, as encode_chat marks them).
-
-
-def scored_positions(mask):
-    """Position t predicts token t + 1, so the positions to score are those just before a response token."""
-    return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
-
-
-def sum_over_rows(token_logps, mask):
-    """[2B] row sums of per-position log-probs [n] given in the row-major order of scored_positions(mask)."""
-    rows = mask[:, 1:].nonzero()[:, 0]
-    return torch.zeros(len(mask), device=token_logps.device).index_add(0, rows, token_logps)
-
-
-def sequence_logps(logits, tokens, mask):
-    """log pi(response | prompt) per row [2B]: the SUM of log p(token) over the row's response tokens, in fp32.
-
-    logits [n, V] are the model's at the n scored_positions(mask), row-major. fp32, because the loss sees a small
-    difference of two sums over thousands of tokens and bf16 keeps 3 significant digits. Training does not call this:
-    concatenated_forward gets the same numbers from model.token_logps without the [n, V] logits."""
-    logits = logits.float()
-    targets = tokens[:, 1:][mask[:, 1:]]
-    return sum_over_rows(logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1), mask)
+# Sequence log-probs. A batch holds B pairs as 2B rows, the chosen rows then the rejected rows, right-padded: tokens
+# [2B, T] and mask [2B, T] True on the reply tokens (sft.py's convention: mask[t] says token t is scored).
 
 
 def concatenated_forward(model, batch):
-    """Chosen and rejected rows in ONE forward (one pass over the weights, which FSDP gathers once), split after.
-    Right padding is harmless: under the causal mask no real token attends to a later pad. -> ([B], [B])."""
-    tokens, mask = batch["tokens"], batch["mask"]
-    token_logps = model(tokens, logits_at=scored_positions(mask), targets=tokens[:, 1:][mask[:, 1:]])
-    return sum_over_rows(token_logps, mask).chunk(2)
+    """(log pi(y_c|x), log pi(y_r|x)), [B] each: per row, the SUM of log p(token) over its reply tokens, in fp32 (the
+    loss sees a small difference of two sums over thousands of tokens, and bf16 keeps 3 significant digits). Chosen
+    and rejected rows run in ONE forward (one pass over the weights, which FSDP gathers once)."""
+    token_logps = target_logps(model, batch["tokens"], batch["mask"])  # [n], row-major
+    rows = batch["mask"][:, 1:].nonzero()[:, 0]  # the row of each scored token
+    return torch.zeros(len(batch["mask"]), device=token_logps.device).index_add(0, rows, token_logps).chunk(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: preference JSONL -> token ids. The prompt tokens are those of chat(prompt + [reply]) before the reply, so a
-# pair shares them exactly; the reply is its content and <|im_end|>, all of them trained.
+# Data: the conversational preference JSONL TRL reads, one pair a line, extra keys kept as metadata:
+#     {"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", "content": ...}],
+#      "rejected": [{"role": "assistant", "content": ...}], "question_id": ..., ...}
 
 
 def as_messages(value, role, where):
@@ -123,27 +93,22 @@ def as_messages(value, role, where):
 
 
 def encode_pair(tokenizer, record, where):
-    """(prompt_ids, chosen_ids, rejected_ids) of one preference record."""
+    """(prompt_ids, chosen_ids, rejected_ids) of one preference record, as encode_chat tokenizes prompt + reply. It
+    tokenizes the reply apart from the template, so both replies follow the same prompt ids, and a reply's ids are
+    its content and <|im_end|> (the "\\n" after it conditions nothing: dropped)."""
     prompt = as_messages(record.get("prompt"), "user", f"{where} prompt")
     if prompt[-1]["role"] == "assistant":
         raise ValueError(f"{where}: the prompt ends with an assistant turn; the reply must be in chosen/rejected")
-    parts = []
+    replies = []
     for key in ("chosen", "rejected"):
         reply = as_messages(record.get(key), "assistant", f"{where} {key}")
         if len(reply) != 1 or reply[0]["role"] != "assistant":
             raise ValueError(f"{where}: {key} must be one assistant message")
         ids, mask = encode_chat(tokenizer, prompt + reply)
-        end = len(mask) - mask[::-1].index(True)  # the reply: the last run of trained tokens
-        start = end - mask[:end][::-1].index(False) if False in mask[:end] else 0
-        parts.append((ids[:start], ids[start:end]))  # the "\n" after <|im_end|> conditions nothing: dropped
-    (prompt_ids, chosen_ids), (prompt_ids_r, rejected_ids) = parts
-    assert prompt_ids == prompt_ids_r, f"{where}: chosen and rejected tokenize the prompt differently"
-    return prompt_ids, chosen_ids, rejected_ids
-
-
-def print0(*a):
-    if get_rank() == 0:
-        print(*a, flush=True)
+        end = max(i for i, trained in enumerate(mask) if trained) + 1  # past the reply's <|im_end|>
+        start = max(i for i, trained in enumerate(mask[:end]) if not trained) + 1  # past the prompt
+        replies.append(ids[start:end])
+    return ids[:start], *replies
 
 
 def through_first_wrong_line(tokenizer, chosen, rejected):
@@ -214,15 +179,13 @@ def load_pairs(path, tokenizer, max_length, max_prompt_length, truncate_rejected
 
 
 def collate(examples, pad_id, device="cpu"):
-    """One micro-batch: tokens and mask [2B, T], the B chosen rows then the B rejected rows, right-padded; the
-    precomputed reference log-probs [2, B] if the examples carry them; "units" (pairs) and "n_tokens" for
-    sft.train_step, which normalises the loss by the pairs of the whole step."""
-    rows = [e["prompt"] + e[key] for key in ("chosen", "rejected") for e in examples]
-    masks = [[False] * len(e["prompt"]) + [True] * len(e[key]) for key in ("chosen", "rejected") for e in examples]
-    T = max(map(len, rows))
-    batch = {"tokens": torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], device=device),
-             "mask": torch.tensor([m + [False] * (T - len(m)) for m in masks], device=device),
-             "units": len(examples), "n_tokens": sum(map(len, rows))}
+    """One micro-batch: the rows prompt + reply of the B chosen then the B rejected replies, in sft.collate_rows
+    (the mask on each reply); "units" = B pairs (train_step divides by the pairs of the whole step), "n_tokens" all
+    the rows' tokens (TRL's count: benchmarks/bench_dpo.py compares tokens/s); the precomputed reference log-probs
+    "ref_logps" [2, B] if the examples carry them."""
+    rows = [(e["prompt"] + e[key], [False] * len(e["prompt"]) + [True] * len(e[key]))
+            for key in ("chosen", "rejected") for e in examples]
+    batch = {**collate_rows(rows, pad_id, device), "units": len(examples), "n_tokens": sum(len(r) for r, _ in rows)}
     if "ref_chosen" in examples[0]:
         batch["ref_logps"] = torch.tensor([[e["ref_chosen"] for e in examples],
                                            [e["ref_rejected"] for e in examples]], device=device)
@@ -256,6 +219,8 @@ def reference_cache_path(args, dtype, device):
 
 
 @torch.no_grad()
+
+
 def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype):
     """[2, N] fp32 reference log-probs (chosen, rejected) of every pair, from the cache file or computed now. `dtype`
     is the reference's parameter dtype; it computes in the policy's compute dtype (--dtype)."""
@@ -265,7 +230,7 @@ def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype
     if all_reduce_sum(torch.tensor(float(path.is_file()), device=device)) == world_size:
         print0(f"reference log-probs: {path}")
         return torch.load(path, weights_only=True)
-    warn_if_precompute_does_not_fit(args, device, world_size)
+    warn_if_precompute_does_not_fit(args, device, world_size)  # the memory section, at the bottom
     ref = load_reference(args.ref_model or args.model, device, world_size, dtype)
     logps = torch.zeros(2, len(examples), dtype=torch.float64, device=device)
     mine, bs = list(range(rank, len(examples), world_size)), args.precompute_batch
@@ -292,23 +257,23 @@ def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype
 # Training
 
 
-def preference_loss(model, batch, args, ref=None):
+def batch_loss(model, batch, beta, label_smoothing=0.0, ipo=False, rpo_alpha=0.0, ref=None):
     """(sum over the micro-batch's pairs of the loss, {metric: sum}) for sft.train_step, which divides by the
-    number of pairs in the whole optimizer step (all micro-batches, all ranks). The reference: the batch's
-    precomputed "ref_logps", else the model `ref`, else (LoRA) the policy with its adapters off."""
+    pairs of the whole optimizer step. The reference: the batch's precomputed "ref_logps", else the model `ref`,
+    else (LoRA) the policy with its adapters off. ipo, rpo_alpha: see dpo_loss and below."""
     if "ref_logps" in batch and ref is None:
         ref_chosen, ref_rejected = batch["ref_logps"]
     else:  # first, so that its (no-grad) logits and activations are gone before the policy's graph is built
         with torch.no_grad(), contextlib.nullcontext() if ref is not None else lora_disabled(model):
             ref_chosen, ref_rejected = concatenated_forward(model if ref is None else ref, batch)
     chosen, rejected = concatenated_forward(model, batch)
-    n_tokens = batch["mask"][:, 1:].sum(-1).view(2, -1)  # response tokens of the chosen / rejected rows
+    n_tokens = batch["mask"][:, 1:].sum(-1).view(2, -1)  # reply tokens of the chosen / rejected rows
     logps = torch.stack([chosen, rejected, ref_chosen, ref_rejected])
-    if args.ipo:  # per-token means, as the IPO authors and TRL use them (see dpo_loss)
+    if ipo:  # per-token means, as the IPO authors and TRL use them (see dpo_loss)
         logps = logps / n_tokens.repeat(2, 1)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(*logps, args.beta, args.label_smoothing, args.ipo)
-    if args.rpo_alpha:  # Iterative RPO (Pang et al. 2024, eq. 3): + alpha * the chosen reply's NLL per token
-        losses = losses - args.rpo_alpha * chosen / n_tokens[0]
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*logps, beta, label_smoothing, ipo)
+    if rpo_alpha:  # Iterative RPO (Pang et al. 2024, eq. 3): + alpha * the chosen reply's NLL per token
+        losses = losses - rpo_alpha * chosen / n_tokens[0]
     return losses.sum(), {
         "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
@@ -355,14 +320,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.estimate_memory:
-        cfg = ModelConfig.from_hf(read_config(args.model))
-        return print_memory(cfg, args.world_size, args.micro_batch_size, args.max_length, args.lora_rank or 8,
-                            args.precompute_batch)
-    rank, world_size, device = init_distributed()
-    if rank == 0:  # one run per folder: a second one (or an orphan of a killed one) would interleave checkpoints
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        lock_output(args.out)
-    check_batch_sizes(args, world_size)
+        return print_memory(ModelConfig.from_hf(read_config(args.model)), args.world_size, args.micro_batch_size,
+                            args.max_length, args.lora_rank or 8, args.precompute_batch)
+    rank, world_size, device = start_run(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     pad_id = special_ids(tokenizer)["endoftext"]  # any id: padding is masked and after every real token
     examples, counts = load_pairs(args.data, tokenizer, args.max_length, args.max_prompt_length,
@@ -370,48 +330,36 @@ def main(argv=None):
     if args.max_pairs and len(examples) > args.max_pairs:  # LLaMA-Factory's max_samples (the authors': 1000)
         counts["left_out_by_max_pairs"], examples = len(examples) - args.max_pairs, examples[:args.max_pairs]
     print0(f"{args.data}: {json.dumps(counts)}")
+    loss_args = {k: getattr(args, k) for k in ("beta", "label_smoothing", "ipo", "rpo_alpha")}
     # Resuming needs the same pairs, loss and reference too (the reference path: a resumed policy loads from the
     # checkpoint, the reference from --ref-model / --model).
-    settings = run_settings(args, examples, beta=args.beta, label_smoothing=args.label_smoothing, ipo=args.ipo,
-                            rpo_alpha=args.rpo_alpha, reference=str(Path(args.ref_model or args.model).resolve()),
-                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, max_pairs=args.max_pairs)
-    checkpoint, start_step = resume_point(args, examples, settings)
-    seed_all(args.seed + rank)  # LoRA's A is drawn on rank 0 (and broadcast): the same on 1 or N ranks
-    dtype, lora = getattr(torch, args.dtype), lora_config(args)
-    mixed_precision = device.type == "cuda" and dtype == torch.bfloat16
+    checkpoint, start_step, settings = resume_point(
+        args, examples, **loss_args, reference=str(Path(args.ref_model or args.model).resolve()),
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, max_pairs=args.max_pairs)
     # The reference computes exactly as the policy does: FSDP mixed precision gathers the policy's fp32 weights as
-    # bf16, so a sharded reference is stored bf16; unsharded, the policy's weights stay fp32 (under bf16 autocast
-    # on GPU), and so do the reference's; a LoRA base is stored in the compute dtype. Else step 0 is not ln 2.
-    ref_dtype = torch.bfloat16 if mixed_precision and world_size > 1 else model_dtype(args, device, lora)
+    # bf16, so a sharded reference is stored bf16, and so is a LoRA base on GPU (the compute dtype); unsharded, the
+    # policy's weights stay fp32 (under bf16 autocast on GPU), and so do the reference's. Else step 0 is not ln 2.
+    mixed_precision = device.type == "cuda" and args.dtype == "bfloat16"
+    ref_dtype = torch.bfloat16 if mixed_precision and (world_size > 1 or args.lora_rank) else torch.float32
     ref = None  # LoRA without --precompute-ref: the reference is the policy with its adapters off
     if args.precompute_ref:
         ref_logps = precompute_reference(args, examples, pad_id, rank, world_size, device, ref_dtype)
         for e, (chosen, rejected) in zip(examples, ref_logps.T.tolist()):
             e["ref_chosen"], e["ref_rejected"] = chosen, rejected
-    elif not lora:
+    elif not args.lora_rank:
         ref = load_reference(args.ref_model or args.model, device, world_size, ref_dtype)
-
-    # A LoRA checkpoint's weights are merged; a resume rebuilds the base + its saved adapter instead.
-    policy = prepare_model(load_model(args.model if lora else checkpoint or args.model), device, world_size,
-                           model_dtype(args, device, lora), mixed_precision=mixed_precision,
-                           activation_checkpointing=args.activation_checkpointing, lora=lora,
-                           adapter=checkpoint / "adapter" if lora and checkpoint else None)
-    optimizer = build_optimizer(policy, args.lr, args.weight_decay)
-    if checkpoint:
-        load_checkpoint(checkpoint, policy, optimizer)
-        print0(f"resumed from {checkpoint} (step {start_step})")
-    collate_fn = functools.partial(collate, pad_id=pad_id, device=device)
-    loss_fn = functools.partial(preference_loss, args=args, ref=ref)
-    fit(args, policy, optimizer, examples, collate_fn, loss_fn, device, start_step, desc="dpo", info=counts,
+    fit(args, examples, functools.partial(collate, pad_id=pad_id, device=device),
+        functools.partial(batch_loss, ref=ref, **loss_args), device, checkpoint, start_step, settings, desc="dpo",
+        info=counts,
         bar_keys=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
-        length=lambda e: len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])), settings=settings)
-    teardown_distributed()
+        length=lambda e: len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory on paper: what one rank holds, from the config's shapes alone. Each term is a tensor the code above keeps
-# (named as it is kept), and the peak is the largest of the moments below; tests/test_dpo.py holds the sum to the
-# resident memory of a real CPU step (vocabulary 152,064) within 15%.
+# Memory on paper (--estimate-memory, and precompute_reference's warning): what one rank holds, from the config's
+# shapes alone. Each term is a tensor the code above keeps (named as it is kept), and the peak is the largest of the
+# moments below; tests/test_dpo.py holds the sum to the resident memory of a real CPU step (vocabulary 152,064)
+# within 15%.
 
 
 def estimate_memory(cfg: ModelConfig, world_size, micro_batch, seq_len, precompute_ref=False, checkpointing=True,

@@ -1,26 +1,16 @@
 """
-sft.py: Stage 1 of MedCritical (Su et al., arXiv 2509.23368): supervised fine-tuning of the student on the teacher's
-verified template-guided long chain-of-thought answers, and the training machinery that dpo.py (Stage 2) shares.
+sft.py: Stage 1 of MedCritical (Su et al., arXiv 2509.23368), supervised fine-tuning of the student on the teacher's
+verified long chain-of-thought answers; below it, the training machinery dpo.py (Stage 2) shares.
 
-The loss is the mean next-token cross-entropy over the trained tokens of an optimizer step,
+    L = sum_{examples e of the step} sum_{t : mask_e[t]} -log p(x_e[t] | x_e[<t]) / N
 
-    L = sum_{examples e in the global batch} sum_{t : mask_e[t+1]} -log p(x_e[t+1] | x_e[<=t]) / N,
+over the trained tokens (each assistant reply and its <|im_end|>; every token of a {"text"} record), with N the
+trained tokens of the WHOLE optimizer step (all micro-batches, all ranks): accumulation and GPU count leave L unchanged.
 
-with N the number of trained tokens in the WHOLE step (all micro-batches, all ranks), so gradient accumulation and
-the number of GPUs leave the objective unchanged. Trained tokens are each assistant reply and its <|im_end|>
-(templates.encode_chat); records {"text": ...} train on every token (pretraining the miniature from scratch).
-
-    python sft.py --model Qwen2.5-0.5B-Instruct --data sft.jsonl --out runs/sft-0.5b       # one process
-    torchrun --nproc-per-node 8 sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft
-    torchrun --nproc-per-node 8 sft.py ... --resume      # continue from the last complete checkpoint in --out
+    python sft.py --model Qwen2.5-0.5B-Instruct --data sft.jsonl --out runs/sft-0.5b        # one process
+    torchrun --nproc-per-node 8 sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft   # [--resume]
     python sft.py --init-config tiny.json --tokenizer tok/ --data text.jsonl --out runs/pre   # random init
     python sft.py --model Qwen2.5-7B-Instruct --data sft.jsonl --out runs/sft-lora --lora-rank 8   # LoRA, 1 GPU
-
-One code path for 1 or N processes, CPU (gloo) or GPU (nccl): FSDP2 shards each decoder block then the root,
-fp32 master weights, bf16 compute on GPU. Checkpoints are Hugging Face folders (load with model.load, vLLM,
-transformers) plus the optimizer (sharded, torch.distributed.checkpoint), step and RNG states. With --lora-rank the
-base is frozen in the compute dtype and only fp32 adapters train; a checkpoint holds the merged model and, in
-adapter/, the adapter in PEFT's format (peft, vLLM --lora-modules); a resume rebuilds base + adapter.
 """
 import argparse
 import functools
@@ -48,18 +38,145 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from model import (LORA_TARGETS, LoRAConfig, ModelConfig, Transformer, add_lora, copy_tokenizer, init_weights, load,
-                   load_adapter, load_tokenizer, read_config, save, save_adapter, shard_model)
+                   load_adapter, load_tokenizer, read_config, save, save_adapter)
 from templates import (ArgumentParser, UserError, checked, die_with_parent, encode_chat, lock_output,
                        nonnegative_float, nonnegative_int, positive_float, positive_int, run_main, special_ids)
 
 # DCP saves/loads fine in one process without a process group; it just says so on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-IGNORE = -100  # label of a position that is not trained (prompt, padding), as in F.cross_entropy
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1 data and loss. JSONL of {"messages": [...]} (`templates.py distill`; TRL's conversational format),
+# {"prompt": [...], "completion": [...]} (TRL's prompt-completion) or {"text": "..."}. An example is (ids, mask),
+# mask[t] True where ids[t] is trained (encode_chat's mask, unshifted); dpo.py's rows follow the same convention.
+
+
+def tokenize_records(path, tokenizer, max_len, verbose=True):
+    """-> (examples [(ids, mask)], counts). A chat longer than max_len loses prompt tokens from the LEFT (the answer
+    is what we train on); one whose answer alone does not fit is skipped. Text longer than max_len is cut into
+    windows overlapping by one token, so every token is still a target exactly once. Bad records are skipped,
+    counted, and the first few reported by line (if verbose: rank 0)."""
+    eos = special_ids(tokenizer)["endoftext"]
+    examples, counts = [], Counter()
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such data file")
+
+    def skip(lineno, reason):
+        counts["skipped: " + reason] += 1
+        if verbose and sum(v for k, v in counts.items() if k.startswith("skipped")) <= 5:
+            print(f"{path}:{lineno}: skipped ({reason})")
+
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(tqdm(lines, desc="tokenize", disable=not verbose), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skip(lineno, "not JSON")
+            continue
+        record = record if isinstance(record, dict) else {}
+        if isinstance(record.get("text"), str):
+            if not record["text"]:
+                skip(lineno, "empty text")
+                continue
+            ids = tokenizer.encode(record["text"], add_special_tokens=False).ids + [eos]
+            for start in range(0, len(ids) - 1, max_len - 1):
+                window = ids[start:start + max_len]
+                examples.append((window, [True] * len(window)))
+                counts["text windows"] += 1
+            continue
+        if isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list):
+            messages = record["prompt"] + record["completion"]
+        elif isinstance(record.get("messages"), list):
+            messages = record["messages"]
+        else:
+            skip(lineno, "no messages, prompt/completion lists or text")
+            continue
+        try:
+            ids, mask = encode_chat(tokenizer, messages)
+        except (ValueError, KeyError, TypeError) as e:
+            skip(lineno, f"bad messages: {type(e).__name__}")
+            continue
+        if not any(mask):
+            skip(lineno, "no assistant message")
+            continue
+        if len(ids) > max_len:
+            if len(ids) - mask.index(True) > max_len - 1:  # keep >= 1 prompt token to predict the first answer token
+                skip(lineno, "answer longer than max_len")
+                continue
+            ids, mask = ids[len(ids) - max_len:], mask[len(ids) - max_len:]
+            counts["prompt truncated (left)"] += 1
+        examples.append((ids, mask))
+        counts["chats"] += 1
+    return examples, dict(counts)
+
+
+def collate_rows(examples, pad_id, device):
+    """(ids, mask) examples -> right-padded "tokens" and "mask" [B, T], "units" (trained tokens, train_step's divisor)
+    and "n_tokens" (input tokens). No attention mask is needed: padding comes after every real token, so causal
+    attention never lets a real token see it."""
+    width = max(len(ids) for ids, _ in examples)
+    tokens = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in examples], device=device)
+    mask = torch.tensor([m + [False] * (width - len(m)) for _, m in examples], device=device)
+    return {"tokens": tokens, "mask": mask, "units": int(mask[:, 1:].sum()),
+            "n_tokens": sum(len(ids) - 1 for ids, _ in examples)}
+
+
+def next_token_targets(tokens, mask):
+    """(inputs, at, targets) for Transformer.forward: input position t predicts token t + 1, so the model reads
+    tokens[:, :-1] and is scored at `at` = mask[:, 1:], on the targets tokens[:, 1:][at] ([n], row-major)."""
+    at = mask[:, 1:]
+    return tokens[:, :-1], at, tokens[:, 1:][at]
+
+
+def target_logps(model, tokens, mask):
+    """log p(tokens[b, t] | tokens[b, <t]) at every trained token (mask[b, t]), [n] in fp32, row-major. The head runs
+    on those positions only, in chunks (model.token_logps): never [n, V] logits whole."""
+    inputs, at, targets = next_token_targets(tokens, mask)
+    return model(inputs, logits_at=at, targets=targets)
+
+
+def sft_loss(model, batch):
+    """Summed next-token cross-entropy over the micro-batch's trained tokens (train_step divides by the step's)."""
+    return -target_logps(model, batch["tokens"], batch["mask"]).sum(), {}
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="Hugging Face Qwen2 folder to fine-tune")
+    parser.add_argument("--init-config", help="config.json of a model to train from random init (instead of --model)")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
+    parser.add_argument("--data", required=True, help="JSONL of {messages}, {prompt, completion} or {text}")
+    parser.add_argument("--max-len", type=checked(int, 2), default=8192,
+                        help="max tokens per example (prompt + answer)")
+    add_training_args(parser, lr=1e-5, batch_size=32, epochs=3)
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.init_config is None):
+        parser.error("give exactly one of --model or --init-config")
+    if args.tokenizer is None and args.model is None:
+        parser.error("--init-config needs --tokenizer")
+
+    rank, _, device = start_run(args)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    examples, counts = tokenize_records(args.data, tokenizer, args.max_len, verbose=rank == 0)
+    if not examples:
+        raise UserError(f"{args.data}: no usable example ({counts})")
+    print0(f"{args.data}: {len(examples)} examples, {json.dumps(counts)}")
+    top = max(max(ids) for ids, _ in examples)
+    vocab = read_config(args.init_config or args.model).get("vocab_size", ModelConfig.vocab_size)
+    if top >= vocab:
+        raise UserError(f"token ids reach {top} but the model's vocab is {vocab}")
+    checkpoint, start_step, settings = resume_point(args, examples)
+    collate = functools.partial(collate_rows, pad_id=special_ids(tokenizer)["endoftext"], device=device)
+    fit(args, examples, collate, sft_loss, device, checkpoint, start_step, settings, desc="sft", info=counts,
+        length=lambda example: len(example[0]))
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# Processes. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) every rank runs this file; alone it is one process.
-
+# The training machinery, shared with dpo.py. One code path for 1 or N processes (under torchrun: RANK, WORLD_SIZE,
+# LOCAL_RANK set), CPU (gloo) or GPU (nccl): FSDP2 shards each decoder block then the root, fp32 master weights,
+# bf16 compute on GPU. With --lora-rank the base is frozen in the compute dtype and only fp32 adapters train.
 
 _slow_group = None  # a gloo group with a long timeout, for the ranks that wait while rank 0 writes a checkpoint
 
@@ -82,6 +199,25 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def start_run(args):
+    """Join the other processes, lock --out, check the batch sizes, seed this rank. -> (rank, world_size, device)."""
+    rank, world_size, device = init_distributed()
+    if rank == 0:  # one run per folder: a second one (or an orphan of a killed one) would interleave checkpoints
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        lock_output(args.out)
+    if args.batch_size % (world_size * args.micro_batch_size):
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of world size {world_size} x "
+                        f"--micro-batch-size {args.micro_batch_size} (every rank runs the same micro-batches)")
+    seed_all(args.seed + rank)  # LoRA's A is drawn on rank 0 (and broadcast): the same on 1 or N ranks
+    return rank, world_size, device
+
+
+def seed_all(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def teardown_distributed():
     if dist.is_initialized():
         dist.barrier()
@@ -94,6 +230,11 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*a):
+    if get_rank() == 0:
+        print(*a, flush=True)
 
 
 def barrier(slow=False):
@@ -109,28 +250,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def seed_all(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def autocast(device, dtype):
     """bf16 autocast where the device has bf16 matmuls (GPU); on CPU training stays fp32 (exact, and CPU bf16 is
     slow). Under FSDP mixed precision the gathered weights are already bf16; autocast covers the rest."""
-    enabled = device.type == "cuda" and dtype == torch.bfloat16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and dtype == torch.bfloat16)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The model: loaded once (rank 0), sharded, filled from rank 0. The 7B path never holds two full copies per rank.
-
-
-def load_model(path=None, init_config=None, seed=0) -> Transformer:
-    """The model as prepare_model wants it: real weights on CPU on rank 0 (from a Hugging Face folder, or random
-    from a config.json), an empty meta-device model on every other rank (no memory; filled in prepare_model)."""
-    if (path is None) == (init_config is None):
-        raise ValueError("give exactly one of a checkpoint folder (--model) or a config.json (--init-config)")
+def load_model(path, init_config=None, seed=0) -> Transformer:
+    """The model as prepare_model wants it: real weights on CPU on rank 0 (a Hugging Face folder, or random init
+    from `init_config`, a config.json), an empty meta-device model on every other rank (filled in prepare_model)."""
     hf = read_config(init_config or path)
     try:
         cfg = ModelConfig.from_hf(hf)
@@ -146,13 +274,26 @@ def load_model(path=None, init_config=None, seed=0) -> Transformer:
     return load(path, dtype=getattr(torch, stored) if stored in ("bfloat16", "float16") else torch.float32)
 
 
+def shard_model(model: Transformer, mesh=None, mixed_precision: bool = False):
+    """FSDP2's manual wrap: each decoder block its own unit, then the root (embedding, final norm, head). A block's
+    parameters are all-gathered just before it runs and freed after, so a rank holds 1/world of the model plus one
+    block. mixed_precision (GPU): gathered and computed in bf16, the sharded master copy, the gradients'
+    reduce-scatter and the optimizer in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kwargs = {"mesh": mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
 def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precision=False,
                   activation_checkpointing=False, lora=None, adapter=None) -> Transformer:
-    """The model ready to train on `device`: parameters in `dtype` (fp32 master weights for a trained model),
-    per-block FSDP2 sharding when world_size > 1 (bf16 gather/compute, fp32 gradient reduction with
-    mixed_precision), optional activation checkpointing. Returns the model to use (a new object when sharded).
-    With `lora` (a LoRAConfig) the base is frozen in `dtype` (the compute dtype) and fp32 adapters are added,
-    filled from the PEFT folder `adapter` if given (a resume), else freshly initialised on rank 0."""
+    """The model ready to train on `device` (a new object when sharded): parameters in `dtype`, shard_model when
+    world_size > 1, optional activation checkpointing. With `lora` (a LoRAConfig) the base is frozen in `dtype`
+    and fp32 adapters are added, filled from the PEFT folder `adapter` (a resume), else freshly drawn on rank 0."""
     if lora is not None and get_rank() == 0:
         model = add_lora(model.to(dtype), lora)  # the base cast first: the adapters stay fp32
         if adapter:
@@ -177,10 +318,6 @@ def prepare_model(model, device, world_size, dtype=torch.float32, mixed_precisio
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
 def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
     """AdamW over the trainable parameters, built AFTER sharding (it must hold the local shards). No weight decay
     on 1-D parameters: biases and RMSNorm weights (decaying a norm's gain toward 0 shrinks the activations)."""
@@ -199,42 +336,26 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr_ratio=0.1):
     return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: out/step-000100/ = a Hugging Face model folder + optimizer/ (DCP shards) + rng-rank{r}.pt +
-# trainer_state.json. Written to out/.tmp-step-000100/ and renamed when complete, so a kill mid-save leaves only a
-# .tmp folder that resume ignores (and the next save of that step replaces). Every rank writes into the one folder:
-# on several nodes, --out must be on a shared filesystem.
+# Checkpoints: out/step-000100/ = a Hugging Face model folder (+ adapter/ in PEFT's format with LoRA; the weights
+# merged) + optimizer/ (DCP shards of the fp32 master weights and AdamW) + rng-rank{r}.pt + trainer_state.json.
+# Written to out/.tmp-step-000100/ and renamed when complete, so a kill mid-save leaves only a .tmp folder that
+# resume ignores (and the next save of that step replaces). Every rank writes into the one folder: on several
+# nodes, --out must be on a shared filesystem.
 
 CHECKPOINT = re.compile(r"step-(\d+)")
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_dtype(choice, compute_dtype, device, source_config=None) -> torch.dtype:
+def save_dtype(choice, compute_dtype, device, source_config) -> torch.dtype:
     """The dtype a checkpoint's weights are written in (what vLLM then serves with --dtype auto): `choice`, or for
-    "auto" bf16 when training computes in bf16 (GPU), else the dtype the source checkpoint was stored in if it is a
-    16-bit one (Qwen2.5 ships bf16), else fp32. A checkpoint is then the size of its release (15.2 GB for 7B, not
-    30.5), and a bf16 model is never served in fp16 (vLLM's choice for an fp32 checkpoint). The fp32 master weights
-    live on in the resume state."""
+    "auto" bf16 when training computes in bf16 (GPU), else the source checkpoint's if 16-bit (Qwen2.5 ships bf16),
+    else fp32. A checkpoint is then the size of its release (15.2 GB for 7B, not 30.5), and a bf16 model is never
+    served in fp16 (vLLM's choice for an fp32 checkpoint). The fp32 master weights live on in the resume state."""
     if choice != "auto":
         return getattr(torch, choice)
     if torch.device(device).type == "cuda" and compute_dtype == torch.bfloat16:
         return torch.bfloat16
-    stored = None
-    if source_config and Path(source_config).is_file():
-        hf = json.loads(Path(source_config).read_text())
-        stored = hf.get("dtype") or hf.get("torch_dtype")
+    hf = json.loads(Path(source_config).read_text()) if Path(source_config).is_file() else {}
+    stored = hf.get("dtype") or hf.get("torch_dtype")
     return getattr(torch, stored) if stored in ("bfloat16", "float16") else torch.float32
 
 
@@ -253,7 +374,9 @@ def save_checkpoint(out_dir, step, model, optimizer, extra=None, keep=2, tokeniz
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
              checkpoint_id=tmp / "optimizer")
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng-rank{rank}.pt")
     # Then rank 0 writes the Hugging Face folder with no collective in flight, while the others wait on a barrier
     # whose timeout allows a slow disk (inside NCCL's collectives they would time out after 10 minutes).
     if rank == 0:
@@ -285,8 +408,8 @@ def latest_checkpoints(out_dir):
 
 def load_checkpoint(path, model, optimizer):
     """Restore the fp32 master weights, the optimizer and this rank's RNG states from a checkpoint folder; returns
-    its trainer state (step, data position, ...). Build `model` from the folder first (load_model(path)): its
-    weights, which may be bf16, are then replaced by the exact ones."""
+    its trainer state. Build `model` from the folder first (load_model(path)): its weights, which may be bf16, are
+    then replaced by the exact ones."""
     path = Path(path)
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=path / "optimizer")
@@ -294,19 +417,50 @@ def load_checkpoint(path, model, optimizer):
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rng_file = path / f"rng-rank{get_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: numpy/python states are pickled
+        rng = torch.load(rng_file, weights_only=False)  # our own file: numpy/python states are pickled
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     else:
         print(f"warning: {rng_file} missing (resumed on more ranks than saved); this rank's RNG is not restored")
     return json.loads((path / "trainer_state.json").read_text())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: one JSON line per step (rank 0), and a progress bar.
+RESULT_ARGS = ("batch_size", "seed", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype")
+
+
+def resume_point(args, examples, **extra):
+    """(checkpoint folder or None, its step, settings). The settings are what a resumed run must share with the
+    checkpoint it continues, or it would be another run: the tokenized examples (their sha256: another data file of
+    the same length, another tokenizer or max length all differ), the data order, the optimizer and schedule, and
+    `extra` (dpo.py: the loss and the reference); --steps only where the schedule depends on it (a constant-lr run
+    may be extended). Refuses other settings, and a fresh run into a folder of checkpoints (it would mix two runs)."""
+    constant_lr = args.warmup == 0 and args.min_lr_ratio == 1
+    settings = {"data_sha256": hashlib.sha256(pickle.dumps(examples, protocol=4)).hexdigest()[:16],
+                "examples": len(examples), **{k: getattr(args, k) for k in RESULT_ARGS},
+                "steps": None if constant_lr else total_steps(args, len(examples)), **extra}
+    found = latest_checkpoints(args.out)
+    if found and not args.resume:
+        raise UserError(f"{args.out} holds checkpoints (last: {found[-1].name}): pass --resume to continue "
+                        "that run, or choose another --out")
+    if not found:
+        if args.resume:
+            print0(f"--resume: no complete checkpoint in {args.out}; starting from step 0")
+        return None, 0, settings
+    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    old = state.get("settings") or {k: state.get(k) for k in ("examples", "batch_size", "seed")}  # older runs
+    differ = {k: (v, settings.get(k)) for k, v in old.items() if v != settings.get(k)}
+    if differ:
+        raise UserError(f"{found[-1]} was made with other data or settings, (then, now): {differ}; the saved data "
+                        "position and schedule would not match: pass the same ones, or choose another --out")
+    return found[-1], state["step"], settings
 
 
 class MetricsLog:
-    """Append-only JSONL, one record per step. A run starting at step k > 0 (a resume) keeps the records up to k and
-    drops later ones (written by the killed run, about to be redone); a run starting at 0 starts a new file."""
+    """metrics.jsonl, one record per step (rank 0). A run starting at step k > 0 (a resume) keeps the records up to
+    k and drops later ones (written by the killed run, about to be redone); a run starting at 0 starts a new file."""
 
     def __init__(self, path, start_step=0, enabled=True):
         self.path, self.enabled = Path(path), enabled
@@ -322,16 +476,11 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# One optimizer step, shared with dpo.py. A loss function returns the SUM of its per-unit losses (units: trained
-# tokens for SFT, preference pairs for DPO) over a micro-batch; the step divides by the units of the whole step.
-
-
 def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, dtype=torch.float32):
-    """Accumulate gradients over this rank's micro-batches, clip, step. Each micro-batch is a dict with "units"
-    (trained tokens / pairs) and "n_tokens" (real input tokens), plus whatever loss_fn(model, batch) reads;
-    loss_fn returns (summed loss, {name: summed metric}), 0-d tensors. Returns the step's metrics, each summed over
-    all ranks and divided by the step's units."""
+    """One optimizer step: accumulate over this rank's micro-batches, clip, step. Each micro-batch has "units"
+    (trained tokens for SFT, pairs for DPO) and "n_tokens", plus what loss_fn(model, batch) reads; loss_fn returns
+    (the SUM of its unit losses, {name: summed metric}), 0-d tensors. Returns the step's metrics, each summed over
+    all ranks and divided by the units of the whole step."""
     world_size = get_world_size()
     counts = torch.tensor([sum(b["units"] for b in micro_batches), sum(b["n_tokens"] for b in micro_batches)],
                           dtype=torch.float64, device=device)
@@ -343,13 +492,12 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, 
     scale = world_size / total_units
     for group in optimizer.param_groups:
         group["lr"] = lr
-    sums = None
+    sums = 0
     for batch in micro_batches:
         with autocast(device, dtype):
             loss_sum, metric_sums = loss_fn(model, batch)
         (loss_sum * scale).backward()
-        step_sums = torch.stack([loss_sum, *metric_sums.values()]).detach().double()
-        sums = step_sums if sums is None else sums + step_sums
+        sums = sums + torch.stack([loss_sum, *metric_sums.values()]).detach().double()
     # clip_grad_norm_ on FSDP2's DTensor gradients computes the global norm across shards.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -358,12 +506,10 @@ def train_step(model, optimizer, micro_batches, loss_fn, lr, grad_clip, device, 
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sums = (all_reduce_sum(sums) / total_units).tolist()
-    names = ["loss", *metric_sums]
-    return {**dict(zip(names, sums)), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
-            "units": int(total_units), "tokens": int(total_tokens)}
+    return {**dict(zip(["loss", *metric_sums], sums)), "lr": lr, "grad_norm": float(grad_norm),
+            "skipped": not finite, "units": int(total_units), "tokens": int(total_tokens)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Data order: one infinite stream of per-epoch seeded permutations, cut into global batches. Step s uses stream
 # positions [s*B, (s+1)*B): every batch is full, no example is dropped, and the position is just the step number.
 # Within a step the batch is sorted by length and dealt to the ranks in turn, so each micro-batch holds examples of
@@ -387,77 +533,38 @@ def batch_indices(step, n_examples, batch_size, seed, rank=0, world_size=1, leng
     return out[rank::world_size]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The training loop, shared with dpo.py: batches in the order above, schedule, metrics, checkpoints, resume.
-
-
-def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_every=50, require_out=True):
-    """The flags sft.py and dpo.py share (each with its own defaults)."""
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    parser.add_argument("--out", required=require_out, help="run folder: checkpoints step-NNNNNN/ and metrics.jsonl")
-    fraction = checked(float, 0, 1)
-    parser.add_argument("--epochs", type=positive_float, default=epochs, help="passes over the data (unless --steps)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="global batch, summed over ranks")
-    parser.add_argument("--micro-batch-size", type=positive_int, default=micro_batch_size, help="per rank per forward")
-    parser.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
-    parser.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final lr = lr * this (cosine decay)")
-    parser.add_argument("--warmup", type=fraction, default=0.05, help="linear warmup, as a fraction of the steps")
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW's, on matrices only")
-    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
-                        help="max global grad norm (0: no clipping)")
-    parser.add_argument("--save-every", type=positive_int, default=save_every,
-                        help="checkpoint every N steps and at the end")
-    parser.add_argument("--keep", type=nonnegative_int, default=2, help="complete checkpoints kept (0: all)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
-    parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
-                        help="compute dtype on GPU (CPU computes in fp32; master weights and AdamW are fp32, a "
-                        "frozen LoRA base is stored in this dtype)")
-    parser.add_argument("--save-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="dtype of the saved model weights; auto: bf16 if training computes in bf16 or the "
-                        "source checkpoint is bf16 (fp16 if it is fp16), else fp32")
-    parser.add_argument("--lora-rank", type=nonnegative_int, default=0, help="train LoRA adapters of this rank on a "
-                        "frozen base (0: full fine-tuning)")
-    parser.add_argument("--lora-alpha", type=positive_float, default=None,
-                        help="LoRA scale alpha / rank (default 2 x rank)")
-    parser.add_argument("--lora-dropout", type=checked(float, 0, 1), default=0.0, help="dropout on the LoRA input")
-    parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="layers of each block with adapters")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
-                        default=torch.cuda.is_available(), help="recompute each block in the backward pass (a 7B "
-                        "model at 8k tokens needs it on 80 GB)")
-
-
-def lora_config(args):
-    """The LoRAConfig of --lora-rank and friends, or None for full fine-tuning."""
-    if not args.lora_rank:
-        return None
-    return LoRAConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout,
-                      tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
-
-
-def model_dtype(args, device, lora):
-    """Parameters: fp32 master weights to train; with LoRA the frozen base in the compute dtype (bf16 on GPU)."""
-    return getattr(torch, args.dtype) if lora and device.type == "cuda" else torch.float32
-
-
 def total_steps(args, n_examples):
     return args.steps if args.steps else math.ceil(args.epochs * n_examples / args.batch_size)
 
 
-def check_batch_sizes(args, world_size):
-    if args.batch_size % (world_size * args.micro_batch_size):
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of world size {world_size} x "
-                         f"--micro-batch-size {args.micro_batch_size} (every rank runs the same micro-batches)")
+def trainable_model(args, device, world_size, checkpoint=None):
+    """The model to train and its AdamW: from --model (or --init-config), prepared (sharded), and restored exactly
+    (fp32 master weights, AdamW, RNG) from `checkpoint` when resuming."""
+    dtype, lora = getattr(torch, args.dtype), None
+    if args.lora_rank:
+        lora = LoRAConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout,
+                          tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+    # A LoRA checkpoint's weights are merged; its resume rebuilds the base + the checkpoint's adapter instead.
+    model = load_model(checkpoint, seed=args.seed) if checkpoint and not lora else \
+        load_model(args.model, getattr(args, "init_config", None), seed=args.seed)  # dpo.py has no --init-config
+    # Parameters: fp32 master weights to train; with LoRA the frozen base in the compute dtype (bf16 on GPU).
+    model = prepare_model(model, device, world_size, dtype if lora and device.type == "cuda" else torch.float32,
+                          mixed_precision=device.type == "cuda" and dtype == torch.bfloat16,
+                          activation_checkpointing=args.activation_checkpointing, lora=lora,
+                          adapter=checkpoint / "adapter" if lora and checkpoint else None)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    if checkpoint:
+        step = load_checkpoint(checkpoint, model, optimizer)["step"]
+        print0(f"resumed from {checkpoint} (step {step})")
+    return model, optimizer
 
 
-def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0, desc="train", info=None,
-        bar_keys=(), length=None, settings=None):
-    """Train from start_step to the last step; checkpoints every args.save_every steps and at the end, and points
-    out/final at the last one. `info` (e.g. data counts) goes into the metrics file's start record; the metrics
-    named in `bar_keys` are shown on the progress bar beside loss, lr, tokens/s and grad norm. `length(example)`
-    (padded tokens it costs) groups each step's examples by length into micro-batches. `settings` (run_settings)
-    go into every checkpoint, for resume_point to compare."""
+def fit(args, examples, collate, loss_fn, device, checkpoint, start_step, settings, desc="train", info=None,
+        bar_keys=(), length=None):
+    """The rest of a run (after resume_point): train from start_step to the last step, with a checkpoint every
+    args.save_every steps and at the end (out/final points to the last); then the process group ends. `info` goes
+    into the metrics file's start record, `bar_keys` (metric names) onto the progress bar, and `length(example)`
+    (padded tokens it costs) groups each step's examples into micro-batches."""
     rank, world_size = get_rank(), get_world_size()
     steps, dtype = total_steps(args, len(examples)), getattr(torch, args.dtype)
     if dist.is_initialized():  # ranks that disagree on the data (a file changing under them) would deadlock
@@ -465,18 +572,18 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
         if sizes.tolist() != [len(examples), -len(examples)]:
             raise RuntimeError(f"ranks hold between {-sizes[1]} and {sizes[0]} examples; they must agree")
+    model, optimizer = trainable_model(args, device, world_size, checkpoint)
     warmup_steps = round(args.warmup * steps)
     # Saved with each checkpoint and checked on resume: the data position (= step) only means something for the
     # same examples, batch size and seed.
     data_state = {"examples": len(examples), "batch_size": args.batch_size, "seed": args.seed, "steps": steps}
-    settings = run_settings(args, examples) if settings is None else settings
-    source = getattr(args, "init_config", None) or (Path(args.model) / "config.json" if args.model else None)
+    source = getattr(args, "init_config", None) or Path(args.model) / "config.json"
     weights_dtype = save_dtype(args.save_dtype, dtype, device, source)
     metrics = MetricsLog(Path(args.out) / "metrics.jsonl", start_step, rank == 0)
     metrics.write(event="start", step=start_step, world_size=world_size, **data_state, **(info or {}))
     bar = tqdm(total=steps, initial=start_step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     model.train()
-    stats, clock = {}, time.perf_counter()
+    clock = time.perf_counter()
     lengths = [length(example) for example in examples] if length else None
     for step in range(start_step, steps):
         idx = batch_indices(step, len(examples), args.batch_size, args.seed, rank, world_size, lengths)
@@ -484,9 +591,8 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
         micro_batches = [collate([examples[i] for i in idx[j:j + mb]]) for j in range(0, len(idx), mb)]
         lr = lr_at(step, steps, warmup_steps, args.lr, args.min_lr_ratio)
         stats = train_step(model, optimizer, micro_batches, loss_fn, lr, args.grad_clip, device, dtype)
-        seconds = time.perf_counter() - clock
         stats.update(step=step + 1, epoch=(step + 1) * args.batch_size / len(examples),
-                     tokens_per_s=stats["tokens"] / seconds)
+                     tokens_per_s=stats["tokens"] / (time.perf_counter() - clock))
         metrics.write(**stats)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", **{k: f"{stats[k]:.3f}" for k in bar_keys},
                         lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}", gnorm=f"{stats['grad_norm']:.2f}")
@@ -505,188 +611,42 @@ def fit(args, model, optimizer, examples, collate, loss_fn, device, start_step=0
         link.unlink(missing_ok=True)
         link.symlink_to(f"step-{steps:06d}", target_is_directory=True)
         os.replace(link, final)
-    barrier()
-    return stats
-
-
-RESULT_ARGS = ("batch_size", "seed", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "dtype")
-
-
-def run_settings(args, examples, **extra):
-    """What a resumed run must share with the checkpoint it continues, or it would be another run: the tokenized
-    examples (their sha256: another data file of the same length, another tokenizer or max length all differ), the
-    data order, the optimizer and the schedule, and `extra` (dpo.py: the loss and the reference). --steps counts
-    only where the schedule depends on it: a constant-lr run (no warmup, no decay) may be extended."""
-    constant_lr = args.warmup == 0 and args.min_lr_ratio == 1
-    return {"data_sha256": hashlib.sha256(pickle.dumps(examples, protocol=4)).hexdigest()[:16],
-            "examples": len(examples), **{k: getattr(args, k) for k in RESULT_ARGS},
-            "steps": None if constant_lr else total_steps(args, len(examples)), **extra}
-
-
-def resume_point(args, examples, settings=None):
-    """(checkpoint folder, step) to resume from, or (None, 0). Refuses a checkpoint made with other data or
-    settings (`settings`, default run_settings(args, examples)), and a fresh run into a folder that holds
-    checkpoints (it would mix two runs)."""
-    found = latest_checkpoints(args.out)
-    if found and not args.resume:
-        raise UserError(f"{args.out} holds checkpoints (last: {found[-1].name}): pass --resume to continue "
-                        "that run, or choose another --out")
-    if not found:
-        if args.resume and get_rank() == 0:
-            print(f"--resume: no complete checkpoint in {args.out}; starting from step 0")
-        return None, 0
-    state = json.loads((found[-1] / "trainer_state.json").read_text())
-    now = run_settings(args, examples) if settings is None else settings
-    old = state.get("settings") or {k: state.get(k) for k in ("examples", "batch_size", "seed")}  # older runs
-    differ = {k: (v, now.get(k)) for k, v in old.items() if v != now.get(k)}
-    if differ:
-        raise UserError(f"{found[-1]} was made with other data or settings, (then, now): {differ}; the saved data "
-                        "position and schedule would not match: pass the same ones, or choose another --out")
-    return found[-1], state["step"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# SFT data: JSONL of {"messages": [...]} (the `templates.py distill` output; TRL's conversational format), of
-# {"prompt": [...], "completion": [...]} (TRL's prompt-completion, conversational), or of {"text": "..."}.
-
-
-def tokenize_records(path, tokenizer, max_len, verbose=True):
-    """-> (examples [(ids, mask)], counts). A chat longer than max_len loses prompt tokens from the LEFT (the answer
-    is what we train on); one whose answer alone does not fit is skipped. Text longer than max_len is cut into
-    windows overlapping by one token, so every token is still a target exactly once. Bad records are skipped,
-    counted, and the first few reported by line (if verbose: rank 0)."""
-    eos = special_ids(tokenizer)["endoftext"]
-    examples, counts = [], Counter()
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such data file")
-
-    def skip(lineno, reason):
-        counts["skipped: " + reason] += 1
-        if verbose and sum(v for k, v in counts.items() if k.startswith("skipped")) <= 5:
-            print(f"{path}:{lineno}: skipped ({reason})")
-
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(tqdm(lines, desc="tokenize", disable=not verbose), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            skip(lineno, "not JSON")
-            continue
-        if isinstance(record, dict) and isinstance(record.get("text"), str):
-            if not record["text"]:
-                skip(lineno, "empty text")
-                continue
-            ids = tokenizer.encode(record["text"], add_special_tokens=False).ids + [eos]
-            for start in range(0, len(ids) - 1, max_len - 1):
-                window = ids[start:start + max_len]
-                examples.append((window, [True] * len(window)))
-                counts["text windows"] += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("prompt"), list) \
-                and isinstance(record.get("completion"), list):
-            messages = record["prompt"] + record["completion"]
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            messages = record["messages"]
-        else:
-            skip(lineno, "no messages, prompt/completion lists or text")
-            continue
-        try:
-            ids, mask = encode_chat(tokenizer, messages)
-        except (ValueError, KeyError, TypeError) as e:
-            skip(lineno, f"bad messages: {type(e).__name__}")
-            continue
-        if not any(mask):
-            skip(lineno, "no assistant message")
-            continue
-        if len(ids) > max_len:
-            if len(ids) - mask.index(True) > max_len - 1:  # keep >= 1 prompt token to predict the first answer token
-                skip(lineno, "answer longer than max_len")
-                continue
-            ids, mask = ids[len(ids) - max_len:], mask[len(ids) - max_len:]
-            counts["prompt truncated (left)"] += 1
-        examples.append((ids, mask))
-        counts["chats"] += 1
-    return examples, dict(counts)
-
-
-def collate_sft(examples, pad_id, device):
-    """Right-padded inputs ids[:-1] and labels ids[1:], labels IGNORE where the target is not trained. No attention
-    mask is needed: padding comes after every real token, so causal attention never lets a real token see it."""
-    width = max(len(ids) for ids, _ in examples) - 1
-    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for row, (ids, mask) in enumerate(examples):
-        target = torch.tensor(ids[1:])
-        tokens[row, :len(ids) - 1] = torch.tensor(ids[:-1])
-        labels[row, :len(ids) - 1] = target.masked_fill(~torch.tensor(mask[1:]), IGNORE)
-    return {"tokens": tokens.to(device), "labels": labels.to(device), "units": int((labels != IGNORE).sum()),
-            "n_tokens": sum(len(ids) - 1 for ids, _ in examples)}
-
-
-def sft_loss(model, batch):
-    """Summed next-token cross-entropy over the trained positions of a micro-batch (log-softmax in fp32)."""
-    trained = batch["labels"] != IGNORE
-    # The head runs on trained positions only, in chunks (model.token_logps): never [n, V] logits whole.
-    return -model(batch["tokens"], logits_at=trained, targets=batch["labels"][trained]).sum(), {}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="Hugging Face Qwen2 folder to fine-tune")
-    parser.add_argument("--init-config", help="config.json of a model to train from random init (instead of --model)")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json, if not --model")
-    parser.add_argument("--data", required=True, help="JSONL of {messages}, {prompt, completion} or {text}")
-    parser.add_argument("--max-len", type=checked(int, 2), default=8192,
-                        help="max tokens per example (prompt + answer)")
-    add_training_args(parser, lr=1e-5, batch_size=32, epochs=3)
-    args = parser.parse_args(argv)
-    if (args.model is None) == (args.init_config is None):
-        parser.error("give exactly one of --model or --init-config")
-    if args.tokenizer is None and args.model is None:
-        parser.error("--init-config needs --tokenizer")
-
-    rank, world_size, device = init_distributed()
-    if rank == 0:  # one run per folder: a second one (or an orphan of a killed one) would interleave checkpoints
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        lock_output(args.out)
-    check_batch_sizes(args, world_size)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    examples, counts = tokenize_records(args.data, tokenizer, args.max_len, verbose=rank == 0)
-    if not examples:
-        raise UserError(f"{args.data}: no usable example ({counts})")
-    if rank == 0:
-        print(f"{args.data}: {len(examples)} examples, {json.dumps(counts)}")
-    settings = run_settings(args, examples)
-    checkpoint, start_step = resume_point(args, examples, settings)
-    seed_all(args.seed + rank)
-
-    lora = lora_config(args)
-    # A LoRA checkpoint's weights are merged; a resume rebuilds base + its saved adapter instead.
-    model = load_model(checkpoint if checkpoint and not lora else args.model,
-                       None if checkpoint and not lora else args.init_config, seed=args.seed)
-    vocab = model.config.vocab_size
-    if max(max(ids) for ids, _ in examples) >= vocab:
-        raise UserError(f"token ids reach {max(max(ids) for ids, _ in examples)} but the model's vocab is {vocab}")
-    dtype = getattr(torch, args.dtype)
-    model = prepare_model(model, device, world_size, model_dtype(args, device, lora),
-                          mixed_precision=device.type == "cuda" and dtype == torch.bfloat16,
-                          activation_checkpointing=args.activation_checkpointing, lora=lora,
-                          adapter=checkpoint / "adapter" if lora and checkpoint else None)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    if checkpoint:
-        load_checkpoint(checkpoint, model, optimizer)
-        if rank == 0:
-            print(f"resumed from {checkpoint} (step {start_step})")
-    pad_id = special_ids(tokenizer)["endoftext"]
-    collate = functools.partial(collate_sft, pad_id=pad_id, device=device)
-    fit(args, model, optimizer, examples, collate, sft_loss, device, start_step, desc="sft", info=counts,
-        length=lambda example: len(example[0]), settings=settings)
     teardown_distributed()
+
+
+def add_training_args(parser, lr, batch_size, epochs, micro_batch_size=1, save_every=50, require_out=True):
+    """The flags sft.py and dpo.py share (each with its own defaults)."""
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    fraction = checked(float, 0, 1)
+    parser.add_argument("--out", required=require_out, help="run folder: checkpoints step-NNNNNN/ and metrics.jsonl")
+    parser.add_argument("--epochs", type=positive_float, default=epochs, help="passes over the data (unless --steps)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="global batch, summed over ranks")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=micro_batch_size, help="per rank per forward")
+    parser.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
+    parser.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final lr = lr * this (cosine decay)")
+    parser.add_argument("--warmup", type=fraction, default=0.05, help="linear warmup, as a fraction of the steps")
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW's, on matrices only")
+    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max global grad norm (0: none)")
+    parser.add_argument("--save-every", type=positive_int, default=save_every, help="checkpoint every N steps + last")
+    parser.add_argument("--keep", type=nonnegative_int, default=2, help="complete checkpoints kept (0: all)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0, help="data order (and random init)")
+    parser.add_argument("--dtype", default="bfloat16" if bf16 else "float32", choices=["bfloat16", "float32"],
+                        help="compute dtype on GPU (CPU computes in fp32; master weights and AdamW are fp32, a "
+                        "frozen LoRA base is stored in this dtype)")
+    parser.add_argument("--save-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="saved weights; auto: bf16 if training computes in bf16, else the source's 16-bit dtype "
+                        "if it has one, else fp32")
+    parser.add_argument("--lora-rank", type=nonnegative_int, default=0,
+                        help="train LoRA adapters of this rank on a frozen base (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="LoRA scale alpha / rank (default 2 x rank)")
+    parser.add_argument("--lora-dropout", type=checked(float, 0, 1), default=0.0, help="dropout on the LoRA input")
+    parser.add_argument("--lora-targets", default=",".join(LORA_TARGETS), help="layers of each block with adapters")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=torch.cuda.is_available(),
+                        help="recompute each block in backward (a 7B model at 8k tokens needs it on 80 GB)")
 
 
 if __name__ == "__main__":

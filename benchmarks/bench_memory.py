@@ -11,7 +11,7 @@ Peak memory and time of one DPO step and one SFT step at Qwen2.5's vocabulary (1
     python benchmarks/bench_memory.py --small    # a seconds-long smoke run
 
 Each case runs in its own process: a small Qwen2-shaped model (hidden 64, 2 layers, untied head, fp32), AdamW, one
-warm-up step, then 3 timed steps (sft.train_step, with dpo.preference_loss and a live reference for DPO). "step
+warm-up step, then 3 timed steps (sft.train_step, with dpo.batch_loss and a live reference for DPO). "step
 peak" = the most resident memory during a step above what is held before it (weights, reference, AdamW moments):
 with a hidden size this small it is nearly all the loss part. On CPU it is the resident set (/proc/self/status
 VmHWM, reset before each step through /proc/self/clear_refs; glibc's mmap threshold pinned so freed tensors leave
@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -44,8 +43,10 @@ from model import ModelConfig, Transformer, init_weights  # noqa: E402
 
 
 def before_concatenated_forward(model, batch):
-    tokens, mask = batch["tokens"], batch["mask"]
-    return dpo.sequence_logps(model(tokens, logits_at=dpo.scored_positions(mask)), tokens, mask).chunk(2)
+    inputs, at, targets = sft.next_token_targets(batch["tokens"], batch["mask"])
+    logits = model(inputs, logits_at=at).float()
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return torch.zeros(len(at), device=logits.device).index_add(0, at.nonzero()[:, 0], token_logps).chunk(2)
 
 
 def before_preference_loss(model, batch, ref, beta=0.3):
@@ -57,9 +58,8 @@ def before_preference_loss(model, batch, ref, beta=0.3):
 
 
 def before_sft_loss(model, batch):
-    trained = batch["labels"] != sft.IGNORE
-    logits = model(batch["tokens"], logits_at=trained)
-    return F.cross_entropy(logits.float(), batch["labels"][trained], reduction="sum"), {}
+    inputs, at, targets = sft.next_token_targets(batch["tokens"], batch["mask"])
+    return F.cross_entropy(model(inputs, logits_at=at).float(), targets, reduction="sum"), {}
 
 
 def trl_token_logps(hidden, weight, targets, chunk_size=None):
@@ -88,12 +88,11 @@ def run_case(loss, path, seq_len, hidden, steps):
                      **{k: torch.randint(0, cfg.vocab_size, (seq_len - 16,), generator=g).tolist()
                         for k in ("chosen", "rejected")}}]
         batch = dpo.collate(examples, 0, device)
-        args = types.SimpleNamespace(beta=0.3, label_smoothing=0.0, ipo=False, rpo_alpha=0.0)
         loss_fn = functools.partial(before_preference_loss, ref=ref) if path == "before" else \
-            functools.partial(dpo.preference_loss, args=args, ref=ref)
+            functools.partial(dpo.batch_loss, beta=0.3, ref=ref)
     else:  # one chat of 2 x seq_len tokens (the DPO pair's count), all but a 16-token prompt trained
         ids = torch.randint(0, cfg.vocab_size, (2 * seq_len,), generator=g).tolist()
-        batch = sft.collate_sft([(ids, [False] * 16 + [True] * (len(ids) - 16))], 0, device)
+        batch = sft.collate_rows([(ids, [False] * 16 + [True] * (len(ids) - 16))], 0, device)
         loss_fn = before_sft_loss if path == "before" else sft.sft_loss
     if path == "trl":
         model_py.token_logps = trl_token_logps

@@ -24,7 +24,6 @@ import functools
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -203,8 +202,7 @@ def dpo_step_peak(cfg, layers, device, seq_len, prompt_len):
     policy.activation_checkpointing = True
     optimizer = sft.build_optimizer(policy, lr=1e-7)
     batch = pair_batch(small, seq_len, prompt_len, 1, device)
-    loss_fn = functools.partial(dpo.preference_loss, args=SimpleNamespace(beta=0.3, label_smoothing=0.0, ipo=False,
-                                                                          rpo_alpha=0.0), ref=None)
+    loss_fn = functools.partial(dpo.batch_loss, beta=0.3, ref=None)
     step = lambda: sft.train_step(policy, optimizer, [batch], loss_fn, 1e-7, 1.0, device, torch.bfloat16)  # noqa
     step()
     peak = peak_gib(device, step)

@@ -8,7 +8,6 @@ import functools
 import json
 import resource
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -51,8 +50,7 @@ def main():
         ref = None if lora else dpo.load_reference(folder, cpu, 1, torch.float32)
         policy = sft.prepare_model(sft.load_model(folder), cpu, 1, lora=lora)
         optimizer = sft.build_optimizer(policy, 1e-4)
-        args = types.SimpleNamespace(beta=0.1, label_smoothing=0.0, ipo=False, rpo_alpha=0.0)
-        loss_fn = functools.partial(dpo.preference_loss, args=args, ref=ref)
+        loss_fn = functools.partial(dpo.batch_loss, beta=0.1, ref=ref)
         for _ in range(2):  # the second step holds AdamW's moments
             sft.train_step(policy.train(), optimizer, [batch], loss_fn, 1e-4, 1.0, cpu)
     print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))

@@ -176,9 +176,8 @@ def test_sequence_logps_by_hand(world):
     model = load(world.model).double()
     examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
     batch = dpo.collate(examples[:3], world.pad_id)
-    tokens, mask = batch["tokens"], batch["mask"]
     with torch.no_grad():
-        got = dpo.sequence_logps(model(tokens, logits_at=dpo.scored_positions(mask)), tokens, mask)
+        got = torch.cat(dpo.concatenated_forward(model, batch))
     for row in range(6):
         e = examples[row % 3]
         ids = e["prompt"] + (e["chosen"] if row < 3 else e["rejected"])
@@ -283,16 +282,16 @@ def test_training_loss_options_ipo_and_rpo(world):
     for ipo, alpha in ((False, 0.0), (True, 0.0), (False, 1.0)):
         args.ipo, args.rpo_alpha = ipo, alpha
         with torch.no_grad():
-            loss, m = dpo.preference_loss(policy, batch, args, ref=reference)
+            loss, m = dpo.batch_loss(policy, batch, **vars(args), ref=reference)
         z = (pc - rc) / n_c - (pr - rr) / n_r if ipo else (pc - rc) - (pr - rr)
         expected = (z - 1.0) ** 2 if ipo else -torch.nn.functional.logsigmoid(0.5 * z) - alpha * pc / n_c
         assert loss.item() == pytest.approx(expected.sum().item(), rel=1e-5)
         assert m["logps/chosen"].item() == pytest.approx(pc.sum().item(), rel=1e-5)
     args.ipo, args.rpo_alpha = False, 0.0
     with torch.no_grad():
-        live = dpo.preference_loss(policy, batch, args, ref=reference)[0]
+        live = dpo.batch_loss(policy, batch, **vars(args), ref=reference)[0]
         batch["ref_logps"] = torch.stack([rc, rr])  # precomputed: the same loss without a reference model
-        assert dpo.preference_loss(policy, batch, args)[0].item() == pytest.approx(live.item(), rel=1e-6)
+        assert dpo.batch_loss(policy, batch, **vars(args))[0].item() == pytest.approx(live.item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------

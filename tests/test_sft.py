@@ -75,16 +75,17 @@ def tiny_model(seed=0, **overrides):
 
 
 def check_labels(tokenizer, messages):
-    """Trained targets, read off collate_sft's labels, are exactly each assistant reply + <|im_end|>."""
+    """Trained targets, read off collate_rows + next_token_targets (what the model is scored on), are exactly each
+    assistant reply + <|im_end|>."""
     ids, mask = encode_chat(tokenizer, messages)
-    batch = sft.collate_sft([(ids, mask), (ids[:5], mask[:5])], pad_id=0, device="cpu")
-    tokens, labels = batch["tokens"][0], batch["labels"][0]
-    assert tokens.tolist() == ids[:-1]
-    trained = labels != sft.IGNORE
-    # Each label is the NEXT input token (the shift), and the trained targets decode to the replies.
-    assert torch.equal(labels[trained], torch.tensor(ids[1:])[trained])
+    batch = sft.collate_rows([(ids, mask), (ids[:5], mask[:5])], pad_id=0, device="cpu")
+    inputs, at, targets = sft.next_token_targets(batch["tokens"], batch["mask"])
+    assert inputs[0].tolist() == ids[:-1]
+    trained = at[0]
+    # Each target is the NEXT input token (the shift), and the trained targets decode to the replies.
+    assert torch.equal(targets[:int(trained.sum())], torch.tensor(ids[1:])[trained])
     spans, current = [], []
-    for t, target in zip(trained.tolist(), labels.tolist()):
+    for t, target in zip(trained.tolist(), ids[1:]):
         if t:
             current.append(target)
         elif current:
@@ -93,8 +94,8 @@ def check_labels(tokenizer, messages):
     spans += [current] if current else []
     replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
     assert [tokenizer.decode(s, skip_special_tokens=False) for s in spans] == replies
-    assert batch["units"] == sum(len(s) for s in spans) + 0  # the short padded row has no trained token
-    assert not (batch["labels"][1] != sft.IGNORE).any() and (batch["tokens"][1, 4:] == 0).all()
+    assert batch["units"] == sum(len(s) for s in spans) + 0 == len(targets)  # the short padded row has no trained token
+    assert not at[1].any() and (batch["tokens"][1, 5:] == 0).all()
 
 
 CONVERSATION = [{"role": "user", "content": "患者男，45岁，胸痛3小时。最可能的诊断？"},
@@ -156,8 +157,8 @@ def test_text_records_become_windows_that_train_every_token_once(tiny, tmp_path)
     ids = tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id("<|endoftext|>")]
     examples, counts = sft.tokenize_records(write_jsonl(tmp_path / "t.jsonl", [{"text": text}]), tok, 16, False)
     assert counts["text windows"] == math.ceil((len(ids) - 1) / 15) == len(examples) > 2
-    batch = sft.collate_sft(examples, pad_id=0, device="cpu")
-    targets = batch["labels"][batch["labels"] != sft.IGNORE].tolist()  # row-major = document order
+    batch = sft.collate_rows(examples, pad_id=0, device="cpu")
+    targets = sft.next_token_targets(batch["tokens"], batch["mask"])[2].tolist()  # row-major = document order
     assert targets == ids[1:]
 
 
@@ -173,7 +174,7 @@ def test_step_loss_and_gradient_are_the_token_mean_over_the_whole_step(tiny, chu
         monkeypatch.setattr(model_py, "LOGPS_CHUNK", chunk)
     tok = load_tokenizer(tiny)
     examples = [encode_chat(tok, chat_record(q, a * k)["messages"]) for k, (q, a) in zip([1, 3, 1, 6], QUESTIONS)]
-    micro_batches = [sft.collate_sft(examples[:3], 0, "cpu"), sft.collate_sft(examples[3:], 0, "cpu")]
+    micro_batches = [sft.collate_rows(examples[:3], 0, "cpu"), sft.collate_rows(examples[3:], 0, "cpu")]
     model = tiny_model(seed=1)
     ref = copy.deepcopy(model).double()
 
