@@ -901,7 +901,8 @@ def reply_text(tokenizer, new_ids, head=()) -> tuple:
     """(text, finished) of a sampled reply: finished = it ended with a stop id (the model stopped itself rather than
     being cut off), which is then not part of the text. `head`: ids decoded in front (a reply continued mid-line
     decodes whole). Special tokens inside the reply are kept, so a stray <|im_start|> is seen, not hidden."""
-    finished = bool(new_ids) and new_ids[-1] in STOP_IDS
+    ids = special_ids(tokenizer)  # not STOP_IDS: a miniature tokenizer has Qwen's special tokens at other ids
+    finished = bool(new_ids) and new_ids[-1] in (ids["im_end"], ids["endoftext"])
     return tokenizer.decode(list(head) + list(new_ids[:-1] if finished else new_ids), skip_special_tokens=False), \
         finished
 
