@@ -83,16 +83,20 @@ RUN_ONLY = ("batch_size", "chunk_size", "compile")
 
 
 def preference_pairs(row, samples, cfg, round_) -> list:
-    """The pairs of one question from its graded samples (each wrong one with its graded corrections)."""
-    pairs, step, answer = [], cfg.correction == "step", row["answer"]
-    for s, wrong in enumerate(samples):  # only finished wrong samples have corrections
+    """The pairs of one question from its graded samples, each finished wrong one with its graded corrections.
+    --sources ...,sample also pairs each right sample against each wrong one (off by default: the paper builds
+    pairs from corrections)."""
+    pairs, answer = [], row["answer"]
+    for s, wrong in enumerate(samples):
         for c, fix in enumerate(wrong.get("corrections", [])):
-            chosen = fix["text"] if step else extract_correction(fix["text"])
-            if step_pair_ok(fix, answer) if step else rewrite_pair_ok(fix, chosen, cfg):
-                where = {"line": fix["line"], "locate": cfg.locate} if step else {}
-                pairs.append(pair_record(row, chosen, wrong["text"], round=round_, sample=s,
-                                         source="step" if step else "correction", correction=c, **where,
-                                         hint=cfg.hint, answer=answer, rejected_answer=wrong["predicted"]))
+            if cfg.correction == "step" and step_pair_ok(fix, answer):
+                pairs.append(pair_record(row, fix["text"], wrong["text"], round=round_, sample=s, source="step",
+                                         correction=c, line=fix["line"], locate=cfg.locate, hint=cfg.hint,
+                                         answer=answer, rejected_answer=wrong["predicted"]))
+            elif cfg.correction == "rewrite" and rewrite_pair_ok(fix, cfg):
+                pairs.append(pair_record(row, extract_correction(fix["text"]), wrong["text"], round=round_, sample=s,
+                                         source="correction", correction=c, hint=cfg.hint, answer=answer,
+                                         rejected_answer=wrong["predicted"]))
     if "sample" in cfg.sources.split(","):  # every (right, wrong) combination of the finished samples
         finished = [(s, x) for s, x in enumerate(samples) if x["finished"]]
         for s_right, right in finished:
@@ -104,11 +108,11 @@ def preference_pairs(row, samples, cfg, round_) -> list:
     return pairs
 
 
-def rewrite_pair_ok(correction, solution, cfg) -> bool:
-    """The paper's rule. Chosen: the corrected solution after the critique, if the critique ended by itself and the
-    solution reaches the gold answer, is well formed, does not refer to the critique prompt and passes --verify."""
-    return (correction["right"] and correction["well_formed"] and correction["finished"]
-            and not correction["refers_to_prompt"] and verified(cfg, solution))
+def rewrite_pair_ok(correction, cfg) -> bool:
+    """The paper's rule. Chosen: the solution after the critique, if the critique ended by itself and the solution
+    reaches the gold answer, is well formed, does not refer to the critique prompt and passes --verify."""
+    return (correction["finished"] and correction["right"] and correction["well_formed"]
+            and not correction["refers_to_prompt"] and verified(cfg, extract_correction(correction["text"])))
 
 
 def step_pair_ok(correction, answer) -> bool:
@@ -453,7 +457,7 @@ def run_round(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num_
 
 
 def tally(records) -> Counter:
-    """Raw counts over per-question records; summarize() turns them into the summary."""
+    """Raw counts over per-question records; write_summary() turns them into the summary."""
     n = Counter()
     for record in records:
         if record["skipped"]:
@@ -477,30 +481,25 @@ def tally(records) -> Counter:
     return n
 
 
-def summarize(records, pairs) -> dict:
-    n = tally(records)
-    rate = lambda a, b: round(n[a] / n[b], 4) if n[b] else None
-    return {"questions": n["questions"], "questions_skipped_too_long": n["questions_skipped_too_long"],
-            "samples": n["samples"], "accuracy_per_sample": rate("samples_right", "samples"),
-            "questions_all_samples_right": rate("questions_all_right", "questions"),
-            "questions_any_sample_right": rate("questions_any_right", "questions"),
-            "no_answer": n["no_answer"], "truncated": n["truncated"],
-            "wrong_samples_sent_to_critique": n["wrong_samples_sent_to_critique"],
-            "critique_skipped_too_long": n["critique_skipped_too_long"],
-            "correction_attempts": n["correction_attempts"], "corrections_right": n["corrections_right"],
-            "correction_success_rate": rate("corrections_right", "correction_attempts"),
-            "wrong_samples_corrected": n["wrong_samples_corrected"],
-            "corrections_unmarked": n["corrections_unmarked"], "corrections_malformed": n["corrections_malformed"],
-            "corrections_truncated": n["corrections_truncated"], "corrections_reemitted": n["corrections_reemitted"],
-            "corrections_right_dropped_prompt_reference": n["corrections_right_dropped_prompt_reference"],
-            "pairs": len(pairs), "pairs_by_source": dict(sorted(Counter(p["source"] for p in pairs).items())),
-            "duplicate_pairs_dropped": n["duplicate_pairs"],
-            "generated_tokens": n["sample_tokens"] + n["correction_tokens"],
-            "teacher_calls": 0}  # no teacher client is imported here; tests/test_selfplay.py checks it
-
-
 def write_summary(path, records, pairs, model_path, round_):
-    summary = {"round": round_, "model": str(model_path), **summarize(records, pairs)}
+    """The summary (written to `path` and printed): counts and rates over the records and pairs."""
+    n = tally(records)
+    rate = lambda a, b: round(n[a] / n[b], 4) if n[b] else None  # noqa: E731
+    counts = lambda *names: {name: n[name] for name in names}  # noqa: E731
+    summary = {"round": round_, "model": str(model_path),
+               **counts("questions", "questions_skipped_too_long", "samples"),
+               "accuracy_per_sample": rate("samples_right", "samples"),
+               "questions_all_samples_right": rate("questions_all_right", "questions"),
+               "questions_any_sample_right": rate("questions_any_right", "questions"),
+               **counts("no_answer", "truncated", "wrong_samples_sent_to_critique", "critique_skipped_too_long",
+                        "correction_attempts", "corrections_right"),
+               "correction_success_rate": rate("corrections_right", "correction_attempts"),
+               **counts("wrong_samples_corrected", "corrections_unmarked", "corrections_malformed",
+                        "corrections_truncated", "corrections_reemitted", "corrections_right_dropped_prompt_reference"),
+               "pairs": len(pairs), "pairs_by_source": dict(sorted(Counter(p["source"] for p in pairs).items())),
+               "duplicate_pairs_dropped": n["duplicate_pairs"],
+               "generated_tokens": n["sample_tokens"] + n["correction_tokens"],
+               "teacher_calls": 0}  # no teacher client is imported here; tests/test_selfplay.py checks it
     path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(summary, ensure_ascii=False))
     return summary
@@ -659,6 +658,7 @@ def main(argv=None):
     parser.add_argument("--limit", type=positive_int, help="only the first N questions")
     parser.add_argument("--rounds", type=nonnegative_int, default=0, help="sample+DPO rounds; 0 = round 1's pairs only")
     types = {int: positive_int, float: nonnegative_float}
+    choices = {"correction": ("rewrite", "step"), "locate": ("critique", "confidence")}
     for field in dataclasses.fields(SelfPlayConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool:
@@ -666,7 +666,8 @@ def main(argv=None):
         else:
             kind = {"top_p": probability, "top_k": nonnegative_int, "seed": int}.get(field.name) \
                 or types.get(type(field.default), type(field.default))
-            parser.add_argument(flag, type=kind, default=field.default, help=f"SelfPlayConfig.{field.name}")
+            parser.add_argument(flag, type=kind, default=field.default, choices=choices.get(field.name),
+                                help=f"SelfPlayConfig.{field.name}")
     parser.add_argument("--round", type=positive_int, default=1, help="with --rounds 0: the round whose folder "
                         "(round_K) this run samples into or --merge joins (--model: round K-1's checkpoint)")
     parser.add_argument("--shard", type=nonnegative_int, default=0, help="this process's chunks: shard::num-shards")
@@ -691,8 +692,6 @@ def main(argv=None):
     cfg = SelfPlayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SelfPlayConfig)})
     if not set(cfg.sources.split(",")) <= {"correction", "sample"}:
         parser.error(f"--sources {cfg.sources!r}: comma-separated from correction, sample")
-    if cfg.correction not in ("rewrite", "step") or cfg.locate not in ("critique", "confidence"):
-        parser.error(f"--correction {cfg.correction!r} / --locate {cfg.locate!r}: rewrite|step / critique|confidence")
     if cfg.verify:
         try:
             load_check(cfg.verify)
@@ -709,8 +708,6 @@ def main(argv=None):
     if args.base_url and args.rounds > 1:
         parser.error("--base-url serves one model, but each round samples with the previous round's checkpoint: "
                      "use --serve, which starts a server for each round's model")
-    if args.round < 1 or args.nproc < 1:
-        parser.error("--round and --nproc start at 1")
 
     out, model_path = Path(args.out), Path(args.model)
     # One writer per output: the whole folder, or with --num-shards this shard's files (and --merge round 1's).
