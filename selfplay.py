@@ -236,9 +236,8 @@ def run_chunk(model, tokenizer, rows, cfg, round_, seed):
                  if sample["finished"] and not sample["right"]]
         correct = step_corrections if cfg.correction == "step" else rewrite_corrections
         correct(model, tokenizer, wrong, cfg, seed)
-    pairs = [pair for row, record in zip(rows, records) for pair in preference_pairs(row, record["samples"], cfg,
-                                                                                      round_)]
-    return records, pairs
+    pairs = [preference_pairs(row, record["samples"], cfg, round_) for row, record in zip(rows, records)]
+    return records, [pair for question_pairs in pairs for pair in question_pairs]
 
 
 def rewrite_corrections(model, tokenizer, wrong, cfg, seed):
@@ -319,10 +318,13 @@ def located_lines(model, tokenizer, wrong, prompts, cfg, seed):
                              seed_of(seed, "step critiques"))
     located = []
     for (_, sample), tries in zip(wrong, outputs):
+        if tries is None:
+            located.append(None)
+            continue
         steps = step_line_numbers(sample["text"])
-        named = [extract_first_wrong_line(text) for text, _, _ in tries or []]
-        located.append(None if tries is None else [(n - 1 if n and n - 1 in steps else None, text, tokens)
-                                                   for n, (text, _, tokens) in zip(named, tries)])
+        named = [extract_first_wrong_line(text) for text, _, _ in tries]  # 1-based, as the critique numbers lines
+        located.append([(n - 1 if n and n - 1 in steps else None, text, tokens)
+                        for n, (text, _, tokens) in zip(named, tries)])
     return located
 
 
@@ -347,9 +349,9 @@ def diverge(model, tokenizer, prompt, reply, k, cfg, seed):
 def step_corrections(model, tokenizer, wrong, cfg, seed):
     """m step corrections of each wrong (row, sample) into its "corrections" (step_pair_ok makes the pairs)."""
     prompts = [prompt_ids(tokenizer, student_messages(row)) for row, _ in wrong]
+    located = located_lines(model, tokenizer, wrong, prompts, cfg, seed)
     jobs = []  # (its record entry, the wrong sample, its kept lines, continuation prompt, its head ids)
-    for j, (prompt, (row, sample), tries) in enumerate(zip(prompts, wrong, located_lines(model, tokenizer, wrong,
-                                                                                         prompts, cfg, seed))):
+    for j, (prompt, (row, sample), tries) in enumerate(zip(prompts, wrong, located)):
         if tries is None:
             sample["critique"] = "too_long"
             continue
