@@ -262,16 +262,14 @@ def rewrite_corrections(model, tokenizer, wrong, cfg, seed):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --correction step (Step-DPO, Lai et al. 2024). A wrong sample's first wrong line is located by the model's own
-# critique (templates.step_critique_messages), or, as a diagnostic, by its own token log-probs (--locate confidence:
-# the line holding its least likely token). The correction keeps every line before it byte for byte, rewrites that
-# line with the sample's own version excluded and continues, all in the student's own reply to the student prompt
-# (not hundreds of tokens into a critique prompt). The line is rewritten from its least confident token, the one it
-# was decided on: the tokens before it are kept (an option line keeps its letter and name), that token is masked
-# (with the stop tokens: a step is not rewritten by ending the reply) and the first new token is drawn from the rest
-# of the distribution (at temperature 0: the model's next-best choice). Another tokenization of the same text could
-# still rebuild the line, so a rewritten line equal to the excluded one is dropped and counted (`reemitted`): the
-# excluded step never enters a pair. Needs the model in this process (log-probs), so not a sampling server.
+# --correction step (Step-DPO, Lai et al. 2024; the README says what it does). The first wrong line is named by the
+# model's own critique (templates.step_critique_messages) or is the line of its least likely token (--locate
+# confidence). The rewrite continues the student's own reply to the student prompt (not hundreds of tokens into a
+# critique prompt) from that line's least confident token, the one it was decided on: the tokens before it are kept
+# (an option line keeps its letter and name), that token is masked with the stop tokens (a step is not rewritten by
+# ending the reply) and the first new token is drawn from the rest (at temperature 0: the model's next-best choice).
+# Another tokenization could still rebuild the line, so a rewrite equal to the excluded line is dropped and counted
+# (`reemitted`). Needs the model in this process (log-probs), so not a sampling server.
 
 
 def step_line_numbers(reply) -> list:
@@ -438,7 +436,9 @@ def run_round(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num_
                 # a chunk killed mid-commit is sampled again whole, but only its uncommitted questions are written
                 new = {r["id"]: {**r, "pairs": 0, "duplicates": 0} for r in chunk_records if r["id"] not in done}
                 fresh = []
-                for pair in (pair for pair in candidates if pair["id"] in new):
+                for pair in candidates:
+                    if pair["id"] not in new:  # its question was committed before the kill
+                        continue
                     key = pair_key(pair)
                     new[pair["id"]]["duplicates" if key in seen else "pairs"] += 1
                     if key not in seen:
