@@ -1,25 +1,9 @@
 """
-selfplay.py: MedCritical Stage 2 data. The fine-tuned student answers training questions, critiques and corrects
-its own wrong answers, and each correction that reaches the gold answer becomes a DPO pair against the wrong
-answer. With --rounds R it alternates this with DPO (dpo.py): each round's model is the next round's student.
-
-Su et al., "MedCritical: Enhancing Medical Reasoning in Small Language Models via Self-Collaborative Correction",
-arXiv 2509.23368, Stage 2. No teacher is called here (the summary counts it: 0). For each question:
-  1. the student samples k trajectories for the student prompt (templates.student_messages), each graded
-     against the gold answer with templates.extract_answer;
-  2. for each wrong one, the SAME model reads its trajectory (templates.critique_messages) and samples m
-     critiques, each ending in a complete new solution (templates.extract_correction);
-  3. a corrected solution that reaches the gold answer, in our output format, is `chosen`; the wrong
-     trajectory is `rejected`. The chosen text answers the ORIGINAL question on its own, so both share one
-     prompt: the student's.
---correction step (Step-DPO, Lai et al. 2024; the paper's is the default "rewrite" above): the critique
-(templates.step_critique_messages) only names the first wrong line, or --locate confidence takes the line holding the
-sample's least likely token; the correction keeps the lines before it byte for byte, rewrites it with the sample's
-own version excluded and continues in the student's own reply; a rewrite that reaches the gold answer is chosen
-against the wrong sample (step_pair_ok). --verify file.py:function adds a check every chosen reply must pass.
---sources correction,sample also pairs a right sample against a wrong one of the same question (off by default:
-the paper builds pairs from corrections). --hint shows the gold answer to the corrector; it is never the default
-and every record says whether it was on.
+selfplay.py: MedCritical Stage 2 data (Su et al., arXiv 2509.23368). The fine-tuned student answers training
+questions, critiques and corrects its own wrong answers, and each correction that reaches the gold answer becomes a
+DPO pair against the wrong answer (preference_pairs); --correction step is the Step-DPO variant (Lai et al. 2024).
+With --rounds R it alternates this with DPO: each round's model is the next round's student. No teacher is called.
+The README gives the options, the 8-GPU setups and their costs.
 
     python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay     # round 1's pairs only
     python selfplay.py --model runs/sft/step-000800 --data train.csv --out runs/selfplay --rounds 2 --nproc 8 \\
@@ -29,18 +13,8 @@ and every record says whether it was on.
     for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python selfplay.py ... --round K --shard $i --num-shards 8 & done
     wait; python selfplay.py ... --round K --num-shards 8 --merge
 
-Sampling runs our KV-cached sampler (model.generate), the default and the reference: in this process, or with
---nproc N in N processes, one shard each (one GPU each), merged when all are done. Shards take whole chunks of
-questions, dealt round-robin, and a chunk's seed is its place in the whole list, so the samples and pairs do not
-depend on N. Or it runs on an OpenAI-compatible server (--base-url; --serve starts one per round for that round's
-checkpoint and stops it before DPO): each prompt, as the exact text templates.chat renders, goes to
-/v1/completions. DPO runs in a subprocess as `torchrun --nproc-per-node N dpo.py ...` (plain `python dpo.py` for
-N = 1), exactly the command users run. Round k lives in <out>/round_k/: pairs.jsonl (TRL's conversational
-preference format plus metadata), samples.jsonl (per question: each sample and each critique, its full text and
-what it answered, so any pair or failure can be read back), summary.json, config.json and, with --rounds, the DPO
-run in dpo/ and done.json naming its final checkpoint. Both JSONL files grow one chunk of questions at a time
-(flush + fsync), samples.jsonl last, so it is the commit log: a killed run resumes at the first uncommitted chunk
-with nothing lost or duplicated, and a round with a done.json is skipped.
+DPO runs as a child process, exactly the command users run: `torchrun --nproc-per-node N dpo.py ...` (plain
+`python dpo.py` for N = 1).
 """
 import contextlib
 import dataclasses
@@ -64,11 +38,12 @@ from tqdm import tqdm
 
 from model import ModelConfig, generate, load, load_tokenizer, sample_next
 from sft import latest_checkpoints
-from templates import (ArgumentParser, Server, TeacherError, UserError, append_jsonl, chat, completions,
-                       critique_messages, die_with_parent, done_ids, extract_answer, extract_correction,
-                       extract_first_wrong_line, is_well_formed, load_cmexam, lock_output, nonnegative_float,
-                       nonnegative_int, positive_float, positive_int, probability, prompt_reference, run_main,
-                       served_models, special_ids, step_critique_messages, student_messages, write_jsonl)
+from templates import (ArgumentParser, Server, TeacherError, UserError, append_jsonl, chat, check_settings,
+                       check_unique_ids, completions, critique_messages, die_with_parent, done_ids, extract_answer,
+                       extract_correction, extract_first_wrong_line, is_well_formed, load_cmexam, lock_output,
+                       nonnegative_float, nonnegative_int, positive_float, positive_int, probability, prompt_reference,
+                       read_jsonl, reply_text, run_main, served_models, step_critique_messages, stop_ids,
+                       student_messages, write_jsonl)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config. Defaults are for Qwen2.5-7B: at its ~70% accuracy on CMExam, 1 - 0.7^4 = 76% of questions have at least
@@ -87,7 +62,7 @@ class SelfPlayConfig:
     max_new_tokens: int = 2048  # one student answer; raise it if the summary shows many truncated
     critique_max_new_tokens: int = 4096  # a critique and then a whole corrected answer
     sources: str = "correction"  # how a chosen may be found: "correction", "sample" or "correction,sample"
-    hint: bool = False  # show the gold answer to the corrector
+    hint: bool = False  # show the gold answer to the corrector (never the default; every record says if it was on)
     correction: str = "rewrite"  # "rewrite": a critique then a whole new solution (the paper); "step": Step-DPO
     locate: str = "critique"  # --correction step: the first wrong line named by a critique, or "confidence"
     verify: str = ""  # "file.py:function": a check (text -> bool) every chosen reply must also pass
@@ -99,6 +74,81 @@ class SelfPlayConfig:
 
 # These change which random draws are made (or how fast they are made), not what is sampled from.
 RUN_ONLY = ("batch_size", "chunk_size", "compile")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2's pair rule: a right correction of a wrong sample is `chosen`, the wrong sample `rejected`. A correction
+# answers the ORIGINAL question on its own, so both share one prompt: the student's. Only finished replies enter a
+# pair: one cut off at max_new_tokens would be trained as if the model had ended it there.
+
+
+def preference_pairs(row, samples, cfg, round_) -> list:
+    """The pairs of one question from its graded samples, each finished wrong one with its graded corrections.
+    --sources ...,sample also pairs each right sample against each wrong one (off by default: the paper builds
+    pairs from corrections)."""
+    pairs, answer = [], row["answer"]
+    for s, wrong in enumerate(samples):
+        for c, fix in enumerate(wrong.get("corrections", [])):
+            if cfg.correction == "step" and step_pair_ok(fix, answer):
+                pairs.append(pair_record(row, fix["text"], wrong["text"], round=round_, sample=s, source="step",
+                                         correction=c, line=fix["line"], locate=cfg.locate, hint=cfg.hint,
+                                         answer=answer, rejected_answer=wrong["predicted"]))
+            elif cfg.correction == "rewrite" and rewrite_pair_ok(fix, cfg):
+                pairs.append(pair_record(row, extract_correction(fix["text"]), wrong["text"], round=round_, sample=s,
+                                         source="correction", correction=c, hint=cfg.hint, answer=answer,
+                                         rejected_answer=wrong["predicted"]))
+    if "sample" in cfg.sources.split(","):  # every (right, wrong) combination of the finished samples
+        finished = [(s, x) for s, x in enumerate(samples) if x["finished"]]
+        for s_right, right in finished:
+            for s_wrong, wrong in finished:
+                if right["right"] and right["well_formed"] and not wrong["right"] and verified(cfg, right["text"]):
+                    pairs.append(pair_record(row, right["text"], wrong["text"], round=round_, sample=s_wrong,
+                                             source="sample", chosen_sample=s_right, hint=False, answer=answer,
+                                             rejected_answer=wrong["predicted"]))
+    return pairs
+
+
+def rewrite_pair_ok(correction, cfg) -> bool:
+    """The paper's rule. Chosen: the solution after the critique, if the critique ended by itself and the solution
+    reaches the gold answer, is well formed, does not refer to the critique prompt and passes --verify."""
+    return (correction["finished"] and correction["right"] and correction["well_formed"]
+            and not correction["refers_to_prompt"] and verified(cfg, extract_correction(correction["text"])))
+
+
+def step_pair_ok(correction, answer) -> bool:
+    """The pair rule of --correction step. Chosen: a rewrite that ended by itself, did not rebuild the excluded
+    line, reaches the gold answer, is well formed and passes --verify. Rejected: the wrong sample. Their lines
+    before the rewritten one are the same bytes, so dpo.py --truncate-rejected cuts the rejected reply exactly at
+    the wrong step."""
+    return (correction["finished"] and not correction["reemitted"] and correction["predicted"] == answer
+            and correction["well_formed"] and correction["verified"])
+
+
+def pair_record(row, chosen, rejected, **meta):
+    """A preference pair in the conversational format TRL's DPOTrainer reads, plus our metadata."""
+    return {"prompt": student_messages(row), "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "id": row["id"], **meta}
+
+
+def pair_key(pair):
+    text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def load_check(spec):
+    """The function named by --verify "path/to/file.py:function"."""
+    path, _, name = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if not path or module_spec is None:
+        raise ValueError(f"--verify {spec!r}: expected path/to/file.py:function")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def verified(cfg, text) -> bool:
+    return not cfg.verify or bool(load_check(cfg.verify)(text))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,16 +166,13 @@ def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, se
 
     Prompts are sorted by length and batched, so a batch holds similar lengths (little left padding, and short
     prompts do not wait on long ones); each prompt is prefilled once and its cache shared by its num_samples rows.
-    `finished` = the model ended the reply itself (a stop token, which is not part of the text) rather than being
-    cut off at max_new_tokens. The seed of each batch depends only on `seed` and the batch's place in the sorted
-    order, so the same chunk always draws the same samples. heads[i], if given, are the last ids of prompt i, decoded
-    with its new tokens (a reply continued mid-line decodes whole).
+    The seed of each batch depends only on `seed` and the batch's place in the sorted order, so the same chunk
+    always draws the same samples. heads[i], if given, are decoded in front of prompt i's reply (reply_text).
 
     With a Server, each prompt is one request for its num_samples completions of the prompt's text (the decoded
     ids: templates.chat's text, which encodes back to the same ids), seeded by `seed` and its place; `tokens` is
     then the text's re-encoded length (plus the stop token)."""
-    ids = special_ids(tokenizer)
-    stop = (ids["im_end"], ids["endoftext"])
+    stop = stop_ids(tokenizer)
     if isinstance(model, Server):
         texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
         try:
@@ -143,12 +190,20 @@ def sample_texts(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, se
                         top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop, num_samples=num_samples, seed=seed + start,
                         compile=cfg.compile)
         for j, i in enumerate(batch):
-            results[i] = []
-            for row in rows[j * num_samples:(j + 1) * num_samples]:
-                finished = bool(row) and row[-1] in stop
-                head = list(heads[i]) if heads else []
-                text = tokenizer.decode(head + (row[:-1] if finished else row), skip_special_tokens=False)
-                results[i].append((text, finished, len(row)))
+            results[i] = [(*reply_text(tokenizer, row, heads[i] if heads else ()), len(row))
+                          for row in rows[j * num_samples:(j + 1) * num_samples]]
+    return results
+
+
+def sample_fitting(model, tokenizer, prompts, num_samples, max_new_tokens, cfg, seed, heads=None):
+    """sample_texts of the prompts that fit the context with max_new_tokens more; None for each that does not."""
+    context = model.config.max_position_embeddings
+    fits = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= context]
+    outputs = sample_texts(model, tokenizer, [prompts[i] for i in fits], num_samples, max_new_tokens, cfg, seed,
+                           heads=[heads[i] for i in fits] if heads else None)
+    results = [None] * len(prompts)
+    for i, output in zip(fits, outputs):
+        results[i] = output
     return results
 
 
@@ -157,127 +212,63 @@ def seed_of(*parts):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One chunk of questions: sample, grade, critique, correct, pair.
-
-
-def make_pair(row, chosen, rejected, **meta):
-    """A preference pair in the conversational format TRL's DPOTrainer reads, plus our metadata."""
-    return {"prompt": student_messages(row), "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], "id": row["id"], **meta}
-
-
-def pair_key(pair):
-    text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+# One chunk of questions: sample, grade, critique and correct the wrong samples, pair.
 
 
 def run_chunk(model, tokenizer, rows, cfg, round_, seed):
     """(per-question records, candidate pairs) for one chunk. A prompt that cannot fit the context with its
-    max_new_tokens is a recorded skip. Only finished outputs enter pairs: a reply cut off at max_new_tokens would
-    be trained as if the model had ended it there."""
-    context = model.config.max_position_embeddings
-    sources = set(cfg.sources.split(","))
+    max_new_tokens is a recorded skip."""
     records = [{"id": row["id"], "round": round_, "answer": row["answer"], "hint": cfg.hint, "skipped": None,
                 "samples": []} for row in rows]
     prompts = [prompt_ids(tokenizer, student_messages(row)) for row in rows]
-    fits = [i for i, p in enumerate(prompts) if len(p) + cfg.max_new_tokens <= context]
-    for i in set(range(len(rows))) - set(fits):
-        records[i]["skipped"] = "too_long"
-    outputs = sample_texts(model, tokenizer, [prompts[i] for i in fits], cfg.samples, cfg.max_new_tokens, cfg,
-                           seed_of(seed, "samples"))
-
-    wrong = []  # (question index, sample index) of the finished wrong samples, to be corrected
-    for i, samples in zip(fits, outputs):
-        for s, (text, finished, tokens) in enumerate(samples):
+    outputs = sample_fitting(model, tokenizer, prompts, cfg.samples, cfg.max_new_tokens, cfg, seed_of(seed, "samples"))
+    for row, record, samples in zip(rows, records, outputs):
+        if samples is None:
+            record["skipped"] = "too_long"
+        for text, finished, tokens in samples or []:
             predicted = extract_answer(text)
-            right = predicted == rows[i]["answer"]
-            records[i]["samples"].append({"predicted": predicted, "right": right, "finished": finished,
-                                          "tokens": tokens, "well_formed": is_well_formed(text), "text": text})
-            if finished and not right:
-                wrong.append((i, s))
-
-    pairs = [[] for _ in rows]
-    if "correction" not in sources:
-        wrong = []  # --sources sample: corrections would go unused, so none is sampled
-    if cfg.correction == "step":  # Step-DPO: the whole-solution rewrite below then has nothing to do
-        step_corrections(model, tokenizer, rows, records, wrong, pairs, cfg, round_, seed)
-        wrong = []
-    hint = {i: rows[i]["answer"] if cfg.hint else None for i, _ in wrong}
-    text_of = lambda i, s: records[i]["samples"][s]["text"]  # noqa: E731
-    critiques = [prompt_ids(tokenizer, critique_messages(rows[i], text_of(i, s), hint[i])) for i, s in wrong]
-    fits = [j for j, p in enumerate(critiques) if len(p) + cfg.critique_max_new_tokens <= context]
-    for j in set(range(len(wrong))) - set(fits):
-        i, s = wrong[j]
-        records[i]["samples"][s]["critique"] = "too_long"
-    outputs = sample_texts(model, tokenizer, [critiques[j] for j in fits], cfg.corrections,
-                           cfg.critique_max_new_tokens, cfg, seed_of(seed, "corrections"))
-
-    for j, corrections in zip(fits, outputs):
-        i, s = wrong[j]
-        sample = records[i]["samples"][s]
-        sample["corrections"] = []
-        for c, (text, finished, tokens) in enumerate(corrections):
-            solution = extract_correction(text)
-            predicted, well_formed = extract_answer(solution), is_well_formed(solution)
-            right, reference = predicted == rows[i]["answer"], prompt_reference(solution, cfg.hint)
-            sample["corrections"].append({"predicted": predicted, "right": right, "marked": bool(solution),
-                                          "well_formed": well_formed, "finished": finished, "tokens": tokens,
-                                          "refers_to_prompt": reference, "text": text})
-            if ("correction" in sources and right and well_formed and finished and not reference
-                    and verified(cfg, solution)):
-                pairs[i].append(make_pair(rows[i], solution, text_of(i, s), round=round_, sample=s,
-                                          source="correction", correction=c, hint=cfg.hint,
-                                          answer=rows[i]["answer"], rejected_answer=sample["predicted"]))
-    if "sample" in sources:  # every (right, wrong) combination of one question's finished samples
-        for i, record in enumerate(records):
-            done = [(s, x) for s, x in enumerate(record["samples"]) if x["finished"]]
-            for s_right, x_right in done:
-                for s_wrong, x_wrong in done:
-                    if x_right["right"] and x_right["well_formed"] and not x_wrong["right"] \
-                            and verified(cfg, x_right["text"]):
-                        pairs[i].append(make_pair(rows[i], x_right["text"], x_wrong["text"], round=round_,
-                                                  sample=s_wrong, source="sample", chosen_sample=s_right,
-                                                  hint=False, answer=rows[i]["answer"],
-                                                  rejected_answer=x_wrong["predicted"]))
+            record["samples"].append({"predicted": predicted, "right": predicted == row["answer"],
+                                      "finished": finished, "tokens": tokens, "well_formed": is_well_formed(text),
+                                      "text": text})
+    if "correction" in cfg.sources.split(","):  # with --sources sample alone corrections would go unused
+        wrong = [(row, sample) for row, record in zip(rows, records) for sample in record["samples"]
+                 if sample["finished"] and not sample["right"]]
+        correct = step_corrections if cfg.correction == "step" else rewrite_corrections
+        correct(model, tokenizer, wrong, cfg, seed)
+    pairs = [preference_pairs(row, record["samples"], cfg, round_) for row, record in zip(rows, records)]
     return records, [pair for question_pairs in pairs for pair in question_pairs]
 
 
+def rewrite_corrections(model, tokenizer, wrong, cfg, seed):
+    """The paper's correction, into each wrong (row, sample)'s "corrections": the SAME model reads the wrong
+    trajectory (templates.critique_messages) and samples m critiques, each ending in a complete new solution."""
+    critiques = [prompt_ids(tokenizer, critique_messages(row, sample["text"], row["answer"] if cfg.hint else None))
+                 for row, sample in wrong]
+    outputs = sample_fitting(model, tokenizer, critiques, cfg.corrections, cfg.critique_max_new_tokens, cfg,
+                             seed_of(seed, "corrections"))
+    for (row, sample), tries in zip(wrong, outputs):
+        if tries is None:
+            sample["critique"] = "too_long"
+            continue
+        sample["corrections"] = []
+        for text, finished, tokens in tries:
+            solution = extract_correction(text)
+            predicted = extract_answer(solution)
+            sample["corrections"].append({"predicted": predicted, "right": predicted == row["answer"],
+                                          "marked": bool(solution), "well_formed": is_well_formed(solution),
+                                          "finished": finished, "tokens": tokens,
+                                          "refers_to_prompt": prompt_reference(solution, cfg.hint), "text": text})
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# --correction step (Step-DPO, Lai et al. 2024). A wrong sample's first wrong line is located by the model's own
-# critique (templates.step_critique_messages), or, as a diagnostic, by its own token log-probs (--locate confidence:
-# the line holding its least likely token). The correction keeps every line before it byte for byte, rewrites that
-# line with the sample's own version excluded and continues, all in the student's own reply to the student prompt
-# (not hundreds of tokens into a critique prompt). The line is rewritten from its least confident token, the one it
-# was decided on: the tokens before it are kept (an option line keeps its letter and name), that token is masked
-# (with the stop tokens: a step is not rewritten by ending the reply) and the first new token is drawn from the rest
-# of the distribution (at temperature 0: the model's next-best choice). Another tokenization of the same text could
-# still rebuild the line, so a rewritten line equal to the excluded one is dropped and counted (`reemitted`): the
-# excluded step never enters a pair. Needs the model in this process (log-probs), so not a sampling server.
-
-
-def step_pair_ok(correction, answer) -> bool:
-    """The pair rule of --correction step. Chosen: a rewrite that ended by itself, did not rebuild the excluded
-    line, reaches the gold answer, is well formed and passes --verify. Rejected: the wrong sample. Their lines
-    before the rewritten one are the same bytes, so dpo.py --truncate-rejected cuts the rejected reply exactly at
-    the wrong step."""
-    return (correction["finished"] and not correction["reemitted"] and correction["predicted"] == answer
-            and correction["well_formed"] and correction["verified"])
-
-
-@functools.lru_cache(maxsize=None)
-def load_check(spec):
-    """The function named by --verify "path/to/file.py:function"."""
-    path, _, name = spec.rpartition(":")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    if not path or module_spec is None:
-        raise ValueError(f"--verify {spec!r}: expected path/to/file.py:function")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
-def verified(cfg, text) -> bool:
-    return not cfg.verify or bool(load_check(cfg.verify)(text))
+# --correction step (Step-DPO, Lai et al. 2024; the README says what it does). The first wrong line is named by the
+# model's own critique (templates.step_critique_messages) or is the line of its least likely token (--locate
+# confidence). The rewrite continues the student's own reply to the student prompt (not hundreds of tokens into a
+# critique prompt) from that line's least confident token, the one it was decided on: the tokens before it are kept
+# (an option line keeps its letter and name), that token is masked with the stop tokens (a step is not rewritten by
+# ending the reply) and the first new token is drawn from the rest (at temperature 0: the model's next-best choice).
+# Another tokenization could still rebuild the line, so a rewrite equal to the excluded line is dropped and counted
+# (`reemitted`). Needs the model in this process (log-probs), so not a sampling server.
 
 
 def step_line_numbers(reply) -> list:
@@ -311,6 +302,29 @@ def least_confident_line(model, tokenizer, prompt, reply):
     return min(worst, key=worst.get) if worst else None
 
 
+def located_lines(model, tokenizer, wrong, prompts, cfg, seed):
+    """Per wrong (row, sample): m (0-based first wrong line or None, critique text or None, critique tokens), or
+    None if its critique prompt does not fit. With --locate critique each has its own sampled critique (as the
+    rewrite mode has m critiques); with --locate confidence the m rewrites share the one located line."""
+    if cfg.locate == "confidence":
+        return [[(least_confident_line(model, tokenizer, prompt, sample["text"]), None, 0)] * cfg.corrections
+                for prompt, (_, sample) in zip(prompts, wrong)]
+    critiques = [prompt_ids(tokenizer, step_critique_messages(row, sample["text"], row["answer"] if cfg.hint else None))
+                 for row, sample in wrong]
+    outputs = sample_fitting(model, tokenizer, critiques, cfg.corrections, cfg.critique_max_new_tokens, cfg,
+                             seed_of(seed, "step critiques"))
+    located = []
+    for (_, sample), tries in zip(wrong, outputs):
+        if tries is None:
+            located.append(None)
+            continue
+        steps = step_line_numbers(sample["text"])
+        named = [extract_first_wrong_line(text) for text, _, _ in tries]  # 1-based, as the critique numbers lines
+        located.append([(n - 1 if n and n - 1 in steps else None, text, tokens)
+                        for n, (text, _, tokens) in zip(named, tries)])
+    return located
+
+
 def diverge(model, tokenizer, prompt, reply, k, cfg, seed):
     """Where a rewrite of line k starts: (the reply's lines before k as text, the ids to continue from after the
     prompt, the head of them decoded with the continuation, the token index in line k where it differs)."""
@@ -322,70 +336,50 @@ def diverge(model, tokenizer, prompt, reply, k, cfg, seed):
     logps, logits = token_logprobs(model, prompt + prefix_ids + line_ids, len(prompt) + len(prefix_ids))
     j = min(range(len(line_ids)), key=logps.__getitem__)
     row = logits[j:j + 1].float().clone()
-    ids = special_ids(tokenizer)
-    row[0, [line_ids[j], ids["im_end"], ids["endoftext"]]] = float("-inf")
+    row[0, [line_ids[j], *stop_ids(tokenizer)]] = float("-inf")
     generator = torch.Generator(device=row.device).manual_seed(seed)
     head = line_ids[:j] + [int(sample_next(row, cfg.temperature, cfg.top_k, cfg.top_p, generator)[0])]
     return prefix, prefix_ids + head, head, j
 
 
-def step_corrections(model, tokenizer, rows, records, wrong, pairs, cfg, round_, seed):
-    """m step corrections of each wrong sample (i, s) into its record's "corrections", and the pairs that pass
-    step_pair_ok into pairs[i]. With --locate critique each correction has its own sampled critique (as the rewrite
-    mode has m critiques); with --locate confidence the m rewrites share the one located line."""
-    context, text_of = model.config.max_position_embeddings, lambda i, s: records[i]["samples"][s]["text"]
-    prompts = {i: prompt_ids(tokenizer, student_messages(rows[i])) for i, _ in wrong}
-    located = {}  # wrong index -> m (0-based line or None, critique text or None, critique tokens)
-    if cfg.locate == "critique":
-        critiques = [prompt_ids(tokenizer, step_critique_messages(rows[i], text_of(i, s),
-                                                                  rows[i]["answer"] if cfg.hint else None))
-                     for i, s in wrong]
-        fits = [j for j, p in enumerate(critiques) if len(p) + cfg.critique_max_new_tokens <= context]
-        outputs = sample_texts(model, tokenizer, [critiques[j] for j in fits], cfg.corrections,
-                               cfg.critique_max_new_tokens, cfg, seed_of(seed, "step critiques"))
-        for j, tries in zip(fits, outputs):
-            i, s = wrong[j]
-            named = [extract_first_wrong_line(text) for text, _, _ in tries]
-            located[j] = [(n - 1 if n and n - 1 in step_line_numbers(text_of(i, s)) else None, text, tokens)
-                          for n, (text, _, tokens) in zip(named, tries)]
-        for j in set(range(len(wrong))) - set(fits):
-            records[wrong[j][0]]["samples"][wrong[j][1]]["critique"] = "too_long"
-    else:
-        for j, (i, s) in enumerate(wrong):
-            line = least_confident_line(model, tokenizer, prompts[i], text_of(i, s))
-            located[j] = [(line, None, 0)] * cfg.corrections
-    jobs = []  # (its record entry, question, sample, correction, kept lines, continuation prompt, its head ids)
-    for j, tries in located.items():
-        i, s = wrong[j]
-        records[i]["samples"][s]["corrections"] = []
+def step_corrections(model, tokenizer, wrong, cfg, seed):
+    """m step corrections of each wrong (row, sample) into its "corrections" (step_pair_ok makes the pairs)."""
+    prompts = [prompt_ids(tokenizer, student_messages(row)) for row, _ in wrong]
+    located = located_lines(model, tokenizer, wrong, prompts, cfg, seed)
+    jobs = []  # (its record entry, the wrong sample, its kept lines, continuation prompt, its head ids)
+    for j, (prompt, (row, sample), tries) in enumerate(zip(prompts, wrong, located)):
+        if tries is None:
+            sample["critique"] = "too_long"
+            continue
+        sample["corrections"] = []
         for c, (k, critique, tokens) in enumerate(tries):
             entry = {"line": None if k is None else k + 1, "critique": critique, "marked": k is not None,
                      "predicted": "", "right": False, "well_formed": False, "finished": True,
                      "reemitted": False, "verified": False, "tokens": tokens, "text": ""}
-            records[i]["samples"][s]["corrections"].append(entry)
-            if k is None:
-                continue
-            prefix, ids, head, entry["token"] = diverge(model, tokenizer, prompts[i], text_of(i, s), k, cfg,
-                                                        seed_of(seed, "diverge", j, c))
-            if len(prompts[i]) + len(ids) + cfg.max_new_tokens <= context:
-                jobs.append((entry, i, s, c, prefix, prompts[i] + ids, head))
-            else:
-                entry["skipped"] = "too_long"
-    outputs = sample_texts(model, tokenizer, [job[5] for job in jobs], 1, cfg.max_new_tokens, cfg,
-                           seed_of(seed, "step rewrites"), heads=[job[6] for job in jobs])
-    for (entry, i, s, c, prefix, _, _), [(rest, finished, tokens)] in zip(jobs, outputs):
+            sample["corrections"].append(entry)
+            if k is not None:
+                prefix, ids, head, entry["token"] = diverge(model, tokenizer, prompt, sample["text"], k, cfg,
+                                                            seed_of(seed, "diverge", j, c))
+                jobs.append((entry, row, sample, prefix, prompt + ids, head))
+    outputs = sample_fitting(model, tokenizer, [job[4] for job in jobs], 1, cfg.max_new_tokens, cfg,
+                             seed_of(seed, "step rewrites"), heads=[job[5] for job in jobs])
+    for (entry, row, sample, prefix, _, _), output in zip(jobs, outputs):
+        if output is None:
+            entry["skipped"] = "too_long"
+            continue
+        [(rest, finished, tokens)] = output
         text, k = prefix + rest, entry["line"] - 1
         entry.update(text=text, finished=finished, tokens=entry["tokens"] + tokens, predicted=extract_answer(text),
-                     well_formed=is_well_formed(text), reemitted=text.split("\n")[k] == text_of(i, s).split("\n")[k])
-        entry.update(right=entry["predicted"] == rows[i]["answer"], verified=verified(cfg, text))
-        if step_pair_ok(entry, rows[i]["answer"]):
-            pairs[i].append(make_pair(rows[i], text, text_of(i, s), round=round_, sample=s, source="step",
-                                      correction=c, line=entry["line"], locate=cfg.locate, hint=cfg.hint,
-                                      answer=rows[i]["answer"], rejected_answer=records[i]["samples"][s]["predicted"]))
+                     well_formed=is_well_formed(text), reemitted=text.split("\n")[k] == sample["text"].split("\n")[k])
+        entry.update(right=entry["predicted"] == row["answer"], verified=verified(cfg, text))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A round's files: resume, write chunk by chunk, summarize.
+# A round's files. Round k lives in <out>/round_k/: pairs.jsonl (TRL's conversational preference format plus
+# metadata), samples.jsonl (per question: each sample and each critique, its full text and what it answered, so any
+# pair or failure can be read back), summary.json, config.json and, with --rounds, the DPO run in dpo/ and done.json
+# naming its final checkpoint. Both JSONL files grow one chunk of questions at a time, samples.jsonl last, so it is
+# the commit log: a killed run resumes at the first uncommitted chunk with nothing lost or duplicated.
 
 
 def shard_suffix(shard, num_shards):
@@ -395,10 +389,7 @@ def shard_suffix(shard, num_shards):
 def read_committed(pairs_path, samples_path):
     """(records, pairs) already committed. samples.jsonl is written after pairs.jsonl for each chunk, so pairs
     of questions it does not list come from a chunk that was killed mid-write: they are dropped (and remade)."""
-    done = done_ids(samples_path)  # also truncates a last line cut off by a kill
-    done_ids(pairs_path)
-    read = lambda path: [json.loads(line) for line in path.read_text("utf-8").splitlines()] if path.exists() else []
-    records, pairs = read(samples_path), read(pairs_path)
+    done, records, pairs = done_ids(samples_path), read_jsonl(samples_path), read_jsonl(pairs_path)
     committed = [pair for pair in pairs if pair["id"] in done]
     if len(committed) < len(pairs):
         write_jsonl(pairs_path, committed)
@@ -406,20 +397,8 @@ def read_committed(pairs_path, samples_path):
 
 
 def check_config(out_dir, cfg):
-    """Refuse to resume a round with sampling settings other than those it was started with. Shard processes
-    started together all call this: the file is written whole under a temporary name and renamed (atomic), so a
-    reader sees no file or a complete one, never the half-written file that made 8 shards crash 1 time in 10."""
-    path = out_dir / "config.json"
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            raise UserError(f"{out_dir} was started with other settings (was, now): {changed}; use another --out")
-    else:
-        tmp = path.with_name(f"config.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(tmp, path)
+    """Refuse to resume a round with other sampling settings (shard processes started together all call this)."""
+    check_settings(out_dir / "config.json", {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY})
 
 
 def shard_chunks(rows, chunk_size, shard=0, num_shards=1):
@@ -430,8 +409,8 @@ def shard_chunks(rows, chunk_size, shard=0, num_shards=1):
     return [(c, chunk) for c, chunk in enumerate(chunks) if c % num_shards == shard]
 
 
-def make_pairs(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num_shards=1, device="cpu",
-               dtype=torch.float32, server=None) -> dict:
+def run_round(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num_shards=1, device="cpu",
+              dtype=torch.float32, server=None) -> dict:
     """Round `round_`'s pairs from the model at `model_path` for this shard's chunks of questions (shard_chunks),
     resuming whatever `out_dir` already holds, sampling with our sampler or from `server` (a Server serving
     `model_path`). Returns the summary (also printed and written as JSON)."""
@@ -443,32 +422,33 @@ def make_pairs(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num
     done, seen = {r["id"] for r in records}, {pair_key(p) for p in pairs}
     todo = [(c, chunk) for c, chunk in shard_chunks(rows, cfg.chunk_size, shard, num_shards)
             if any(row["id"] not in done for row in chunk)]
-    counts = tally(records)
     if todo:
         model = server or load(model_path, dtype=dtype, device=device)
         with open(pairs_path, "a", encoding="utf-8") as pairs_file, \
                 open(samples_path, "a", encoding="utf-8") as samples_file:
             bar = tqdm(todo, desc=f"round {round_} chunks", dynamic_ncols=True)
             for c, chunk in bar:
-                new_records, candidates = run_chunk(model, tokenizer, chunk, cfg, round_, seed_of(cfg.seed, round_, c))
-                new_records = {r["id"]: {**r, "pairs": 0, "duplicates": 0} for r in new_records if r["id"] not in done}
-                new_pairs = []
+                chunk_records, candidates = run_chunk(model, tokenizer, chunk, cfg, round_,
+                                                      seed_of(cfg.seed, round_, c))
+                # a chunk killed mid-commit is sampled again whole, but only its uncommitted questions are written
+                new = {r["id"]: {**r, "pairs": 0, "duplicates": 0} for r in chunk_records if r["id"] not in done}
+                fresh = []
                 for pair in candidates:
-                    if pair["id"] in new_records:
-                        fresh = pair_key(pair) not in seen
-                        new_records[pair["id"]]["pairs" if fresh else "duplicates"] += 1
-                        if fresh:
-                            seen.add(pair_key(pair))
-                            new_pairs.append(pair)
-                for record in new_pairs:
-                    append_jsonl(pairs_file, record)
-                for record in new_records.values():
+                    if pair["id"] not in new:  # its question was committed before the kill
+                        continue
+                    key = pair_key(pair)
+                    new[pair["id"]]["duplicates" if key in seen else "pairs"] += 1
+                    if key not in seen:
+                        seen.add(key)
+                        fresh.append(pair)
+                for pair in fresh:
+                    append_jsonl(pairs_file, pair)
+                for record in new.values():
                     append_jsonl(samples_file, record)
-                records += new_records.values()
-                pairs += new_pairs
-                done |= set(new_records)
-                counts += tally(new_records.values())
-                bar.set_postfix(acc=f"{counts['samples_right'] / max(counts['samples'], 1):.3f}", pairs=len(pairs))
+                records += new.values()
+                pairs += fresh
+                n = tally(records)
+                bar.set_postfix(acc=f"{n['samples_right'] / max(n['samples'], 1):.3f}", pairs=len(pairs))
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the DPO subprocess needs this GPU next
@@ -476,7 +456,7 @@ def make_pairs(model_path, tokenizer, rows, out_dir, cfg, round_=1, shard=0, num
 
 
 def tally(records) -> Counter:
-    """Raw counts over per-question records; summarize() turns them into the summary."""
+    """Raw counts over per-question records; write_summary() turns them into the summary."""
     n = Counter()
     for record in records:
         if record["skipped"]:
@@ -500,30 +480,25 @@ def tally(records) -> Counter:
     return n
 
 
-def summarize(records, pairs) -> dict:
-    n = tally(records)
-    rate = lambda a, b: round(n[a] / n[b], 4) if n[b] else None
-    return {"questions": n["questions"], "questions_skipped_too_long": n["questions_skipped_too_long"],
-            "samples": n["samples"], "accuracy_per_sample": rate("samples_right", "samples"),
-            "questions_all_samples_right": rate("questions_all_right", "questions"),
-            "questions_any_sample_right": rate("questions_any_right", "questions"),
-            "no_answer": n["no_answer"], "truncated": n["truncated"],
-            "wrong_samples_sent_to_critique": n["wrong_samples_sent_to_critique"],
-            "critique_skipped_too_long": n["critique_skipped_too_long"],
-            "correction_attempts": n["correction_attempts"], "corrections_right": n["corrections_right"],
-            "correction_success_rate": rate("corrections_right", "correction_attempts"),
-            "wrong_samples_corrected": n["wrong_samples_corrected"],
-            "corrections_unmarked": n["corrections_unmarked"], "corrections_malformed": n["corrections_malformed"],
-            "corrections_truncated": n["corrections_truncated"], "corrections_reemitted": n["corrections_reemitted"],
-            "corrections_right_dropped_prompt_reference": n["corrections_right_dropped_prompt_reference"],
-            "pairs": len(pairs), "pairs_by_source": dict(sorted(Counter(p["source"] for p in pairs).items())),
-            "duplicate_pairs_dropped": n["duplicate_pairs"],
-            "generated_tokens": n["sample_tokens"] + n["correction_tokens"],
-            "teacher_calls": 0}  # no teacher client is imported here; tests/test_selfplay.py checks it
-
-
 def write_summary(path, records, pairs, model_path, round_):
-    summary = {"round": round_, "model": str(model_path), **summarize(records, pairs)}
+    """The summary (written to `path` and printed): counts and rates over the records and pairs."""
+    n = tally(records)
+    rate = lambda a, b: round(n[a] / n[b], 4) if n[b] else None  # noqa: E731
+    counts = lambda *names: {name: n[name] for name in names}  # noqa: E731
+    summary = {"round": round_, "model": str(model_path),
+               **counts("questions", "questions_skipped_too_long", "samples"),
+               "accuracy_per_sample": rate("samples_right", "samples"),
+               "questions_all_samples_right": rate("questions_all_right", "questions"),
+               "questions_any_sample_right": rate("questions_any_right", "questions"),
+               **counts("no_answer", "truncated", "wrong_samples_sent_to_critique", "critique_skipped_too_long",
+                        "correction_attempts", "corrections_right"),
+               "correction_success_rate": rate("corrections_right", "correction_attempts"),
+               **counts("wrong_samples_corrected", "corrections_unmarked", "corrections_malformed",
+                        "corrections_truncated", "corrections_reemitted", "corrections_right_dropped_prompt_reference"),
+               "pairs": len(pairs), "pairs_by_source": dict(sorted(Counter(p["source"] for p in pairs).items())),
+               "duplicate_pairs_dropped": n["duplicate_pairs"],
+               "generated_tokens": n["sample_tokens"] + n["correction_tokens"],
+               "teacher_calls": 0}  # no teacher client is imported here; tests/test_selfplay.py checks it
     path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(summary, ensure_ascii=False))
     return summary
@@ -556,10 +531,20 @@ def merge_shards(out_dir, rows, num_shards, model_path, round_=1, chunk_size=Sel
 # Self-iteration: sample with the current policy, train it with DPO on its own pairs, repeat.
 
 
+def stop_group(proc, timeout):
+    """Stop `proc`'s whole process group: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_dpo(args, model_path, pairs_path, out_dir):
-    """dpo.py in a subprocess, exactly the command a user runs (`torchrun --nproc-per-node N dpo.py ...`, or plain
-    `python dpo.py ...` for one process), plus the flags of --dpo-args. --resume makes a rerun continue a killed
-    DPO run from its last checkpoint in out_dir. Returns the final checkpoint."""
+    """dpo.py in a subprocess, plus the flags of --dpo-args. --resume makes a rerun continue a killed DPO run from
+    its last checkpoint in out_dir. Returns the final checkpoint."""
     launcher = [sys.executable] if args.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
     cmd = [*launcher, args.dpo_script, "--model", str(model_path), "--tokenizer", str(args.tokenizer or args.model),
@@ -573,12 +558,7 @@ def run_dpo(args, model_path, pairs_path, out_dir):
         returncode = proc.wait()
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, 30)
     if returncode:
         raise UserError(f"DPO failed (exit {returncode}, its output is above); rerun the same command to resume")
     checkpoints = latest_checkpoints(out_dir)
@@ -603,9 +583,8 @@ def sample_in_processes(args, cfg, rows, round_dir, model_path, round_) -> dict:
     """Round `round_`'s pairs from args.nproc sampling processes, each running one shard (one GPU each through
     CUDA_VISIBLE_DEVICES; on CPU the cores are split between them), then merged. No collectives while sampling:
     each process works through its own chunks. A round already merged is not sampled again."""
-    samples = round_dir / "samples.jsonl"
-    if samples.exists() and {row["id"] for row in rows} <= done_ids(samples):
-        records, pairs = read_committed(round_dir / "pairs.jsonl", samples)
+    records, pairs = read_committed(round_dir / "pairs.jsonl", round_dir / "samples.jsonl")
+    if {row["id"] for row in rows} <= {record["id"] for record in records}:
         return write_summary(round_dir / "summary.json", records, pairs, model_path, round_)
     round_dir.mkdir(parents=True, exist_ok=True)
     check_config(round_dir, cfg)  # written once, before the shards start (each then only reads it)
@@ -666,13 +645,7 @@ def serving(args, model_path):
         names = wait_for_server(url, proc, args.serve_timeout)
         yield Server(url, args.served_model or names[0], config, args.server_concurrency)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 60)
 
 
 def main(argv=None):
@@ -684,6 +657,7 @@ def main(argv=None):
     parser.add_argument("--limit", type=positive_int, help="only the first N questions")
     parser.add_argument("--rounds", type=nonnegative_int, default=0, help="sample+DPO rounds; 0 = round 1's pairs only")
     types = {int: positive_int, float: nonnegative_float}
+    choices = {"correction": ("rewrite", "step"), "locate": ("critique", "confidence")}
     for field in dataclasses.fields(SelfPlayConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool:
@@ -691,10 +665,11 @@ def main(argv=None):
         else:
             kind = {"top_p": probability, "top_k": nonnegative_int, "seed": int}.get(field.name) \
                 or types.get(type(field.default), type(field.default))
-            parser.add_argument(flag, type=kind, default=field.default, help=f"SelfPlayConfig.{field.name}")
+            parser.add_argument(flag, type=kind, default=field.default, choices=choices.get(field.name),
+                                help=f"SelfPlayConfig.{field.name}")
     parser.add_argument("--round", type=positive_int, default=1, help="with --rounds 0: the round whose folder "
                         "(round_K) this run samples into or --merge joins (--model: round K-1's checkpoint)")
-    parser.add_argument("--shard", type=nonnegative_int, default=0, help="this process samples chunks shard::num-shards")
+    parser.add_argument("--shard", type=nonnegative_int, default=0, help="this process's chunks: shard::num-shards")
     parser.add_argument("--num-shards", type=positive_int, default=1, help="sampling processes, each on its shard")
     parser.add_argument("--merge", action="store_true", help="join the --num-shards shard files of --round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="sampling device")
@@ -716,8 +691,6 @@ def main(argv=None):
     cfg = SelfPlayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SelfPlayConfig)})
     if not set(cfg.sources.split(",")) <= {"correction", "sample"}:
         parser.error(f"--sources {cfg.sources!r}: comma-separated from correction, sample")
-    if cfg.correction not in ("rewrite", "step") or cfg.locate not in ("critique", "confidence"):
-        parser.error(f"--correction {cfg.correction!r} / --locate {cfg.locate!r}: rewrite|step / critique|confidence")
     if cfg.verify:
         try:
             load_check(cfg.verify)
@@ -734,8 +707,6 @@ def main(argv=None):
     if args.base_url and args.rounds > 1:
         parser.error("--base-url serves one model, but each round samples with the previous round's checkpoint: "
                      "use --serve, which starts a server for each round's model")
-    if args.round < 1 or args.nproc < 1:
-        parser.error("--round and --nproc start at 1")
 
     out, model_path = Path(args.out), Path(args.model)
     # One writer per output: the whole folder, or with --num-shards this shard's files (and --merge round 1's).
@@ -745,8 +716,7 @@ def main(argv=None):
     else:
         lock_output(out)
     rows = load_cmexam(args.data)[:args.limit]
-    if len({row["id"] for row in rows}) != len(rows):
-        raise UserError(f"{args.data}: question ids are not unique, so a run could not resume")
+    check_unique_ids(rows, args.data)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if args.merge:
         merge_shards(out / f"round_{args.round}", rows, args.num_shards, model_path, args.round, cfg.chunk_size)
@@ -762,8 +732,8 @@ def main(argv=None):
             if args.nproc > 1 and server is None:
                 summary = sample_in_processes(args, cfg, rows, round_dir, model_path, k)
             else:
-                summary = make_pairs(model_path, tokenizer, rows, round_dir, cfg, k, args.shard, args.num_shards,
-                                     args.device, getattr(torch, args.dtype), server)
+                summary = run_round(model_path, tokenizer, rows, round_dir, cfg, k, args.shard, args.num_shards,
+                                    args.device, getattr(torch, args.dtype), server)
         if not args.rounds:
             break
         if not summary["pairs"]:

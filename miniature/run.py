@@ -250,7 +250,7 @@ def teacher_pairs(work, url, source):
             calls += 1
             solution = T.extract_correction(T.chat_completion(client, T.critique_messages(row, sample["text"])))
             if T.extract_answer(solution) == row["answer"] and T.is_well_formed(solution):
-                pair = S.make_pair(row, solution, sample["text"], round=1, sample=s, source="teacher", hint=False,
+                pair = S.pair_record(row, solution, sample["text"], round=1, sample=s, source="teacher", hint=False,
                                    answer=row["answer"], rejected_answer=sample["predicted"])
                 if S.pair_key(pair) not in seen:
                     seen.add(S.pair_key(pair))

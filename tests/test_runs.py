@@ -136,7 +136,7 @@ def test_dpo_subprocess_dies_with_a_killed_selfplay(nproc, tmp_path, model_dir, 
     S.write_jsonl(round_1 / "samples.jsonl", [{"id": row["id"], "round": 1, "answer": row["answer"], "hint": False,
                                                 "skipped": "too_long", "samples": [], "pairs": 0, "duplicates": 0}
                                                for row in rows])
-    S.write_jsonl(round_1 / "pairs.jsonl", [S.make_pair(rows[0], "对", "错", round=1, source="correction")])
+    S.write_jsonl(round_1 / "pairs.jsonl", [S.pair_record(rows[0], "对", "错", round=1, source="correction")])
     env = {**ENV, "FAKE_DPO_LOG": str(tmp_path / "log.jsonl"), "FAKE_DPO_HANG": str(hang)}
     command = ["selfplay.py", "--model", model_dir, "--data", SAMPLE_CSV, "--out", out, "--rounds", "1",
                "--dpo-script", FAKE_DPO, "--nproc", nproc]
@@ -281,7 +281,7 @@ def test_resume_refuses_other_data_of_the_same_length_and_other_settings(tiny, t
 
 
 def test_dpo_resume_refuses_another_beta_or_reference(tmp_path, model_dir, tokenizer, rows):  # noqa: F811
-    pairs = [S.make_pair(row, f"<think>\n对{i}\n</think>\n答案：{row['answer']}", f"错{i}", source="correction")
+    pairs = [S.pair_record(row, f"<think>\n对{i}\n</think>\n答案：{row['answer']}", f"错{i}", source="correction")
              for i, row in enumerate(rows[:4])]
     data = tmp_path / "pairs.jsonl"
     S.write_jsonl(data, pairs)

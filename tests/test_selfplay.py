@@ -81,7 +81,7 @@ class Scripted:
         [row] = [row for row in self.rows if f"\n{row['question']}\n" in text]
         return row
 
-    def __call__(self, model, tokenizer, prompts, num_samples, max_new_tokens, cfg, seed):
+    def __call__(self, model, tokenizer, prompts, num_samples, max_new_tokens, cfg, seed, heads=None):
         self.seeds.append(seed)
         results = []
         for ids in prompts:
@@ -131,7 +131,7 @@ def scripted_run(tmp_path, rows, tokenizer, model_dir, monkeypatch, **overrides)
     assert others < q3_length
     cfg = S.SelfPlayConfig(samples=3, corrections=2, max_new_tokens=CONTEXT - q3_length + 1,
                            critique_max_new_tokens=1000, chunk_size=2, **overrides)
-    summary = S.make_pairs(model_dir, tokenizer, questions, tmp_path, cfg)
+    summary = S.run_round(model_dir, tokenizer, questions, tmp_path, cfg)
     return questions, sampler, summary
 
 
@@ -184,7 +184,7 @@ def test_corrections_that_refer_to_the_prompt_are_dropped_and_counted(tmp_path, 
                            {wrong: [(critique(fix), True) for fix in fixes]})
         monkeypatch.setattr(S, "sample_texts", sampler)
         cfg = S.SelfPlayConfig(samples=1, corrections=3, hint=hint, max_new_tokens=1000, critique_max_new_tokens=1000)
-        summary = S.make_pairs(model_dir, tokenizer, [q0], tmp_path / str(hint), cfg)
+        summary = S.run_round(model_dir, tokenizer, [q0], tmp_path / str(hint), cfg)
         assert [p["chosen"][0]["content"] for p in read_jsonl(tmp_path / str(hint) / "pairs.jsonl")] == kept
         assert summary["corrections_right"] == 3 and summary["corrections_right_dropped_prompt_reference"] == dropped
         record, = read_jsonl(tmp_path / str(hint) / "samples.jsonl")
@@ -247,7 +247,7 @@ def test_dedup_within_and_across_questions_and_runs(tmp_path, rows, tokenizer, m
     sampler.student = {1: sampler.student[1]}
     monkeypatch.setattr(S, "sample_texts", sampler)
     cfg = S.SelfPlayConfig(samples=2, corrections=2, max_new_tokens=16, critique_max_new_tokens=16)
-    summary = S.make_pairs(model_dir, tokenizer, data, tmp_path, cfg)
+    summary = S.run_round(model_dir, tokenizer, data, tmp_path, cfg)
     pairs = read_jsonl(tmp_path / "pairs.jsonl")
     assert [(p["id"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [(1, fixed, wrong)]
     assert summary["correction_attempts"] == 8 and summary["duplicate_pairs_dropped"] == 7
@@ -255,7 +255,7 @@ def test_dedup_within_and_across_questions_and_runs(tmp_path, rows, tokenizer, m
         [(1, 1, 3), ("twin", 0, 4)]
     before = (tmp_path / "pairs.jsonl").read_bytes(), (tmp_path / "samples.jsonl").read_bytes()
     monkeypatch.setattr(S, "load", lambda *a, **k: pytest.fail("a finished round must not even load the model"))
-    assert S.make_pairs(model_dir, tokenizer, data, tmp_path, cfg)["pairs"] == 1
+    assert S.run_round(model_dir, tokenizer, data, tmp_path, cfg)["pairs"] == 1
     assert ((tmp_path / "pairs.jsonl").read_bytes(), (tmp_path / "samples.jsonl").read_bytes()) == before
 
 
@@ -265,7 +265,7 @@ def test_dedup_within_and_across_questions_and_runs(tmp_path, rows, tokenizer, m
 
 def random_sampler(tokenizer, rows):
     """Scripted outputs drawn from random.Random(seed): the files only match if resumed chunks get their seeds."""
-    def sample(model, tok, prompts, num_samples, max_new_tokens, cfg, seed):
+    def sample(model, tok, prompts, num_samples, max_new_tokens, cfg, seed, heads=None):
         results = []
         for p, ids in enumerate(prompts):
             rng = random.Random(f"{seed}/{p}")
@@ -284,7 +284,7 @@ def test_killed_run_resumes_to_the_same_files(tmp_path, rows, tokenizer, model_d
     cfg = S.SelfPlayConfig(samples=3, corrections=2, max_new_tokens=16, critique_max_new_tokens=16, chunk_size=2,
                            sources="correction,sample")
     monkeypatch.setattr(S, "sample_texts", random_sampler(tokenizer, data))
-    S.make_pairs(model_dir, tokenizer, data, tmp_path / "whole", cfg)
+    S.run_round(model_dir, tokenizer, data, tmp_path / "whole", cfg)
     whole = read_jsonl(tmp_path / "whole" / "pairs.jsonl")
     assert len(whole) >= 10 and len({p["source"] for p in whole}) == 2  # enough pairs for the test to mean much
 
@@ -301,14 +301,14 @@ def test_killed_run_resumes_to_the_same_files(tmp_path, rows, tokenizer, model_d
             real_append(f, record)
         monkeypatch.setattr(S, "append_jsonl", dying_append)
         with pytest.raises(KeyboardInterrupt):
-            S.make_pairs(model_dir, tokenizer, data, out, cfg)
+            S.run_round(model_dir, tokenizer, data, out, cfg)
         with open(out / "pairs.jsonl", "a", encoding="utf-8") as f:
             f.write('{"prompt": [{"role": "user", "content": "半')  # and a write cut off by the kill
     monkeypatch.setattr(S, "append_jsonl", real_append)
     chunks_run = []
     monkeypatch.setattr(S, "run_chunk", lambda model, tok, chunk, *a: chunks_run.append(chunk) or
                         real_run_chunk(model, tok, chunk, *a))
-    S.make_pairs(model_dir, tokenizer, data, out, cfg)
+    S.run_round(model_dir, tokenizer, data, out, cfg)
     assert len(chunks_run) < 5  # committed chunks are not sampled again
     for name in ("pairs.jsonl", "samples.jsonl", "summary.json"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
@@ -346,8 +346,9 @@ def test_real_model_run_writes_well_formed_records(tmp_path, rows, tokenizer, mo
                            batch_size=3, temperature=1.0, top_p=1.0)
     # Sampling that long would be slow: the sampler really runs, but only 6 new tokens are drawn per row.
     real = S.sample_texts
-    monkeypatch.setattr(S, "sample_texts", lambda m, t, p, n, max_new, c, seed: real(m, t, p, n, 6, c, seed))
-    summary = S.make_pairs(model_dir, tokenizer, rows[:6], tmp_path, cfg)
+    monkeypatch.setattr(S, "sample_texts", lambda m, t, p, n, max_new, c, seed, heads=None:
+                        real(m, t, p, n, 6, c, seed))
+    summary = S.run_round(model_dir, tokenizer, rows[:6], tmp_path, cfg)
     records = read_jsonl(tmp_path / "samples.jsonl")
     assert [r["id"] for r in records] == [row["id"] for row in rows[:6]]
     for record, length in zip(records, lengths):
@@ -367,14 +368,14 @@ def test_real_corrections_of_scripted_wrong_samples(tmp_path, rows, tokenizer, m
     """The critique phase on the real sampler: students are scripted (finished, wrong), critiques are drawn."""
     real, calls = S.sample_texts, []
 
-    def mixed(model, tok, prompts, num_samples, max_new_tokens, cfg, seed):
+    def mixed(model, tok, prompts, num_samples, max_new_tokens, cfg, seed, heads=None):
         calls.append((len(prompts), num_samples, max_new_tokens))
         if max_new_tokens == cfg.max_new_tokens:
             return [[(traj(f"错{i}", "F"), True, 3) for i in range(num_samples)] for _ in prompts]
         return real(model, tok, prompts, num_samples, max_new_tokens, cfg, seed)
     monkeypatch.setattr(S, "sample_texts", mixed)
     cfg = S.SelfPlayConfig(samples=2, corrections=3, max_new_tokens=20, critique_max_new_tokens=5, batch_size=2)
-    summary = S.make_pairs(model_dir, tokenizer, rows[:3], tmp_path, cfg)
+    summary = S.run_round(model_dir, tokenizer, rows[:3], tmp_path, cfg)
     assert calls == [(3, 2, 20), (6, 3, 5)]  # one chunk: 3 questions' students, then 6 wrong samples x 3
     assert summary["correction_attempts"] == 18 and summary["accuracy_per_sample"] == 0.0
     for record in read_jsonl(tmp_path / "samples.jsonl"):
@@ -657,7 +658,7 @@ def test_step_corrections_keep_the_prefix_and_make_exactly_the_specified_pairs(t
     monkeypatch.setattr(S, "sample_texts", step_sampler(tokenizer, [q0], critiques, rewrites, calls))
     cfg = S.SelfPlayConfig(samples=1, corrections=5, max_new_tokens=64, critique_max_new_tokens=32,
                            correction="step", verify=f"{checker}:no_x")
-    summary = S.make_pairs(model_dir, tokenizer, [q0], tmp_path / "run", cfg)
+    summary = S.run_round(model_dir, tokenizer, [q0], tmp_path / "run", cfg)
     [student], [critique_prompt], _ = calls[0][0], calls[1][0], calls[2]
     assert "首错行" in critique_prompt and "3| 回忆：甲有热。" in critique_prompt and "4| 分析：A 对" in critique_prompt
     rewrite_prompts, heads = calls[2]
@@ -721,7 +722,7 @@ def test_step_rewrite_never_re_emits_the_excluded_line(tmp_path, rows, tokenizer
     for locate in ("critique", "confidence"):
         cfg = S.SelfPlayConfig(samples=1, corrections=2, max_new_tokens=64, critique_max_new_tokens=16,
                                temperature=0.0, correction="step", locate=locate)
-        S.make_pairs(model_dir, tokenizer, [q0], tmp_path / locate, cfg)
+        S.run_round(model_dir, tokenizer, [q0], tmp_path / locate, cfg)
         [record] = read_jsonl(tmp_path / locate / "samples.jsonl")
         for e in record["samples"][0]["corrections"]:
             k = e["line"] - 1
