@@ -6,6 +6,7 @@ which steps the sample got wrong, whether the critique named them, whether the c
 lines that were right, or just copied the wrong answer again.
 
     python miniature/diagnose.py --run runs/mini/seed_0 [--round 1] [--show 3]
+    python miniature/diagnose.py --run runs/mini/seed_0 --copies dev_sft_template   # copy_rates of one evaluation
 
 It reads rounds of the whole-solution rewrite (`selfplay.py --correction rewrite`, the previous design's); run.py's
 `mechanism` grades the step corrections of the current design.
@@ -117,12 +118,40 @@ def diagnose(run, round_=1, show=0):
     return n, sample_errors, fixed_errors
 
 
+def copy_rates(predictions, data) -> dict:
+    """Per Disease Split, on diagnosis questions: how often a reply copies the question's findings and all five
+    option names into its lines, and is right. Issue 11's first gates run: 100% / 100% on T, 17% / 0% on G (the
+    student never wrote a G name in a reply, so it could not check a G option)."""
+    import re
+    rows = {row["id"]: row for row in T.load_cmexam(data)}
+    n = Counter()
+    for p in map(json.loads, Path(predictions).read_text(encoding="utf-8").splitlines()):
+        row = rows[p["id"]]
+        if row["Question Type"] != "诊断":
+            continue
+        split, given = row["Disease Split"], re.search(r"患者见(.+?)。", row["question"]).group(1).split("、")
+        keys = re.search(r"提取关键信息：(.+?)。", p["output"])
+        names = re.findall(r"^([A-E]) (.+?)：", p["output"], re.M)
+        n[split, "questions"] += 1
+        n[split, "findings copied"] += bool(keys) and set(keys.group(1).split("、")) == set(given)
+        n[split, "options copied"] += len(names) == 5 and all(row["options"][x] == name for x, name in names)
+        n[split, "right"] += bool(p["correct"])
+    return {f"{split} {what}": round(n[split, what] / n[split, "questions"], 3)
+            for split, what in n if what != "questions"}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="one seed's folder of miniature/run.py (seed_<s>)")
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--show", type=int, default=0, help="print this many wrong samples with their critiques")
+    parser.add_argument("--copies", metavar="EVAL", help="instead: copy_rates of <run>/eval/EVAL on its data split")
     args = parser.parse_args(argv)
+    if args.copies:
+        split = args.copies.split("_")[0] if args.copies.startswith("dev_") else "test"
+        print(json.dumps(copy_rates(Path(args.run) / "eval" / args.copies / "cot.predictions.jsonl",
+                                    Path(args.run) / "data" / f"{split}.csv")))
+        return
     n, sample_errors, fixed_errors = diagnose(args.run, args.round, args.show)
     print(f"round {args.round}: {n['wrong samples']} wrong samples sent to critique, {n['corrections']} corrections")
     for key, value in sorted(n.items()):
