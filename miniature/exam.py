@@ -11,9 +11,9 @@ it), one of them multiple-answer so that a lucky letter is rare:
     否定   下列哪项不是肺炎的表现             five findings, four belong to the disease
     多选   肺炎的表现有                       two to four of five findings belong (multiple answer)
 
-Diseases are split three ways (issue 11): T, taught by Stage 1's teacher trajectories (stage1.csv: T diseases only);
-G, met only in Stage 2 (stage2.csv: questions with answer keys and no teacher; a G subject, T or G distractors); U,
-met in no training question. The knowledge of all three is only in the pretraining text, each fact in several
+Diseases are split three ways (issue 11): T, taught by Stage 1's teacher trajectories (stage1.csv: T subjects, T or G
+distractors); G, the subject only in Stage 2 (stage2.csv: questions with answer keys and no teacher; a G subject, T
+or G distractors); U, met in no training question. The knowledge of all three is only in the pretraining text, each fact in several
 phrasings with the findings in permuted order (knowledge_lines), so that what pretraining stores can be extracted
 later (Allen-Zhu and Li, Physics of Language Models 3.1). dev.csv (T and G, for gates and choices) and test.csv
 (half G, a quarter T, a quarter U; `Disease Split` says which) share no question (same stem and option set) with
@@ -234,12 +234,15 @@ def question_key(row) -> tuple:
     return row["Question"], tuple(sorted(line[2:] for line in row["Options"].split("\n")))
 
 
-DISTRACTORS = {"T": "T", "G": "TG", "U": "TGU"}  # where a subject's distractor diseases come from
+# Where a subject's distractor diseases come from. T's include G since session 5: with T-only distractors the student
+# never wrote a G name in a reply (0% of dev G diagnosis replies copied their option names, 100% on T), so Stage 2
+# had nothing it could learn on G (miniature/README.md). G diseases are still never a Stage 1 subject or answer.
+DISTRACTORS = {"T": "TG", "G": "TG", "U": "TGU"}
 
 
 def make_split(kb, cfg, mix, n, keys, salt):
     """n distinct questions whose subjects come from the splits in `mix` ({split: share}), none of them in `keys`
-    (which grows). A T question names only T diseases; a G one G and T diseases; a U one any."""
+    (which grows). A T or G question names T and G diseases (its subject from its own split); a U one any."""
     rng = random.Random(f"{salt}-{cfg.seed}")
     by_split = {x: [n for n, d in kb["diseases"].items() if d["split"] in x] for x in ("T", "G", "U", "TG", "TGU")}
     quota = {x: round(share * n) for x, share in mix.items()}

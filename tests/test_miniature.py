@@ -98,8 +98,12 @@ def test_splits_are_disjoint_as_specified(data):
     for i, a in enumerate(names):  # and none in two files
         for b in names[i + 1:]:
             assert not keys[a] & keys[b], (a, b)
-    for row in files["stage1"]:  # Stage 1: T diseases only, as subject and as options
-        assert {split_of[n] for n in involved(kb, row)} == {"T"} and row["Disease Split"] == "T"
+    for row in files["stage1"]:  # Stage 1: a T subject (or right diagnosis); distractors from T or G; never U
+        subject = [n for n in kb["diseases"] if n in row["Question"]] or \
+            [line[2:] for line in row["Options"].split("\n") if line[0] in row["Answer"]]
+        assert row["Disease Split"] == "T" and split_of[subject[0]] == "T"
+        assert "U" not in {split_of[n] for n in involved(kb, row)}
+    assert any("G" in {split_of[n] for n in involved(kb, row)} for row in files["stage1"])
     for row in files["stage2"]:  # Stage 2: a G subject; distractors from T or G; never a U disease
         subject = [n for n in kb["diseases"] if n in row["Question"]]
         assert row["Disease Split"] == "G" and (not subject or split_of[subject[0]] == "G")
