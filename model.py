@@ -758,7 +758,10 @@ def load_adapter(model: Transformer, path):
 # A small command line: sample from a checkpoint (or a random model) to check that a download works. Plain argparse
 # and no templates import (this file is the bottom of the import graph), so the prompt is raw text.
 
-CHAT_EXAMPLE = "<|im_start|>user\n患者，男，45岁，胸痛3小时。最可能的诊断是什么？<|im_end|>\n<|im_start|>assistant\n"
+# templates.chat([{"role": "user", "content": "患者，男，45岁，胸痛3小时。最可能的诊断是什么？"}]), written out
+# (tests/test_model.py checks it): with no system message Qwen2.5's template inserts its default system turn.
+CHAT_EXAMPLE = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                "<|im_start|>user\n患者，男，45岁，胸痛3小时。最可能的诊断是什么？<|im_end|>\n<|im_start|>assistant\n")
 
 
 def main():

@@ -346,3 +346,9 @@ def test_compiled_decode_equals_eager_without_recompiles(tmp_path):
     other = [torch.randint(3, SMALL["vocab_size"], (n,), generator=g).tolist() for n in (6, 11, 3, 8)]
     assert M.generate(ours, other, 24, compile=True, **kw) == M.generate(ours, other, 24, **kw)
     assert compiled_graphs() == warm
+
+
+def test_command_line_prompt_is_the_chat_template_text():
+    """model.py's command line cannot import templates (the bottom file), so its default prompt is written out."""
+    import templates as T
+    assert M.CHAT_EXAMPLE == T.chat([{"role": "user", "content": "患者，男，45岁，胸痛3小时。最可能的诊断是什么？"}])
