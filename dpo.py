@@ -219,8 +219,6 @@ def reference_cache_path(args, dtype, device):
 
 
 @torch.no_grad()
-
-
 def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype):
     """[2, N] fp32 reference log-probs (chosen, rejected) of every pair, from the cache file or computed now. `dtype`
     is the reference's parameter dtype; it computes in the policy's compute dtype (--dtype)."""

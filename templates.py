@@ -346,7 +346,6 @@ def teacher_messages(row, hint_answer=None):
         f"{format_question(row)}{_hint(hint_answer)}\n\n{OUTPUT_FORMAT}")}]
 
 
-
 HIGH_LEVEL_TEMPLATE = """\
 请在<think>和</think>之间按以下结构推理：
 1. 审题：明确题目问的是什么（诊断、病因、机制、检查、治疗或法规），是单选题还是多选题。
@@ -408,12 +407,11 @@ def critique_messages(row, wrong_trajectory, hint_answer=None):
         f"因此不要提及原解答或本次检查。{OUTPUT_FORMAT}")}]
 
 
-
-
 def extract_correction(text) -> str:
     """The corrected solution after the last CORRECTION_MARK of a critique output, "" if it has none."""
     parts = re.split(r"【\s*修正后的解答\s*】[:：]?", text)
     return parts[-1].strip() if len(parts) > 1 else ""
+
 
 FIRST_WRONG_LINE = "首错行"
 
@@ -435,6 +433,7 @@ def extract_first_wrong_line(text):
     found = re.findall(rf"{FIRST_WRONG_LINE}\s*[:：]\s*(\d+)", unicodedata.normalize("NFKC", text or ""))
     return int(found[-1]) if found else None
 
+
 # A kept text (an SFT trajectory, a chosen correction) is trained as the answer to the plain student prompt, so it
 # must not refer to what only its own prompt showed: the original solution and the check (critique_messages), the
 # exemplar (teacher_messages) or, where one was shown, the hint (_hint). The phrases are the prompts' own words and
@@ -451,9 +450,11 @@ def prompt_reference(text, hinted=False) -> str:
     text = unicodedata.normalize("NFKC", text)
     return next((p for p in PROMPT_REFERENCES + (HINT_REFERENCES if hinted else ()) if p in text), "")
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Runs, shared by all six scripts: one-line errors for bad input (UserError), arguments checked at parse time, one
 # writer per output, workers that die with their launcher, and resumable JSONL outputs.
+
 
 def die(message, code=2):
     """`error: <what, where, what to do>` on stderr and exit `code`. Under torchrun rank 0 says it: the other ranks

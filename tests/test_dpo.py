@@ -202,8 +202,6 @@ def test_concatenated_forward_equals_separate_forwards(world):
                 assert got[i].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_logps_and_gradients_match_float64(world, tied, monkeypatch):
     """concatenated_forward (model.token_logps, chunks of 7 positions: boundaries inside every sequence) against the

@@ -642,6 +642,8 @@ def test_questions_that_need_their_options():
     if VAL.is_file():  # 12% of the real val split point at their options
         rows = T.load_cmexam(VAL)
         assert sum(E.needs_options(r)[0] for r in rows) == 822 and len(rows) == 6810
+
+
 def test_cot_through_a_server_equals_model_generate(random_ckpt, tmp_path):
     """cot mode with --base-url (tests/completion_server.py serving the checkpoint, as vLLM would): the same
     greedy outputs, answers and report as model.generate in this process."""

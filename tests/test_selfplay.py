@@ -614,6 +614,8 @@ def test_serve_starts_a_server_per_round_samples_from_it_and_stops_it(tmp_path, 
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     with pytest.raises(SystemExit, match="exited with code 3"):
         S.main(args + ["--out", str(tmp_path / "dead"), "--serve", f"{sys.executable} -c 'import sys; sys.exit(3)'"])
+
+
 # --correction step: prefix kept byte for byte, the excluded step never re-emitted, the pair rule.
 
 STEP_WRONG = "<think>\n审题：单选。\n回忆：甲有热。\n分析：A 对\n</think>\n依据如上。\n答案：A"  # q0's gold is C

@@ -381,6 +381,8 @@ def test_lora_sft_trains_only_adapters_and_resumes_exactly(tiny, tmp_path):
     for k, v in a.items():
         assert torch.equal(v, base[k.removeprefix("model.")]) == (not k.endswith("proj.weight")), k
     assert (tmp_path / "full" / "step-000004" / "adapter" / "adapter_config.json").is_file()
+
+
 def master_weights(path):
     """The fp32 master weights a checkpoint's resume state holds."""
     model = sft.load_model(path).float()
