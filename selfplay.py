@@ -389,7 +389,8 @@ def shard_suffix(shard, num_shards):
 def read_committed(pairs_path, samples_path):
     """(records, pairs) already committed. samples.jsonl is written after pairs.jsonl for each chunk, so pairs
     of questions it does not list come from a chunk that was killed mid-write: they are dropped (and remade)."""
-    done, records, pairs = done_ids(samples_path), read_jsonl(samples_path), read_jsonl(pairs_path)
+    records, pairs = read_jsonl(samples_path), read_jsonl(pairs_path)
+    done = done_ids(samples_path, records)
     committed = [pair for pair in pairs if pair["id"] in done]
     if len(committed) < len(pairs):
         write_jsonl(pairs_path, committed)

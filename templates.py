@@ -627,9 +627,10 @@ def read_jsonl(path) -> list:
     return records
 
 
-def done_ids(path) -> set:
-    """Ids already in a JSONL output (read_jsonl: a torn last line is repaired first)."""
-    records = read_jsonl(path)
+def done_ids(path, records=None) -> set:
+    """Ids already in a JSONL output: its `records` if the caller has read them, else read_jsonl(path) (which
+    repairs a torn last line first)."""
+    records = read_jsonl(path) if records is None else records
     for n, record in enumerate(records, 1):
         if "id" not in record:
             raise UserError(f"{path}: record {n} has no id, so it is not a record of this run; use another --out")
