@@ -62,7 +62,7 @@ class Budget:
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
     early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
     critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
-    sft_steps: int = 1500  # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint)
+    sft_steps: int = 2500  # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint)
     sft_lr: float = 3e-3  # cosine to 0.1x: the final lr the continued rows use, constant, no warmup
     batch: int = 8
     pretrain_micro: int = 16
