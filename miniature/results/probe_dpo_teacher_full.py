@@ -1,3 +1,6 @@
+"""Probe after run 3 (miniature/README.md): teacher-corrected DPO on ALL of a seed folder's teacher pairs at
+Budget.dpo (no --steps cap), evaluated on dev. Expects run 3's seed folder at /work/runs/gates3/seed_0; run from the
+repo root: PYTHONPATH=. python miniature/results/probe_dpo_teacher_full.py"""
 import sys, json
 from pathlib import Path
 sys.path.insert(0, "miniature")
