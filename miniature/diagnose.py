@@ -13,6 +13,7 @@ It reads rounds of the whole-solution rewrite (`selfplay.py --correction rewrite
 """
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -122,7 +123,6 @@ def copy_rates(predictions, data) -> dict:
     """Per Disease Split, on diagnosis questions: how often a reply copies the question's findings and all five
     option names into its lines, and is right. Issue 11's first gates run: 100% / 100% on T, 17% / 0% on G (the
     student never wrote a G name in a reply, so it could not check a G option)."""
-    import re
     rows = {row["id"]: row for row in T.load_cmexam(data)}
     n = Counter()
     for p in map(json.loads, Path(predictions).read_text(encoding="utf-8").splitlines()):

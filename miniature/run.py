@@ -189,14 +189,6 @@ def distill(work, style, url, b):
     return {"teacher_calls": b.stage1_questions}
 
 
-def jsonl(path, records):
-    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
-
-
 def selfplay(work, name, model, data, b, seed, *flags, rounds=0, samples=None):
     """selfplay.py, the real command: `rounds` > 0 runs its own sample + DPO rounds (resuming finished ones)."""
     dpo_args = f"--seed {seed} --save-every 100000 {b.dpo}"
@@ -215,12 +207,12 @@ def critique_data(work, early, url, b, seed):
     import selfplay as S
     stage1 = T.load_cmexam(work / "data" / "stage1.csv")[:b.critique_questions]
     subset = work / "data" / "critique_questions.jsonl"
-    jsonl(subset, stage1)
+    T.write_jsonl(subset, stage1)
     selfplay(work, "stage1_samples", early, subset, b, seed, "--sources", "sample", samples=1)
     rows = {row["id"]: row for row in stage1}
     cfg = T.TeacherConfig(base_url=url, model="miniature-template", max_retries=2)
     examples, samples, calls = [], 0, 0
-    for record in read_jsonl(work / "stage1_samples" / "round_1" / "samples.jsonl"):
+    for record in T.read_jsonl(work / "stage1_samples" / "round_1" / "samples.jsonl"):
         for sample in record["samples"]:
             samples += 1
             if sample["finished"] and not sample["right"]:
@@ -230,7 +222,7 @@ def critique_data(work, early, url, b, seed):
                 if line and line - 1 in S.step_line_numbers(sample["text"]):  # a step line, as selfplay.py takes
                     examples.append({"messages": messages + [{"role": "assistant", "content": reply}],
                                      "id": record["id"]})
-    jsonl(work / "stage1_critiques.jsonl", examples)
+    T.write_jsonl(work / "stage1_critiques.jsonl", examples)
     return {"teacher_calls": calls, "samples": samples, "examples": len(examples)}
 
 
@@ -242,7 +234,7 @@ def teacher_pairs(work, url, source):
     rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
     client = T.TeacherConfig(base_url=url, model="miniature-template", max_retries=2)
     pairs, calls, seen = [], 0, set()
-    for record in read_jsonl(work / source / "round_1" / "samples.jsonl"):
+    for record in T.read_jsonl(work / source / "round_1" / "samples.jsonl"):
         row = rows[record["id"]]
         for s, sample in enumerate(record["samples"]):
             if not sample["finished"] or sample["right"]:
@@ -251,11 +243,11 @@ def teacher_pairs(work, url, source):
             solution = T.extract_correction(T.chat_completion(client, T.critique_messages(row, sample["text"])))
             if T.extract_answer(solution) == row["answer"] and T.is_well_formed(solution):
                 pair = S.pair_record(row, solution, sample["text"], round=1, sample=s, source="teacher", hint=False,
-                                   answer=row["answer"], rejected_answer=sample["predicted"])
+                                     answer=row["answer"], rejected_answer=sample["predicted"])
                 if S.pair_key(pair) not in seen:
                     seen.add(S.pair_key(pair))
                     pairs.append(pair)
-    S.write_jsonl(work / "teacher_pairs.jsonl", pairs)
+    T.write_jsonl(work / "teacher_pairs.jsonl", pairs)
     return {"teacher_calls": calls, "pairs": len(pairs)}
 
 
@@ -274,7 +266,7 @@ def round_result(work, name, k, model, trained=True):
     if not (round_dir / "summary.json").exists():
         raise SystemExit(f"{name} round {k} failed; see {work / f'{name}.log'}")
     summary = json.loads((round_dir / "summary.json").read_text())
-    sample_tokens = sum(s["tokens"] for r in read_jsonl(round_dir / "samples.jsonl") for s in r["samples"])
+    sample_tokens = sum(s["tokens"] for r in T.read_jsonl(round_dir / "samples.jsonl") for s in r["samples"])
     result = {"pairs": summary["pairs"], "generated_tokens": summary["generated_tokens"],
               "sample_tokens": sample_tokens, "samples": summary["samples"], "teacher_calls": summary["teacher_calls"],
               "correction_success_rate": summary["correction_success_rate"],
@@ -308,10 +300,10 @@ def rft(work, t, b, seed):
     """RFT / STaR: SFT on the student's own right (and self-consistent) samples, at Stage 1's final lr."""
     rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
     kept = [{"messages": T.student_messages(rows[r["id"]]) + [{"role": "assistant", "content": s["text"]}]}
-            for r in read_jsonl(work / "baseline_samples" / "round_1" / "samples.jsonl") for s in r["samples"]
+            for r in T.read_jsonl(work / "baseline_samples" / "round_1" / "samples.jsonl") for s in r["samples"]
             if s["right"] and s["finished"] and s["well_formed"] and teacher.follows_marks(s["text"])]
-    jsonl(work / "rft.jsonl", kept or [{"messages": [{"role": "user", "content": "无"},
-                                                      {"role": "assistant", "content": "无"}]}])
+    placeholder = [{"messages": [{"role": "user", "content": "无"}, {"role": "assistant", "content": "无"}]}]
+    T.write_jsonl(work / "rft.jsonl", kept or placeholder)
     steps = max(1, round(b.rft_epochs * len(kept) / b.batch))
     return {**continued(work, "rft", t, work / "rft.jsonl", steps, b, seed), "examples": len(kept)}
 
@@ -355,7 +347,7 @@ def mechanism(work, name):
     rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
     n = dict(located=0, located_first_wrong=0, chance=0.0, corrections=0, right=0, fresh=0.0, wrong=0, chosen=0,
              chosen_all_steps_right=0)
-    for record in read_jsonl(work / name / "round_1" / "samples.jsonl"):
+    for record in T.read_jsonl(work / name / "round_1" / "samples.jsonl"):
         q = teacher.parse_question(T.format_question(rows[record["id"]]))
         reference = teacher.answer_text(kb, q)
         for sample in record["samples"]:
@@ -410,7 +402,7 @@ def run_seed(out, seed, b, gates=False):
                                         b.pretrain_micro, seed, max_len=256,
                                         extra=["--weight-decay", 0.1]))["checkpoint"]
     replay = work / "replay.jsonl"
-    jsonl(replay, student.replay_records(kb, b.replay_examples, seed))
+    T.write_jsonl(replay, student.replay_records(kb, b.replay_examples, seed))
 
     def cat(name, *parts):  # one SFT data file from several
         (work / name).write_text("".join((work / part).read_text() for part in parts))
@@ -485,7 +477,7 @@ def paired_difference(a, b, split=None):
 
 
 def pass_at_k(work, name):
-    records = [r for r in read_jsonl(work / name / "round_1" / "samples.jsonl") if not r["skipped"]]
+    records = [r for r in T.read_jsonl(work / name / "round_1" / "samples.jsonl") if not r["skipped"]]
     return (statistics.mean(s["right"] for r in records for s in r["samples"]),
             statistics.mean(any(s["right"] for s in r["samples"]) for r in records))
 
