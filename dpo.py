@@ -21,6 +21,7 @@ import gc
 import hashlib
 import json
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import LOGPS_CHUNK, ModelConfig, load_tokenizer, lora_disabled, read_config
-from sft import (add_training_args, all_reduce_sum, autocast, collate_rows, fit, load_model, prepare_model, print0,
-                 resume_point, start_run, target_logps)
+from sft import (add_training_args, all_reduce_sum, autocast, collate_rows, fit, get_rank, load_model, prepare_model,
+                 print0, resume_point, start_run, target_logps, tokenize_records)
 from templates import (ArgumentParser, UserError, checked, encode_chat, nonnegative_float, positive_float,
                        positive_int, run_main, special_ids)
 
@@ -73,9 +74,14 @@ def concatenated_forward(model, batch):
     """(log pi(y_c|x), log pi(y_r|x)), [B] each: per row, the SUM of log p(token) over its reply tokens, in fp32 (the
     loss sees a small difference of two sums over thousands of tokens, and bf16 keeps 3 significant digits). Chosen
     and rejected rows run in ONE forward (one pass over the weights, which FSDP gathers once)."""
-    token_logps = target_logps(model, batch["tokens"], batch["mask"])  # [n], row-major
-    rows = batch["mask"][:, 1:].nonzero()[:, 0]  # the row of each scored token
-    return torch.zeros(len(batch["mask"]), device=token_logps.device).index_add(0, rows, token_logps).chunk(2)
+    return row_logps(model, batch["tokens"], batch["mask"]).chunk(2)
+
+
+def row_logps(model, tokens, mask):
+    """[B]: per row, the sum of log p(token) over its trained tokens (mask), in fp32."""
+    token_logps = target_logps(model, tokens, mask)  # [n], row-major
+    rows = mask[:, 1:].nonzero()[:, 0]  # the row of each scored token
+    return torch.zeros(len(mask), device=token_logps.device).index_add(0, rows, token_logps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,14 +184,34 @@ def load_pairs(path, tokenizer, max_length, max_prompt_length, truncate_rejected
     return examples, counts
 
 
+def attach_replay(examples, path, tokenizer, max_length, seed):
+    """--replay: each pair carries one SFT example (sft.py's data format) whose NLL joins its loss, so the steps and
+    batches stay the pairs'. DPO on one kind of question moves what the model does on others (on the miniature,
+    375 steps on the teacher's pairs about Stage 2's diseases cost 20 points on Stage 1's: miniature/README.md);
+    replaying Stage 1's own data, bought before Stage 2, holds that in place. The examples are drawn in a seeded
+    order without replacement (cycled if there are fewer than pairs) and fixed per pair, so a resumed run sees the
+    same ones. -> counts of what tokenize_records read."""
+    replay, counts = tokenize_records(path, tokenizer, max_length, verbose=get_rank() == 0)
+    if not replay:
+        raise UserError(f"{path}: no usable replay examples ({counts})")
+    order = random.Random(seed).sample(range(len(replay)), len(replay))
+    for i, example in enumerate(examples):
+        example["replay"] = replay[order[i % len(replay)]]
+    return {**counts, "used": min(len(examples), len(replay))}
+
+
 def collate(examples, pad_id, device="cpu"):
     """One micro-batch: the rows prompt + reply of the B chosen then the B rejected replies, in sft.collate_rows
     (the mask on each reply); "units" = B pairs (train_step divides by the pairs of the whole step), "n_tokens" all
     the rows' tokens (TRL's count: benchmarks/bench_dpo.py compares tokens/s); the precomputed reference log-probs
-    "ref_logps" [2, B] if the examples carry them."""
+    "ref_logps" [2, B] if the examples carry them; "replay_tokens" / "replay_mask" [B, T] (--replay) likewise."""
     rows = [(e["prompt"] + e[key], [False] * len(e["prompt"]) + [True] * len(e[key]))
             for key in ("chosen", "rejected") for e in examples]
     batch = {**collate_rows(rows, pad_id, device), "units": len(examples), "n_tokens": sum(len(r) for r, _ in rows)}
+    if "replay" in examples[0]:
+        replay = collate_rows([e["replay"] for e in examples], pad_id, device)
+        batch.update(replay_tokens=replay["tokens"], replay_mask=replay["mask"],
+                     n_tokens=batch["n_tokens"] + replay["n_tokens"])
     if "ref_chosen" in examples[0]:
         batch["ref_logps"] = torch.tensor([[e["ref_chosen"] for e in examples],
                                            [e["ref_rejected"] for e in examples]], device=device)
@@ -255,10 +281,10 @@ def precompute_reference(args, examples, pad_id, rank, world_size, device, dtype
 # Training
 
 
-def batch_loss(model, batch, beta, label_smoothing=0.0, ipo=False, rpo_alpha=0.0, ref=None):
+def batch_loss(model, batch, beta, label_smoothing=0.0, ipo=False, rpo_alpha=0.0, replay_weight=0.0, ref=None):
     """(sum over the micro-batch's pairs of the loss, {metric: sum}) for sft.train_step, which divides by the
     pairs of the whole optimizer step. The reference: the batch's precomputed "ref_logps", else the model `ref`,
-    else (LoRA) the policy with its adapters off. ipo, rpo_alpha: see dpo_loss and below."""
+    else (LoRA) the policy with its adapters off. ipo, rpo_alpha, replay_weight: see dpo_loss and below."""
     if "ref_logps" in batch and ref is None:
         ref_chosen, ref_rejected = batch["ref_logps"]
     else:  # first, so that its (no-grad) logits and activations are gone before the policy's graph is built
@@ -272,11 +298,15 @@ def batch_loss(model, batch, beta, label_smoothing=0.0, ipo=False, rpo_alpha=0.0
     losses, chosen_rewards, rejected_rewards = dpo_loss(*logps, beta, label_smoothing, ipo)
     if rpo_alpha:  # Iterative RPO (Pang et al. 2024, eq. 3): + alpha * the chosen reply's NLL per token
         losses = losses - rpo_alpha * chosen / n_tokens[0]
-    return losses.sum(), {
-        "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-        "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
+    metrics = {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+               "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum()}
+    if "replay_tokens" in batch:  # --replay: + weight * the NLL per token of the SFT example each pair carries
+        mask = batch["replay_mask"]
+        replay_nll = -row_logps(model, batch["replay_tokens"], mask) / mask[:, 1:].sum(-1)
+        losses, metrics["nll/replay"] = losses + replay_weight * replay_nll, replay_nll.detach().sum()
+    return losses.sum(), metrics
 
 
 def parse_args(argv=None):
@@ -290,6 +320,8 @@ def parse_args(argv=None):
     p.add_argument("--ipo", action="store_true", help="IPO loss instead of the sigmoid (beta = tau)")
     p.add_argument("--rpo-alpha", type=nonnegative_float, default=0.0,
                    help="weight of the chosen NLL term (Iterative RPO: 1)")
+    p.add_argument("--replay", help="SFT data (sft.py's JSONL): each pair adds one example's NLL per token")
+    p.add_argument("--replay-weight", type=nonnegative_float, default=1.0, help="weight of the --replay NLL")
     p.add_argument("--truncate-rejected", action="store_true",
                    help="score each rejected reply only through the line where it first differs from its chosen")
     p.add_argument("--max-length", type=checked(int, 2), default=4096, help="prompt + reply tokens per sequence")
@@ -327,8 +359,10 @@ def main(argv=None):
                                   args.truncate_rejected)
     if args.max_pairs and len(examples) > args.max_pairs:  # LLaMA-Factory's max_samples (the authors': 1000)
         counts["left_out_by_max_pairs"], examples = len(examples) - args.max_pairs, examples[:args.max_pairs]
+    if args.replay:
+        counts["replay"] = attach_replay(examples, args.replay, tokenizer, args.max_length, args.seed)
     print0(f"{args.data}: {json.dumps(counts)}")
-    loss_args = {k: getattr(args, k) for k in ("beta", "label_smoothing", "ipo", "rpo_alpha")}
+    loss_args = {k: getattr(args, k) for k in ("beta", "label_smoothing", "ipo", "rpo_alpha", "replay_weight")}
     # Resuming needs the same pairs, loss and reference too (the reference path: a resumed policy loads from the
     # checkpoint, the reference from --ref-model / --model).
     checkpoint, start_step, settings = resume_point(

@@ -292,6 +292,33 @@ def test_training_loss_options_ipo_and_rpo(world):
         assert dpo.batch_loss(policy, batch, **vars(args))[0].item() == pytest.approx(live.item(), rel=1e-6)
 
 
+def test_replay_adds_each_pairs_sft_nll_per_token(world, tmp_path):
+    """--replay: each pair's loss gains weight * its replay example's NLL per answer token, by hand in float64."""
+    replay_path = tmp_path / "replay.jsonl"
+    sft_records = [{"messages": [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": f"答{i}肺炎"}]}
+                   for i in range(3)]
+    replay_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_records), encoding="utf-8")
+    model = load(world.model).double()
+    examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
+    examples = examples[:5]
+    counts = dpo.attach_replay(examples, replay_path, world.tok, 96, seed=0)
+    assert counts["used"] == 3 and len({id(e["replay"]) for e in examples}) == 3  # 5 pairs cycle 3 examples
+    batch = dpo.collate(examples, world.pad_id)
+    with torch.no_grad():
+        base = dpo.batch_loss(model, {k: v for k, v in batch.items() if not k.startswith("replay")}, beta=0.3,
+                              ref=model)[0]
+        loss, m = dpo.batch_loss(model, batch, beta=0.3, replay_weight=0.7, ref=model)
+    expected = 0.0
+    for e in examples:
+        ids, mask = e["replay"]
+        with torch.no_grad():
+            logps = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+        answer = [t for t in range(1, len(ids)) if mask[t]]
+        expected -= sum(logps[t - 1, ids[t]].item() for t in answer) / len(answer)
+    assert loss.item() - base.item() == pytest.approx(0.7 * expected, rel=1e-6)
+    assert m["nll/replay"].item() == pytest.approx(expected, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 
