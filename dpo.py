@@ -5,8 +5,10 @@ rejected: its wrong trajectory), against a frozen reference ref (the policy pi's
 
     loss = -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))))
 
-with log-probs SUMMED over the reply tokens. The training machinery (FSDP2, AdamW + cosine, checkpoints, resume) is
-sft.py's. With --lora-rank the reference is the policy with its adapters off (the authors' recipe: no second model).
+with log-probs SUMMED over the reply tokens, plus two optional NLL terms per pair, each a mean over its tokens:
+--rpo-alpha on the chosen reply (Iterative RPO) and --replay on an SFT example the pair carries. The training
+machinery (FSDP2, AdamW + cosine, checkpoints, resume) is sft.py's. With --lora-rank the reference is the policy with
+its adapters off (the authors' recipe: no second model).
 
     python dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo            # one process
     torchrun --nproc-per-node 8 dpo.py --model runs/sft/final --data pairs.jsonl --out runs/dpo \\
@@ -190,7 +192,8 @@ def attach_replay(examples, path, tokenizer, max_length, seed):
     375 steps on the teacher's pairs about Stage 2's diseases cost 20 points on Stage 1's: miniature/README.md);
     replaying Stage 1's own data, bought before Stage 2, holds that in place. The examples are drawn in a seeded
     order without replacement (cycled if there are fewer than pairs) and fixed per pair, so a resumed run sees the
-    same ones. -> counts of what tokenize_records read."""
+    same ones. Each pair's replay row runs in a second forward, so it adds one row's activations to the two of the
+    pair's (--estimate-memory counts the pair's only). -> counts of what tokenize_records read."""
     replay, counts = tokenize_records(path, tokenizer, max_length, verbose=get_rank() == 0)
     if not replay:
         raise UserError(f"{path}: no usable replay examples ({counts})")

@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import json
 import os
+import random
 import shlex
 import statistics
 import subprocess
@@ -69,16 +70,19 @@ class Budget:
     cot_micro: int = 2
     plain_micro: int = 8
     samples: int = 4  # selfplay k
-    corrections: int = 1  # selfplay m
+    corrections: int = 4  # selfplay m: 4 makes 3.8x m = 1's pairs (173 vs 46, README: the probe before run 4)
     temperature: float = 0.7
     top_p: float = 0.9
     sample_batch: int = 128
     max_new_tokens: int = 320
     critique_max_new_tokens: int = 160  # a step critique: ~10 "N 无误" lines, one right line, the number
-    # lr 5e-5 is the previous design's; the next session fixes it once on dev with the teacher's pairs (--gates
-    # sweeps dpo_lrs) and writes the choice here before running the table.
-    dpo: str = "--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 2 --batch-size 8 --precompute-ref --truncate-rejected"
+    # lr 1e-5: the README's rule on the dev sweep of the teacher's pairs (--gates sweeps dpo_lrs), at 12 steps (run 3)
+    # and at m = 4's 44 (the probe before run 4): the only lr that keeps dev T within 2 points.
+    dpo: str = "--beta 0.3 --rpo-alpha 1.0 --lr 1e-5 --epochs 2 --batch-size 8 --precompute-ref --truncate-rejected"
     dpo_lrs: str = "1e-5,5e-5,2e-4"
+    # Stage 2 rows replaying Stage 1's part-1 data (T trajectories + knowledge snippets), one example per DPO pair
+    # (dpo.py --replay) or per RFT example. Off: at weight 1 it changed no dev answer at 1e-5 or 5e-5 (README).
+    replay_in_stage2: bool = False
     rft_epochs: int = 2
     eval_max_new_tokens: int = 320
     long_factor: int = 2  # the convergence gate: Stage 1 part 2 run this many times longer
@@ -89,6 +93,7 @@ QUICK = Budget(diseases=60, stage1_questions=100, stage2_questions=24, dev_quest
                hidden=64, layers=2, pretrain_copies=20, pretrain_steps=20, replay_examples=10, early_steps=10,
                critique_questions=30, sft_steps=30, samples=2, corrections=1, max_new_tokens=96,
                critique_max_new_tokens=48, eval_max_new_tokens=96, dpo_lrs="5e-5", long_factor=2, pass_k=2,
+               replay_in_stage2=True,  # off in the full budget; on here so CI runs dpo.py --replay on 2 ranks
                dpo="--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 1 --batch-size 2 --precompute-ref "
                    "--truncate-rejected")
 
@@ -189,9 +194,14 @@ def distill(work, style, url, b):
     return {"teacher_calls": b.stage1_questions}
 
 
+def dpo_flags(work, b):
+    """Budget.dpo, + Stage 1's replay (Budget.replay_in_stage2)."""
+    return shlex.split(b.dpo) + (["--replay", str(work / "stage1_part1.jsonl")] if b.replay_in_stage2 else [])
+
+
 def selfplay(work, name, model, data, b, seed, *flags, rounds=0, samples=None):
     """selfplay.py, the real command: `rounds` > 0 runs its own sample + DPO rounds (resuming finished ones)."""
-    dpo_args = f"--seed {seed} --save-every 100000 {b.dpo}"
+    dpo_args = shlex.join(["--seed", str(seed), "--save-every", "100000", *dpo_flags(work, b)])
     sh(sys.executable, ROOT / "selfplay.py", "--model", model, "--tokenizer", work / "student", "--data", data,
        "--out", work / name, "--rounds", rounds, "--samples", samples or b.samples, "--corrections", b.corrections,
        "--temperature", b.temperature, "--top-p", b.top_p, "--max-new-tokens", b.max_new_tokens,
@@ -254,7 +264,7 @@ def teacher_pairs(work, url, source):
 def dpo(work, name, model, pairs, b, seed, extra=()):
     out = work / name
     sh(*TORCHRUN, ROOT / "dpo.py", "--model", model, "--tokenizer", work / "student", "--data", pairs, "--out", out,
-       "--seed", seed, "--save-every", 100000, "--resume", *shlex.split(b.dpo), *extra, log=work / f"{name}.log")
+       "--seed", seed, "--save-every", 100000, "--resume", *dpo_flags(work, b), *extra, log=work / f"{name}.log")
     tokens, n = step_tokens(out / "metrics.jsonl")
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
 
@@ -303,8 +313,12 @@ def rft(work, t, b, seed):
             for r in T.read_jsonl(work / "baseline_samples" / "round_1" / "samples.jsonl") for s in r["samples"]
             if s["right"] and s["finished"] and s["well_formed"] and teacher.follows_marks(s["text"])]
     placeholder = [{"messages": [{"role": "user", "content": "无"}, {"role": "assistant", "content": "无"}]}]
-    T.write_jsonl(work / "rft.jsonl", kept or placeholder)
-    steps = max(1, round(b.rft_epochs * len(kept) / b.batch))
+    replay = []
+    if b.replay_in_stage2 and kept:  # as many Stage 1 examples as kept samples, as DPO's --replay pairs them
+        stage1 = T.read_jsonl(work / "stage1_part1.jsonl")
+        replay = random.Random(seed).sample(stage1, min(len(kept), len(stage1)))
+    T.write_jsonl(work / "rft.jsonl", kept + replay or placeholder)
+    steps = max(1, round(b.rft_epochs * len(kept + replay) / b.batch))
     return {**continued(work, "rft", t, work / "rft.jsonl", steps, b, seed), "examples": len(kept)}
 
 
@@ -482,6 +496,12 @@ def pass_at_k(work, name):
             statistics.mean(any(s["right"] for s in r["samples"]) for r in records))
 
 
+def at_most(x, bound):
+    """x <= bound for shares of a few hundred questions: 93/300 - 84/300 is 0.029999... in floats, and a gain of
+    exactly 3 points must pass a ">= 3 points" gate."""
+    return x <= bound + 1e-9
+
+
 def run_gates(work, stage, b, seed, data, early, t, same_steps):
     """The issue's gates, on dev only: Stage 1 converged on T (part 2 run long_factor times longer gains <= 2
     points), G has headroom (template SFT on dev G within [30, 75], pass@k >= pass@1 + 15) and the positive control
@@ -509,11 +529,12 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
     recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
               for key in ("pretrain", "sft_template") for x in "TGU"}
     gates = {"stage1_converged": {"dev_T": template["T"], "dev_T_longer": longer["T"],
-                                  "pass": longer["T"] - template["T"] <= 0.02, "longer_steps": long["steps"]},
+                                  "pass": at_most(longer["T"] - template["T"], 0.02), "longer_steps": long["steps"]},
              "G_headroom": {"dev_G": template["G"], "pass@1": pass1, f"pass@{b.pass_k}": passk,
-                            "pass": 0.30 <= template["G"] <= 0.75 and passk >= pass1 + 0.15},
+                            "pass": at_most(0.30, template["G"]) and at_most(template["G"], 0.75)
+                            and at_most(pass1 + 0.15, passk)},
              "positive_control": {"dev_G": control["G"], "gain": control["G"] - template["G"],
-                                  "pass": control["G"] - template["G"] >= 0.03},
+                                  "pass": at_most(0.03, control["G"] - template["G"])},
              "dpo_lr_sweep_dev_G": sweep, "entry_recall": recall}
     (work / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
     return gates
