@@ -81,7 +81,7 @@ class Budget:
     dpo: str = "--beta 0.3 --rpo-alpha 1.0 --lr 1e-5 --epochs 2 --batch-size 8 --precompute-ref --truncate-rejected"
     dpo_lrs: str = "1e-5,5e-5,2e-4"
     # Stage 2 rows replaying Stage 1's part-1 data (T trajectories + knowledge snippets), one example per DPO pair
-    # (dpo.py --replay) or per RFT example. Off: at weight 1 no dev question changed right/wrong at 1e-5 or 5e-5 (README).
+    # (dpo.py --replay) or per RFT example. Off: at weight 1 no dev verdict changed at 1e-5 or 5e-5 (README).
     replay_in_stage2: bool = False
     rft_epochs: int = 2
     eval_max_new_tokens: int = 320
