@@ -502,6 +502,14 @@ def at_most(x, bound):
     return x <= bound + 1e-9
 
 
+def lr_rule(sweep, template_T):
+    """The DPO lr rule, fixed in session 6 before any sweep was seen: the best dev G among the lrs whose dev T is at
+    most 2 points under template SFT's; on a tie the smaller lr; if none qualifies, the smallest."""
+    by_size = sorted(sweep, key=float)
+    keeping_T = [lr for lr in by_size if at_most(template_T - sweep[lr]["T"], 0.02)]
+    return max(keeping_T, key=lambda lr: (sweep[lr]["G"], -float(lr))) if keeping_T else by_size[0] if by_size else None
+
+
 def run_gates(work, stage, b, seed, data, early, t, same_steps):
     """The issue's gates, on dev only: Stage 1 converged on T (part 2 run long_factor times longer gains <= 2
     points), G has headroom (template SFT on dev G within [30, 75], pass@k >= pass@1 + 15) and the positive control
@@ -521,7 +529,7 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
         key = f"dpo_teacher_lr{lr}"
         if stage.done["teacher_pairs"]["pairs"]:
             stage(key, lambda: dpo(work, key, t, work / "teacher_pairs.jsonl", b, seed, [*same_steps, "--lr", lr]))
-            sweep[lr] = ev(key)["G"]
+            sweep[lr] = {x: ev(key)[x] for x in "GT"}
     control = ev("dpo_teacher")
     from model import load_tokenizer
     tokenizer = load_tokenizer(work / "student")
@@ -535,7 +543,7 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
                             and at_most(pass1 + 0.15, passk)},
              "positive_control": {"dev_G": control["G"], "gain": control["G"] - template["G"],
                                   "pass": at_most(0.03, control["G"] - template["G"])},
-             "dpo_lr_sweep_dev_G": sweep, "entry_recall": recall}
+             "dpo_lr_sweep_dev": sweep, "dpo_lr_rule": lr_rule(sweep, template["T"]), "entry_recall": recall}
     (work / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
     return gates
 

@@ -387,3 +387,18 @@ def test_continued_rows_train_at_the_final_lr_without_warmup():
     import sft
     assert [sft.lr_at(step, 7, 0, 3e-4, 1.0) for step in range(7)] == [pytest.approx(3e-4)] * 7
     assert sft.lr_at(1499, 1500, 75, 3e-3, 0.1) == pytest.approx(3e-4)  # where Stage 1's cosine ends
+
+
+def test_gates_and_the_lr_rule_on_hand_made_sweeps():
+    """A gain of exactly 3 points on 300 questions passes '>= 3'; the lr rule keeps dev T within 2 points, then takes
+    the best dev G, the smaller lr on a tie, and the smallest when no lr keeps T (run 3's and run 4's sweeps)."""
+    import run
+    assert 93 / 300 - 84 / 300 < 0.03 and run.at_most(0.03, 93 / 300 - 84 / 300)
+    assert not run.at_most(0.03, 92 / 300 - 84 / 300)
+    run3 = {"1e-5": {"G": 86 / 300, "T": 290 / 300}, "5e-5": {"G": 90 / 300, "T": 284 / 300},
+            "2e-4": {"G": 130 / 300, "T": 226 / 300}}
+    assert run.lr_rule(run3, 291 / 300) == "1e-5"  # 5e-5 loses 7 of 300 T questions: 2.3 points
+    assert run.lr_rule(run3, 290 / 300) == "5e-5"  # 6 of 300: 2.0 points, kept, and the better G
+    tie = {"5e-5": {"G": 0.3, "T": 0.97}, "1e-5": {"G": 0.3, "T": 0.97}}
+    assert run.lr_rule(tie, 0.97) == "1e-5"
+    assert run.lr_rule({"2e-4": {"G": 0.5, "T": 0.5}, "5e-5": {"G": 0.4, "T": 0.6}}, 0.97) == "5e-5"
