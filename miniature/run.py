@@ -317,8 +317,9 @@ def rft(work, t, b, seed):
     if b.replay_in_stage2 and kept:  # as many Stage 1 examples as kept samples, as DPO's --replay pairs them
         stage1 = T.read_jsonl(work / "stage1_part1.jsonl")
         replay = random.Random(seed).sample(stage1, min(len(kept), len(stage1)))
-    T.write_jsonl(work / "rft.jsonl", kept + replay or placeholder)
-    steps = max(1, round(b.rft_epochs * len(kept + replay) / b.batch))
+    data = kept + replay
+    T.write_jsonl(work / "rft.jsonl", data or placeholder)
+    steps = max(1, round(b.rft_epochs * len(data) / b.batch))
     return {**continued(work, "rft", t, work / "rft.jsonl", steps, b, seed), "examples": len(kept)}
 
 
@@ -529,7 +530,8 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
         key = f"dpo_teacher_lr{lr}"
         if stage.done["teacher_pairs"]["pairs"]:
             stage(key, lambda: dpo(work, key, t, work / "teacher_pairs.jsonl", b, seed, [*same_steps, "--lr", lr]))
-            sweep[lr] = {x: ev(key)[x] for x in "GT"}
+            swept = ev(key)
+            sweep[lr] = {"G": swept["G"], "T": swept["T"]}
     control = ev("dpo_teacher")
     from model import load_tokenizer
     tokenizer = load_tokenizer(work / "student")

@@ -16,7 +16,7 @@ import torch
 
 import dpo
 from model import ModelConfig, Transformer, init_weights, load, save
-from templates import chat, encode_chat
+from templates import chat, encode_chat, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = "发热咳嗽胸痛头痛腹泻皮疹黄疸水肿乏力心悸"
@@ -297,7 +297,7 @@ def test_replay_adds_each_pairs_sft_nll_per_token(world, tmp_path):
     replay_path = tmp_path / "replay.jsonl"
     sft_records = [{"messages": [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": f"答{i}肺炎"}]}
                    for i in range(3)]
-    replay_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_records), encoding="utf-8")
+    write_jsonl(replay_path, sft_records)
     model = load(world.model).double()
     examples, _ = dpo.load_pairs(world.data, world.tok, 96, 48)
     examples = examples[:5]
