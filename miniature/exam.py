@@ -70,6 +70,7 @@ class ExamConfig:
     dev: int = 600  # half T, half G
     test: int = 1000  # half G, a quarter T, a quarter U
     type_weights: tuple = (0.4, 0.25, 0.35)  # 诊断, 否定, 多选
+    reading: int = 0  # extra Stage 1 questions whose entries are given in the stem (reading_question)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,6 +265,46 @@ def make_split(kb, cfg, mix, n, keys, salt):
     return rng.sample(rows, len(rows))
 
 
+# Reading questions (Stage 1 only, `Disease Split` R). The student checked options against memory, not against the
+# entry it had just recited (miniature/README.md, the reading probe), so on T, where memory is right, Stage 1 never
+# taught the lookup, and on G the checks were only as good as recall inside a trajectory. A reading question's
+# diseases are names outside the knowledge base, each with findings drawn afresh for that question and stated in
+# the stem ("已知：<name>：<findings>；...。"), so no memory can supply an entry or a check: the trajectory recites the
+# entry from the stem and every check has to read it.
+
+def reading_question(kb, rng, kind):
+    """One reading question: a CSV row like make_question's, its diseases fresh (not in `kb`), Disease Split R."""
+    outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
+    fresh = {"diseases": {}}
+    for name in rng.sample(outside, 8):
+        typical = sorted(set(ORGANS[name[0]][2] + PROCESSES[name[1]][0]), key=FINDINGS.index)
+        picked = []
+        while len(picked) < 4:
+            f = rng.choice(typical) if rng.random() < 0.8 else rng.choice(FINDINGS)
+            picked += [f] if f not in picked else []
+        fresh["diseases"][name] = {"department": ORGANS[name[0]][0], "group": ORGANS[name[0]][1], "split": "R",
+                                   "findings": "".join(sorted(picked, key=FINDINGS.index))}
+    names = list(fresh["diseases"])
+    row = make_question(fresh, rng, kind, names[0], names)
+    if row is None:
+        return None
+    named = [line[2:] for line in row["Options"].split("\n")] if kind == "诊断" else [names[0]]
+    known = "；".join(f"{n}：{'、'.join(fresh['diseases'][n]['findings'])}" for n in named)
+    row["Question"] = f"已知：{known}。{row['Question']}"
+    row["Explanation"] = f"据题中所给：{row['Explanation']}"
+    return row
+
+
+def reading_split(kb, cfg, n, keys):
+    rng, rows = random.Random(f"reading-{cfg.seed}"), []
+    while len(rows) < n:
+        row = reading_question(kb, rng, rng.choices(list(BUILDERS), cfg.type_weights)[0])
+        if row is not None and question_key(row) not in keys:
+            keys.add(question_key(row))
+            rows.append(row)
+    return rows
+
+
 def write_csv(rows, path):
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
@@ -281,6 +322,9 @@ def build(cfg: ExamConfig, out) -> dict:
     test = make_split(kb, cfg, {"G": 0.5, "T": 0.25, "U": 0.25}, cfg.test, keys, "test")
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
     stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1")
+    if cfg.reading:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's first rows
+        stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1 + reading_split(kb, cfg, cfg.reading, keys),
+                                                           cfg.stage1 + cfg.reading)
     stage2 = make_split(kb, cfg, {"G": 1.0}, cfg.stage2, keys, "stage2")
     (out / "kb.json").write_text(json.dumps(kb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     (out / "kb.txt").write_text(kb_text(kb), encoding="utf-8")
@@ -295,11 +339,12 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for kb.json, kb.txt, train.csv, test.csv")
     defaults = ExamConfig()
-    for name in ("seed", "diseases", "stage1", "stage2", "dev", "test"):
+    for name in ("seed", "diseases", "stage1", "stage2", "dev", "test", "reading"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args(argv)
-    cfg = ExamConfig(**{k: getattr(args, k) for k in ("seed", "diseases", "stage1", "stage2", "dev", "test")})
+    cfg = ExamConfig(**{k: getattr(args, k) for k in ("seed", "diseases", "stage1", "stage2", "dev", "test",
+                                                      "reading")})
     kb = build(cfg, args.out)
     split = {x: sum(d["split"] == x for d in kb["diseases"].values()) for x in "TGU"}
     print(f"{len(kb['diseases'])} diseases (T/G/U {split['T']}/{split['G']}/{split['U']}), {cfg.stage1} Stage 1, "

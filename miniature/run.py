@@ -52,6 +52,9 @@ from eval_cmexam import mcnemar_exact, paired_ci  # noqa: E402
 class Budget:
     diseases: int = 60  # T / G / U = 24 / 24 / 12 (exam.ExamConfig.split_fractions)
     stage1_questions: int = 2000  # T questions: the teacher's trajectories
+    # + reading questions (exam.reading_question: fresh diseases, entries in the stem), so that Stage 1 teaches the
+    # checks to read the recited entry (README: the probe after run 4 and the one before run 5)
+    reading_questions: int = 600
     stage2_questions: int = 600  # G questions: answer keys only
     dev_questions: int = 600  # T and G halves: gates and the DPO lr, never the table
     test_questions: int = 1000  # G 500 (the headline), T 250, U 250
@@ -89,7 +92,7 @@ class Budget:
     pass_k: int = 4  # the headroom gate: pass@k on dev G
 
 
-QUICK = Budget(diseases=60, stage1_questions=100, stage2_questions=24, dev_questions=20, test_questions=40,
+QUICK = Budget(diseases=60, stage1_questions=100, reading_questions=30, stage2_questions=24, dev_questions=20, test_questions=40,
                hidden=64, layers=2, pretrain_copies=20, pretrain_steps=20, replay_examples=10, early_steps=10,
                critique_questions=30, sft_steps=30, samples=2, corrections=1, max_new_tokens=96,
                critique_max_new_tokens=48, eval_max_new_tokens=96, dpo_lrs="5e-5", long_factor=2, pass_k=2,
@@ -152,7 +155,7 @@ def step_tokens(metrics):
 
 def make_data(work, seed, b):
     cfg = exam.ExamConfig(seed=seed, diseases=b.diseases, stage1=b.stage1_questions, stage2=b.stage2_questions,
-                          dev=b.dev_questions, test=b.test_questions)
+                          dev=b.dev_questions, test=b.test_questions, reading=b.reading_questions)
     exam.build(cfg, work / "data")
     with open(work / "data" / "dev.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -191,7 +194,7 @@ def distill(work, style, url, b):
     lines = out.read_text(encoding="utf-8").splitlines()
     out.write_text("".join(line + "\n" for line in sorted(lines, key=lambda line: json.loads(line)["id"])),
                    encoding="utf-8")
-    return {"teacher_calls": b.stage1_questions}
+    return {"teacher_calls": b.stage1_questions + b.reading_questions}
 
 
 def dpo_flags(work, b):
@@ -403,10 +406,8 @@ ROWS = [("pretrained", "pretrain"), ("plain SFT", "sft_plain"), ("template SFT",
 SAMPLED_BY = {"dpo_teacher": "teacher_pairs", "rpo": "baseline_samples", "rft": "baseline_samples"}  # + their seconds
 
 
-def run_seed(out, seed, b, gates=False):
-    work = out / f"seed_{seed}"
-    work.mkdir(parents=True, exist_ok=True)
-    stage = Stages(work)
+def prepare(work, stage, b, seed):
+    """The exam, the student's tokenizer and config, pretraining: (kb, the pretrained checkpoint)."""
     stage("data", lambda: make_data(work, seed, b))
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
     stage("student", lambda: sh(sys.executable, HERE / "student.py", "--data", work / "data", "--out",
@@ -416,26 +417,41 @@ def run_seed(out, seed, b, gates=False):
                                         work / "student" / "pretrain.jsonl", b.pretrain_steps, b.pretrain_lr, 16,
                                         b.pretrain_micro, seed, max_len=256,
                                         extra=["--weight-decay", 0.1]))["checkpoint"]
-    replay = work / "replay.jsonl"
-    T.write_jsonl(replay, student.replay_records(kb, b.replay_examples, seed))
+    T.write_jsonl(work / "replay.jsonl", student.replay_records(kb, b.replay_examples, seed))
+    return kb, pre
 
-    def cat(name, *parts):  # one SFT data file from several
-        (work / name).write_text("".join((work / part).read_text() for part in parts))
-        return work / name
+
+def cat(work, name, *parts):
+    """One SFT data file from several."""
+    (work / name).write_text("".join((work / part).read_text() for part in parts))
+    return work / name
+
+
+def stage1(work, stage, b, seed, pre, url):
+    """Template SFT: part 1 on the teacher's trajectories, then part 2 with the critique examples made from part 1's
+    own errors. Returns (part 1's checkpoint, part 2's data, template SFT's checkpoint)."""
+    for style in ("template", "plain"):
+        stage(f"distill_{style}", lambda: distill(work, style, url, b))
+    part1 = cat(work, "stage1_part1.jsonl", "stage1_template.jsonl", "replay.jsonl")
+    early = stage("sft_early", lambda: sft(work, "sft_early", ["--model", pre], part1, b.early_steps, b.sft_lr,
+                                           b.batch, b.cot_micro, seed))["checkpoint"]
+    stage("critiques", lambda: critique_data(work, early, url, b, seed))
+    data = cat(work, "stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
+    t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data, b.sft_steps - b.early_steps,
+                                          b.sft_lr, b.batch, b.cot_micro, seed))["checkpoint"]
+    return early, data, t
+
+
+def run_seed(out, seed, b, gates=False):
+    work = out / f"seed_{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    stage = Stages(work)
+    kb, pre = prepare(work, stage, b, seed)
     server, url, _ = teacher.serve(kb)
     try:
-        for style in ("template", "plain"):
-            stage(f"distill_{style}", lambda: distill(work, style, url, b))
-        part1 = cat("stage1_part1.jsonl", "stage1_template.jsonl", "replay.jsonl")
-        early = stage("sft_early", lambda: sft(work, "sft_early", ["--model", pre], part1, b.early_steps, b.sft_lr,
-                                               b.batch, b.cot_micro, seed))["checkpoint"]
-        stage("critiques", lambda: critique_data(work, early, url, b, seed))
-        data = cat("stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
-        t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data,
-                                              b.sft_steps - b.early_steps, b.sft_lr, b.batch, b.cot_micro,
-                                              seed))["checkpoint"]
+        early, data, t = stage1(work, stage, b, seed, pre, url)
         stage("sft_plain", lambda: sft(work, "sft_plain", ["--model", pre], cat(
-            "stage1_plain_replay.jsonl", "stage1_plain.jsonl", "replay.jsonl"), b.sft_steps, b.sft_lr, b.batch,
+            work, "stage1_plain_replay.jsonl", "stage1_plain.jsonl", "replay.jsonl"), b.sft_steps, b.sft_lr, b.batch,
             b.plain_micro, seed))
         stage("selfplay_1", lambda: self_correction(work, "selfplay", 1, t, b, seed))
         stage("selfplay_2", lambda: self_correction(work, "selfplay", 2, t, b, seed) if stage.done["selfplay_1"][

@@ -26,7 +26,6 @@ steps; `consistency` measures whether they do. Corrections keep every right line
 """
 import argparse
 import json
-import random
 import re
 import sys
 import threading
@@ -43,6 +42,7 @@ from templates import CORRECTION_MARK, FIRST_WRONG_LINE, extract_answer  # noqa:
 _QUESTION = re.compile(r"以下是一道(单项|多项)选择题[^\n]*\n\n(?P<stem>[^\n]+)\n(?P<options>(?:[A-E]\. [^\n]+(?:\n|$))+)")
 _STEMS = [("诊断", re.compile(r"患者见(.+)。最可能的诊断是")), ("诊断-治疗", re.compile(r"患者见(.+)。应首选的治疗是")),
           ("否定", re.compile(r"下列哪项不是(.+)的表现")), ("多选", re.compile(r"(.+)的表现有"))]
+_KNOWN = re.compile(r"已知：((?:[^：；。]+：[^；。]+)(?:；[^：；。]+：[^；。]+)*)。(.+)")
 SECTIONS = ["审题", "提取关键信息", "回忆相关知识", "逐项分析各选项", "自我检查与纠正", "得出结论"]
 ASK = {"诊断": "单选，问诊断，须逐项比较。", "诊断-治疗": "单选，先由表现诊断，再选治疗。",
        "否定": "单选，问哪项不是其表现。", "多选": "多选，问哪些是其表现。"}
@@ -52,12 +52,16 @@ def parse_question(text):
     """{kind, multi, options {letter: text}, given [findings] or subject} of the last exam question in `text` (the
     teacher prompt shows the template's worked example first), or None if there is none."""
     for m in reversed(list(_QUESTION.finditer(text))):
-        stem = m["stem"].strip()
+        stem, known = m["stem"].strip(), {}
+        given = _KNOWN.fullmatch(stem)  # a reading question (exam.reading_question) states its entries first
+        if given:
+            known = dict(entry.split("：", 1) for entry in given[1].split("；"))
+            known, stem = {n: "".join(f.split("、")) for n, f in known.items()}, given[2]
         options = dict(re.findall(r"([A-E])\. ([^\n]+)", m["options"]))
         for kind, pattern in _STEMS:
             s = pattern.fullmatch(stem)
             if s:
-                q = {"kind": kind, "multi": m[1] == "多项", "options": options}
+                q = {"kind": kind, "multi": m[1] == "多项", "options": options, **({"known": known} if known else {})}
                 q.update({"given": s[1].split("、")} if kind.startswith("诊断") else {"subject": s[1]})
                 return q
     return None
@@ -67,9 +71,16 @@ def parse_question(text):
 # Solving. `beliefs` is what the solver "remembers": the knowledge base, or a corrupted copy of it (the student's
 # kind of error); `flips` turns single check marks the wrong way. Every later step follows mechanically.
 
+def beliefs_for(kb, q):
+    """What the solver knows for q: the knowledge base, plus the entries a reading question states."""
+    if not q.get("known"):
+        return kb
+    return {**kb, "diseases": {**kb["diseases"], **{n: {"findings": f} for n, f in q["known"].items()}}}
+
+
 def solve(kb, q, beliefs=None, flips=(), answer=None):
     """The trajectory as [(section, [lines])], the summary line, and the answer (letters marked 对, or `answer`)."""
-    beliefs = beliefs or kb
+    beliefs = beliefs or beliefs_for(kb, q)
     recall = lambda name: beliefs["diseases"][name]["findings"] if name in beliefs["diseases"] else ""  # noqa: E731
     flipped = lambda letter, item, value: value != ((letter, item) in flips)  # noqa: E731
     kind, options, knowledge, analysis = q["kind"], q["options"], [], []
@@ -201,7 +212,7 @@ def corrupt(kb, q, rng, tries=100):
     _, _, right = solve(kb, q)
     kinds_here = ["knowledge", "knowledge", "check", "conclusion"] + (["misread"] if "given" in q else [])
     for _ in range(tries):
-        beliefs, flips, qq, kinds, answer = json.loads(json.dumps(kb)), set(), dict(q), [], None
+        beliefs, flips, qq, kinds, answer = json.loads(json.dumps(beliefs_for(kb, q))), set(), dict(q), [], None
         for _ in range(1 if rng.random() < 0.7 else 2):
             kind = rng.choice(kinds_here)
             kinds.append(kind)
