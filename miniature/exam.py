@@ -15,7 +15,9 @@ Diseases are split three ways (issue 11): T, taught by Stage 1's teacher traject
 distractors); G, the subject only in Stage 2 (stage2.csv: questions with answer keys and no teacher; a G subject, T
 or G distractors); U, met in no training question. The knowledge of all three is only in the pretraining text, each fact in several
 phrasings with the findings in permuted order (knowledge_lines), so that what pretraining stores can be extracted
-later (Allen-Zhu and Li, Physics of Language Models 3.1). dev.csv (T and G, for gates and choices) and test.csv
+later (Allen-Zhu and Li, Physics of Language Models 3.1). Stage 1 also holds `reading` questions (Disease Split R)
+about diseases outside the knowledge base whose entries the stem states, so that its checks must read an entry
+rather than remember one (reading_question says why). dev.csv (T and G, for gates and choices) and test.csv
 (half G, a quarter T, a quarter U; `Disease Split` says which) share no question (same stem and option set) with
 each other or with training. Files: stage1.csv, stage2.csv, train.csv (both), dev.csv, test.csv (CMExam columns plus
 annotation columns, so templates.load_cmexam and eval_cmexam.py read them unchanged), kb.json (for the teacher) and

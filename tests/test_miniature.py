@@ -17,7 +17,7 @@ import exam  # noqa: E402
 import student  # noqa: E402
 import teacher  # noqa: E402
 
-SMALL = dict(stage1=300, stage2=100, dev=60, test=150)
+SMALL = dict(stage1=300, stage2=100, dev=60, test=150, reading=60)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,10 @@ def independent_answer(kb, row):
     """The answer key recomputed from the knowledge base with this test's own reading of the CSV row."""
     options = dict(line.split(" ", 1) for line in row["Options"].split("\n"))
     diseases, stem = kb["diseases"], row["Question"]
+    if m := re.fullmatch(r"已知：(.+?)。(.+)", stem):  # a reading question: only the entries it states count
+        diseases = {name: {"findings": "".join(f.split("、"))}
+                    for name, f in (entry.split("：") for entry in m[1].split("；"))}
+        stem = m[2]
     if m := re.fullmatch(r"患者见(.+)。最可能的诊断是", stem):
         given = m[1].split("、")
         good = {l for l, name in options.items() if set(given) <= set(diseases[name]["findings"])}
@@ -93,12 +97,20 @@ def test_splits_are_disjoint_as_specified(data):
     key = lambda r: (r["Question"], frozenset(line[2:] for line in r["Options"].split("\n")))  # noqa: E731
     keys = {name: {key(r) for r in rows} for name, rows in files.items()}
     for name, rows in files.items():
-        assert len(keys[name]) == len(rows) == SMALL[name]  # no question twice within a file
+        assert len(keys[name]) == len(rows) == SMALL[name] + (SMALL["reading"] if name == "stage1" else 0)
     names = list(files)
     for i, a in enumerate(names):  # and none in two files
         for b in names[i + 1:]:
             assert not keys[a] & keys[b], (a, b)
+    reading = [row for row in files["stage1"] if row["Disease Split"] == "R"]
+    assert len(reading) == SMALL["reading"]
+    for row in reading:  # a reading question names no disease of the knowledge base and states every entry it uses
+        named = [line[2:] for line in row["Options"].split("\n")] if row["Question Type"] == "诊断" else \
+            [re.search(r"。(?:下列哪项不是)?(.+?)的表现", row["Question"])[1]]
+        assert not involved(kb, row) and all(f"{n}：" in row["Question"].split("。")[0] for n in named), row
     for row in files["stage1"]:  # Stage 1: a T subject (or right diagnosis); distractors from T or G; never U
+        if row["Disease Split"] == "R":
+            continue
         subject = [n for n in kb["diseases"] if n in row["Question"]] or \
             [line[2:] for line in row["Options"].split("\n") if line[0] in row["Answer"]]
         assert row["Disease Split"] == "T" and split_of[subject[0]] == "T"
@@ -123,7 +135,7 @@ def test_csv_loads_with_templates_without_skips(data):
     out, _ = data
     for split in ("train", "dev", "test"):
         rows, skipped = T.load_cmexam(out / f"{split}.csv", return_skipped=True)
-        assert skipped == [] and len(rows) == SMALL.get(split, SMALL["stage1"] + SMALL["stage2"])
+        assert skipped == [] and len(rows) == SMALL.get(split, SMALL["stage1"] + SMALL["stage2"] + SMALL["reading"])
         assert {"Clinical Department", "Question Type", "Area of Competency"} <= set(rows[0])
 
 
