@@ -5,6 +5,7 @@ line's checks, greedy. A student that reads its own line writes "<finding>有"; 
 "<finding>无". The same prefix with the entry unedited is the control (it should write 无).
 
     PYTHONPATH=. python miniature/results/probe_reads_own_line.py /work/runs/run4/seed_0     # from the repo root
+    (a second argument names another stage's checkpoint than sft_template, e.g. sft_long)
 """
 import json
 import random
@@ -18,7 +19,8 @@ from model import generate, load, load_tokenizer  # noqa: E402
 
 work = sys.argv[1].rstrip("/") + "/"
 stages = json.load(open(work + "stages.json"))
-model, tokenizer = load(stages["sft_template"]["checkpoint"]), load_tokenizer(work + "student")
+key = sys.argv[2] if len(sys.argv) > 2 else "sft_template"
+model, tokenizer = load(stages[key]["checkpoint"]), load_tokenizer(work + "student")
 kb = json.load(open(work + "data/kb.json", encoding="utf-8"))
 rng = random.Random(0)
 cases = []  # (split, edited?, finding, prompt ids)
