@@ -66,7 +66,9 @@ class Budget:
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
     early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
     critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
-    sft_steps: int = 2500  # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint)
+    # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint). 4,500 with the reading questions: at
+    # 2,500 their checks were half learned (dev T 73.7), at 4,500 dev T 99.7 and G 63.3 (README, the reading probes)
+    sft_steps: int = 4500
     sft_lr: float = 3e-3  # cosine to 0.1x: the final lr the continued rows use, constant, no warmup
     batch: int = 8
     pretrain_micro: int = 16
@@ -92,8 +94,8 @@ class Budget:
     pass_k: int = 4  # the headroom gate: pass@k on dev G
 
 
-QUICK = Budget(diseases=60, stage1_questions=100, reading_questions=30, stage2_questions=24, dev_questions=20, test_questions=40,
-               hidden=64, layers=2, pretrain_copies=20, pretrain_steps=20, replay_examples=10, early_steps=10,
+QUICK = Budget(diseases=60, stage1_questions=100, reading_questions=30, stage2_questions=24, dev_questions=20,
+               test_questions=40, hidden=64, layers=2, pretrain_copies=20, pretrain_steps=20, replay_examples=10, early_steps=10,
                critique_questions=30, sft_steps=30, samples=2, corrections=1, max_new_tokens=96,
                critique_max_new_tokens=48, eval_max_new_tokens=96, dpo_lrs="5e-5", long_factor=2, pass_k=2,
                replay_in_stage2=True,  # off in the full budget; on here so CI runs dpo.py --replay on 2 ranks
@@ -534,10 +536,13 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
     def ev(key):
         return stage(f"dev_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b, "dev"))
     template = ev("sft_template")
-    long = stage("sft_long", lambda: sft(work, "sft_long", ["--model", early], data,
-                                         b.long_factor * (b.sft_steps - b.early_steps), b.sft_lr, b.batch,
-                                         b.cot_micro, seed))
-    longer = ev("sft_long")
+    if at_most(1.0 - template["T"], 0.02):  # no longer run can gain more than 100 - T points: passed by bound
+        long, longer = {"steps": 0}, template
+    else:
+        long = stage("sft_long", lambda: sft(work, "sft_long", ["--model", early], data,
+                                             b.long_factor * (b.sft_steps - b.early_steps), b.sft_lr, b.batch,
+                                             b.cot_micro, seed))
+        longer = ev("sft_long")
     stage("dev_samples", lambda: selfplay(work, "dev_samples", t, work / "data" / "dev_G.csv", b, seed, "--sources",
                                           "sample", samples=b.pass_k) or {})
     pass1, passk = pass_at_k(work, "dev_samples")
@@ -555,7 +560,8 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
     recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
               for key in ("pretrain", "sft_template") for x in "TGU"}
     gates = {"stage1_converged": {"dev_T": template["T"], "dev_T_longer": longer["T"],
-                                  "pass": at_most(longer["T"] - template["T"], 0.02), "longer_steps": long["steps"]},
+                                  "pass": at_most(longer["T"] - template["T"], 0.02), "longer_steps": long["steps"],
+                                  "by_bound": not long["steps"]},
              "G_headroom": {"dev_G": template["G"], "pass@1": pass1, f"pass@{b.pass_k}": passk,
                             "pass": at_most(0.30, template["G"]) and at_most(template["G"], 0.75)
                             and at_most(pass1 + 0.15, passk)},
