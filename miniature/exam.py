@@ -325,8 +325,8 @@ def build(cfg: ExamConfig, out) -> dict:
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
     stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1")
     if cfg.reading:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's first rows
-        stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1 + reading_split(kb, cfg, cfg.reading, keys),
-                                                           cfg.stage1 + cfg.reading)
+        stage1 += reading_split(kb, cfg, cfg.reading, keys)
+        stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1, len(stage1))
     stage2 = make_split(kb, cfg, {"G": 1.0}, cfg.stage2, keys, "stage2")
     (out / "kb.json").write_text(json.dumps(kb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     (out / "kb.txt").write_text(kb_text(kb), encoding="utf-8")
