@@ -301,10 +301,11 @@ def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
     assert set(everything["0"]) >= {"table", "gates", "mechanism", "seconds", "stage1_teacher_calls"}
     pairs = [json.loads(line) for line in (tmp_path / "seed_0" / "selfplay" / "round_1" / "pairs.jsonl").open()]
     assert all(p["source"] == "step" for p in pairs)
-    # Stage 1 data in question order, whatever order the teacher answered in (a seed then gives the same table)
+    # Stage 1 data in question order, whatever order the teacher answered in (a seed then gives the same table);
+    # the reading questions are Stage 1 questions too, so every one of them is answered once per style
     for style in ("template", "plain"):
         ids = [json.loads(line)["id"] for line in (tmp_path / "seed_0" / f"stage1_{style}.jsonl").open()]
-        assert ids == sorted(ids) and len(ids) == 100
+        assert ids == sorted(ids) and len(ids) == run.QUICK.stage1_questions + run.QUICK.reading_questions == 130
 
 
 def test_diagnose_grades_corrections_step_by_step(data, tmp_path):
