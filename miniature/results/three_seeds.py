@@ -31,7 +31,8 @@ def per_seed(key, other, split="G"):
 
 def line(name, diffs):
     sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return f"  {name:46} {statistics.mean(diffs):+6.1f} ± {sd:4.1f}   per seed " + " / ".join(f"{d:+.1f}" for d in diffs)
+    each = " / ".join(f"{d:+.1f}" for d in diffs)
+    return f"  {name:46} {statistics.mean(diffs):+6.1f} ± {sd:4.1f}   per seed {each}"
 
 
 print("\nThe issue's criterion (self-correction DPO round 2 = selfplay_2), points on test G unless said:")
@@ -49,10 +50,16 @@ print("\nMechanism (round 1), per seed:")
 for s in seeds:
     m = everything[s]["mechanism"]
     print(f"  seed {s}: located first wrong {100 * m['located_is_first_wrong']:.1f}% (chance {100 * m['chance']:.1f}), "
-          f"corrections right {100 * m['corrections_right']:.1f}% vs fresh {100 * m['fresh_sample_right_after_a_wrong_one']:.1f}%, "
+          f"corrections right {100 * m['corrections_right']:.1f}% "
+          f"vs fresh {100 * m['fresh_sample_right_after_a_wrong_one']:.1f}%, "
           f"chosen all steps right {100 * m['chosen_all_steps_right']:.1f}% of {m['chosen']}")
 for s in seeds:
     if everything[s].get("gates"):
-        h = everything[s]["gates"]["G_headroom"]
-        print(f"  seed {s} gates: headroom dev G {100 * h['dev_G']:.1f}, pass@1 {100 * h['pass@1']:.1f}, pass@4 "
-              f"{100 * h['pass@4']:.1f}; control gain {100 * everything[s]['gates']['positive_control']['gain']:+.1f}")
+        gates = everything[s]["gates"]
+        c, h, pc = gates["stage1_converged"], gates["G_headroom"], gates["positive_control"]
+        verdict = {True: "pass", False: "FAIL"}
+        longer = "by bound" if c["by_bound"] else f"{100 * c['dev_T_longer']:.1f} at {c['longer_steps']} steps"
+        print(f"  seed {s} gates: converged {verdict[c['pass']]} (dev T {100 * c['dev_T']:.1f}, {longer}); "
+              f"headroom {verdict[h['pass']]} (dev G {100 * h['dev_G']:.1f}, pass@1 {100 * h['pass@1']:.1f}, "
+              f"pass@4 {100 * h['pass@4']:.1f}); control {verdict[pc['pass']]} (gain {100 * pc['gain']:+.1f}); "
+              f"lr rule {gates['dpo_lr_rule']}")
