@@ -72,6 +72,7 @@ class ExamConfig:
     dev: int = 600  # half T, half G
     test: int = 1000  # half G, a quarter T, a quarter U
     type_weights: tuple = (0.4, 0.25, 0.35)  # 诊断, 否定, 多选
+    g_type_weights: tuple = None  # G-subject questions (Stage 2, dev G, test G) only; None: type_weights
     reading: int = 0  # extra Stage 1 questions whose entries are given in the stem (reading_question)
 
 
@@ -256,7 +257,8 @@ def make_split(kb, cfg, mix, n, keys, salt):
         for _ in range(50 * max(wanted, 1)):
             if got == wanted:
                 break
-            kind = rng.choices(list(BUILDERS), cfg.type_weights)[0]
+            kind = rng.choices(list(BUILDERS), cfg.g_type_weights if split == "G" and cfg.g_type_weights
+                               else cfg.type_weights)[0]  # one draw either way: None keeps every split as it was
             row = make_question(kb, rng, kind, rng.choice(by_split[split]), by_split[DISTRACTORS[split]])
             if row is not None and question_key(row) not in keys:
                 keys.add(question_key(row))

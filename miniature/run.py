@@ -58,6 +58,7 @@ class Budget:
     stage2_questions: int = 600  # G questions: answer keys only
     dev_questions: int = 600  # T and G halves: gates and the DPO lr, never the table
     test_questions: int = 1000  # G 500 (the headline), T 250, U 250
+    g_type_weights: tuple = None  # exam.ExamConfig.g_type_weights: the question types of G (None: T's mix)
     hidden: int = 128
     layers: int = 4
     pretrain_copies: int = 800  # copies of the knowledge text, each fact in two phrasings
@@ -157,7 +158,8 @@ def step_tokens(metrics):
 
 def make_data(work, seed, b):
     cfg = exam.ExamConfig(seed=seed, diseases=b.diseases, stage1=b.stage1_questions, stage2=b.stage2_questions,
-                          dev=b.dev_questions, test=b.test_questions, reading=b.reading_questions)
+                          dev=b.dev_questions, test=b.test_questions, reading=b.reading_questions,
+                          g_type_weights=b.g_type_weights)
     exam.build(cfg, work / "data")
     with open(work / "data" / "dev.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -529,10 +531,9 @@ def lr_rule(sweep, template_T):
     return max(keeping_T, key=lambda lr: (sweep[lr]["G"], -float(lr))) if keeping_T else by_size[0] if by_size else None
 
 
-def run_gates(work, stage, b, seed, data, early, t, same_steps):
-    """The issue's gates, on dev only: Stage 1 converged on T (part 2 run long_factor times longer gains <= 2
-    points), G has headroom (template SFT on dev G within [30, 75], pass@k >= pass@1 + 15) and the positive control
-    gains >= 3 on dev G; plus the DPO lr sweep on the teacher's pairs (dev G), from which the lr is fixed once."""
+def stage1_gates(work, stage, b, seed, data, early):
+    """The gates Stage 1 alone decides, on dev: Stage 1 converged on T (part 2 run long_factor times longer gains <= 2
+    points) and G has headroom (template SFT on dev G within [30, 75], pass@k >= pass@1 + 15), plus entry recall."""
     def ev(key):
         return stage(f"dev_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b, "dev"))
     template = ev("sft_template")
@@ -543,9 +544,31 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
                                              b.long_factor * (b.sft_steps - b.early_steps), b.sft_lr, b.batch,
                                              b.cot_micro, seed))
         longer = ev("sft_long")
-    stage("dev_samples", lambda: selfplay(work, "dev_samples", t, work / "data" / "dev_G.csv", b, seed, "--sources",
-                                          "sample", samples=b.pass_k) or {})
+    stage("dev_samples", lambda: selfplay(work, "dev_samples", stage.done["sft_template"]["checkpoint"],
+                                          work / "data" / "dev_G.csv", b, seed, "--sources", "sample",
+                                          samples=b.pass_k) or {})
     pass1, passk = pass_at_k(work, "dev_samples")
+    from model import load_tokenizer
+    tokenizer = load_tokenizer(work / "student")
+    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+    recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
+              for key in ("pretrain", "sft_template") for x in "TGU"}
+    return {"stage1_converged": {"dev_T": template["T"], "dev_T_longer": longer["T"],
+                                 "pass": at_most(longer["T"] - template["T"], 0.02), "longer_steps": long["steps"],
+                                 "by_bound": not long["steps"]},
+            "G_headroom": {"dev_G": template["G"], "pass@1": pass1, f"pass@{b.pass_k}": passk,
+                           "pass": at_most(0.30, template["G"]) and at_most(template["G"], 0.75)
+                           and at_most(pass1 + 0.15, passk)},
+            "entry_recall": recall}
+
+
+def run_gates(work, stage, b, seed, data, early, t, same_steps):
+    """The issue's gates, on dev only: Stage 1's two (stage1_gates) and the positive control gains >= 3 on dev G;
+    plus the DPO lr sweep on the teacher's pairs (dev G), from which the lr is fixed once."""
+    def ev(key):
+        return stage(f"dev_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b, "dev"))
+    gates = stage1_gates(work, stage, b, seed, data, early)
+    template = ev("sft_template")
     sweep = {}
     for lr in b.dpo_lrs.split(","):
         key = f"dpo_teacher_lr{lr}"
@@ -554,20 +577,9 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
             swept = ev(key)
             sweep[lr] = {"G": swept["G"], "T": swept["T"]}
     control = ev("dpo_teacher")
-    from model import load_tokenizer
-    tokenizer = load_tokenizer(work / "student")
-    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-    recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
-              for key in ("pretrain", "sft_template") for x in "TGU"}
-    gates = {"stage1_converged": {"dev_T": template["T"], "dev_T_longer": longer["T"],
-                                  "pass": at_most(longer["T"] - template["T"], 0.02), "longer_steps": long["steps"],
-                                  "by_bound": not long["steps"]},
-             "G_headroom": {"dev_G": template["G"], "pass@1": pass1, f"pass@{b.pass_k}": passk,
-                            "pass": at_most(0.30, template["G"]) and at_most(template["G"], 0.75)
-                            and at_most(pass1 + 0.15, passk)},
-             "positive_control": {"dev_G": control["G"], "gain": control["G"] - template["G"],
-                                  "pass": at_most(0.03, control["G"] - template["G"])},
-             "dpo_lr_sweep_dev": sweep, "dpo_lr_rule": lr_rule(sweep, template["T"]), "entry_recall": recall}
+    gates.update({"positive_control": {"dev_G": control["G"], "gain": control["G"] - template["G"],
+                                       "pass": at_most(0.03, control["G"] - template["G"])},
+                  "dpo_lr_sweep_dev": sweep, "dpo_lr_rule": lr_rule(sweep, template["T"])})
     (work / "gates.json").write_text(json.dumps(gates, indent=1) + "\n")
     return gates
 
