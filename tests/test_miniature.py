@@ -83,6 +83,21 @@ def test_answer_keys_are_right(data):
             assert len(row["Options"].split("\n")) == 5
 
 
+def test_g_type_weights_set_only_the_g_questions_types(tmp_path):
+    """An all-多选 G (the probe after run 6): every G question of Stage 2, dev and test is 多选 with a right key;
+    T, U and Stage 1 keep the mix."""
+    kb = exam.build(exam.ExamConfig(seed=3, g_type_weights=(0, 0, 1), **SMALL), tmp_path)
+    for split in ("stage1", "stage2", "dev", "test"):
+        rows = read_rows(tmp_path / f"{split}.csv")
+        for row in rows:
+            assert independent_answer(kb, row) == row["Answer"], row
+        kinds = {x: Counter(r["Question Type"] for r in rows if r["Disease Split"] == x) for x in "TGUR"}
+        if split != "stage1":
+            assert set(kinds["G"]) == {"多选"}
+        if split in ("stage1", "dev", "test"):
+            assert set(kinds["T"]) == {"诊断", "否定", "多选"}
+
+
 def involved(kb, row):
     """Every disease a question names: its subject (in the stem) and its disease options."""
     options = [line[2:] for line in row["Options"].split("\n")]
