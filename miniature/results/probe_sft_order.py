@@ -1,4 +1,4 @@
-"""Probe after probe_g_multi.py (miniature/README.md; rule written before it ran): how much of dev G is SFT's batch order?
+"""Probe after probe_g_multi.py (miniature/README.md; rule written before it ran): is dev G set by SFT's batch order?
 
 probe_g_multi.py's all-多选 G put template SFT's dev G at 9.3 / 20.7 / 78.7 on seeds 0 / 1 / 2, and seed 0's 多选
 questions moved from 35.8 (run 5, pass@1) to 9.6 between two Stage 1 runs whose data differ only in row order, at
@@ -25,11 +25,11 @@ work = Path(sys.argv[1])
 b = dataclasses.replace(R.Budget(), g_type_weights=(0, 0, 1), temperature=1.0, top_p=1.0)  # probe_g_multi's budget
 stage = R.Stages(work)
 early = stage.done["sft_early"]["checkpoint"]
-run = stage("sft_template_order1000", lambda: R.sft(work, "sft_template_order1000", ["--model", early],
-                                                      work / "stage1_part2.jsonl", b.sft_steps - b.early_steps,
-                                                      b.sft_lr, b.batch, b.cot_micro, 1000))
-dev = stage("dev_sft_template_order1000", lambda: R.evaluate(work, "sft_template_order1000", run["checkpoint"], b,
-                                                             "dev"))
+run = stage("sft_template_order1000", lambda: R.sft(
+    work, "sft_template_order1000", ["--model", early], work / "stage1_part2.jsonl", b.sft_steps - b.early_steps,
+    b.sft_lr, b.batch, b.cot_micro, 1000))
+dev = stage("dev_sft_template_order1000", lambda: R.evaluate(
+    work, "sft_template_order1000", run["checkpoint"], b, "dev"))
 base = stage.done["dev_sft_template"]
 result = {key: {"dev_G": d["G"], "dev_T": d["T"], "groups": d["groups"]}
           for key, d in (("sft seed 0 (probe_g_multi)", base), ("sft seed 1000", dev))}
