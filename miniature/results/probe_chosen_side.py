@@ -1,18 +1,22 @@
 """Probe after run 6 (miniature/README.md; rule written before it ran): the correction, or the rejected side?
 
 Run 6's round 2 is level with Iterative RPO (+0.2 +- 0.7 on test G), and round 1 with the teacher's corrections. The
-three DPO rows differ in two things at once: which wrong samples they reject and what they prefer to them. This row
-keeps self-correction round 1's rejected side exactly (the student's own wrong samples, the pairs' order) and changes
-only the chosen side: the student's own right sample of the same question in place of its correction. The sample is
-the first, in sample order, of round 1's own samples of that question, then of the baseline's (RFT's filter: right,
-finished, well formed, follows its own marks). Pairs whose question has no such sample are dropped and counted. DPO as
-selfplay_1 and dpo_teacher: Budget.dpo's flags and selfplay_1's optimizer steps. Test on test, paired per question.
+three DPO rows differ in two things at once: which wrong samples they reject and what they prefer to them. Two rows
+here keep self-correction round 1's rejected side exactly (the student's own wrong samples, in the pairs' order) and
+differ only in the chosen side:
+  - own right: the student's own right sample of the same question in place of its correction: the first, in sample
+    order, of round 1's own samples of that question, then of the baseline's (RFT's filter: right, finished, well
+    formed, follows its own marks);
+  - correction: the pair as self-correction made it.
+Both keep only the pairs whose question has such a sample (the rest are counted), and train as selfplay_1 and
+dpo_teacher do: Budget.dpo's flags and selfplay_1's optimizer steps. Test on test, paired per question.
 
-Rule: on each seed, the paired difference on test G of this row minus self-correction round 1, with its 95% interval.
-If the interval excludes 0 in the correction's favour on both seeds, the correction's content matters; if it
-includes 0 or favours the own samples on both, the critique adds nothing over the student's own right answers on the
-same wrong samples; otherwise two seeds do not settle it. Also counted: how many chosen replies of each kind equal
-the teacher's trajectory byte for byte (the format is canonical, so a right reply usually is that trajectory).
+Rule: on each seed, the paired difference on test G of own right minus correction, with its 95% interval. If the
+interval excludes 0 in the correction's favour on both seeds, the correction's content matters; if it includes 0 or
+favours the own samples on both, the critique adds nothing over the student's own right answers on the same wrong
+samples; otherwise two seeds do not settle it. Also counted: how many chosen replies of each kind equal the teacher's
+trajectory byte for byte, and how many self-correction pairs have no own right sample to stand in (questions where
+only a correction could supply the chosen side).
 
     PYTHONPATH=. python miniature/results/probe_chosen_side.py /work/runs/run6 1,2     # from the repo root
 """
@@ -42,7 +46,7 @@ def own_right_pairs(work):
     rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
     own = own_right_samples(work)
-    pairs, dropped, canonical = [], 0, {"correction": 0, "own": 0}
+    pairs, kept, dropped, canonical = [], [], 0, {"correction": 0, "own": 0}
     for pair in T.read_jsonl(work / "selfplay" / "round_1" / "pairs.jsonl"):
         row = rows[pair["id"]]
         reference = teacher.answer_text(kb, teacher.parse_question(T.format_question(row)))
@@ -52,11 +56,12 @@ def own_right_pairs(work):
             continue
         chosen = own[pair["id"]][0]
         canonical["own"] += chosen == reference
+        kept.append(pair)
         pairs.append(S.pair_record(row, chosen, pair["rejected"][0]["content"], round=1, sample=pair["sample"],
                                    source="own_right", hint=False, answer=row["answer"],
                                    rejected_answer=pair["rejected_answer"]))
-    return pairs, {"pairs": len(pairs), "dropped_no_own_right_sample": dropped,
-                   "chosen_equal_to_teacher_trajectory": canonical}
+    return pairs, kept, {"pairs": len(pairs), "dropped_no_own_right_sample": dropped,
+                         "chosen_equal_to_teacher_trajectory": canonical}
 
 
 result = {}
@@ -64,16 +69,20 @@ for seed in [int(s) for s in sys.argv[2].split(",")]:
     work = Path(sys.argv[1]) / f"seed_{seed}"
     b = R.Budget(**json.loads((work.parent / "budget.json").read_text()))
     stage = R.Stages(work)
-    pairs, counts = own_right_pairs(work)
-    T.write_jsonl(work / "own_right_pairs.jsonl", pairs)
-    steps = stage.done["selfplay_1"]["steps"]
-    trained = stage("dpo_own_right", lambda: R.dpo(work, "dpo_own_right", stage.done["sft_template"]["checkpoint"],
-                                                   work / "own_right_pairs.jsonl", b, seed, ["--steps", steps]))
-    ev = stage("eval_dpo_own_right", lambda: R.evaluate(work, "dpo_own_right", trained["checkpoint"], b))
-    result[seed] = {**counts, "steps": trained["steps"], "self_correction_pairs": stage.done["selfplay_1"]["pairs"],
-                    **{f"vs {key}": {x: R.paired_difference(stage.done[f"eval_{key}"], ev, x) for x in "GTU"}
-                       for key in ("sft_template", "selfplay_1", "dpo_teacher", "rpo")}}
-    d = result[seed]["vs selfplay_1"]["G"]
-    print(f"seed {seed}: own-right minus self-correction round 1 on test G {100 * d['diff']:+.1f} "
+    own, kept, counts = own_right_pairs(work)
+    steps, evals = ["--steps", stage.done["selfplay_1"]["steps"]], {}
+    for key, pairs in (("dpo_own_right", own), ("dpo_correction_subset", kept)):
+        T.write_jsonl(work / f"{key}.jsonl", pairs)
+        trained = stage(key, lambda: R.dpo(work, key, stage.done["sft_template"]["checkpoint"],
+                                           work / f"{key}.jsonl", b, seed, steps))
+        evals[key] = stage(f"eval_{key}", lambda: R.evaluate(work, key, trained["checkpoint"], b))
+        counts[f"{key}_steps"] = trained["steps"]
+    result[seed] = {**counts, "self_correction_pairs": stage.done["selfplay_1"]["pairs"],
+                    "own right vs correction": {x: R.paired_difference(evals["dpo_correction_subset"],
+                                                                       evals["dpo_own_right"], x) for x in "GTU"},
+                    **{f"{key} vs sft_template": {x: R.paired_difference(stage.done["eval_sft_template"], ev, x)
+                                                  for x in "GTU"} for key, ev in evals.items()}}
+    d = result[seed]["own right vs correction"]["G"]
+    print(f"seed {seed}: own right minus correction on test G {100 * d['diff']:+.1f} "
           f"(95% {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), {counts}", flush=True)
 print(json.dumps(result, indent=1, ensure_ascii=False))
