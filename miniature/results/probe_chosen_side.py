@@ -16,7 +16,8 @@ interval excludes 0 in the correction's favour on both seeds, the correction's c
 favours the own samples on both, the critique adds nothing over the student's own right answers on the same wrong
 samples; otherwise two seeds do not settle it. Also counted: how many chosen replies of each kind equal the teacher's
 trajectory byte for byte, and how many self-correction pairs have no own right sample to stand in (questions where
-only a correction could supply the chosen side).
+only a correction could supply the chosen side). Added after it ran, outside the rule: the correction subset against
+self-correction round 1 itself (what dropping those pairs cost at the same steps).
 
     PYTHONPATH=. python miniature/results/probe_chosen_side.py /work/runs/run6 1,2     # from the repo root
 """
@@ -80,6 +81,9 @@ for seed in [int(s) for s in sys.argv[2].split(",")]:
     result[seed] = {**counts, "self_correction_pairs": stage.done["selfplay_1"]["pairs"],
                     "own right vs correction": {x: R.paired_difference(evals["dpo_correction_subset"],
                                                                        evals["dpo_own_right"], x) for x in "GTU"},
+                    "correction subset vs selfplay_1 (after the run)": {
+                        x: R.paired_difference(stage.done["eval_selfplay_1"], evals["dpo_correction_subset"], x)
+                        for x in "GTU"},
                     **{f"{key} vs sft_template": {x: R.paired_difference(stage.done["eval_sft_template"], ev, x)
                                                   for x in "GTU"} for key, ev in evals.items()}}
     d = result[seed]["own right vs correction"]["G"]
