@@ -17,7 +17,9 @@ favours the own samples on both, the critique adds nothing over the student's ow
 samples; otherwise two seeds do not settle it. Also counted: how many chosen replies of each kind equal the teacher's
 trajectory byte for byte, and how many self-correction pairs have no own right sample to stand in (questions where
 only a correction could supply the chosen side). Added after it ran, outside the rule: the correction subset against
-self-correction round 1 itself (what dropping those pairs cost at the same steps).
+self-correction round 1 itself (what dropping those pairs cost at the same steps), and how many chosen replies have
+every step line right (teacher.step_accuracy 1: most that differ from the teacher's byte for byte differ only in the
+summary after </think>).
 
     PYTHONPATH=. python miniature/results/probe_chosen_side.py /work/runs/run6 1,2     # from the repo root
 """
@@ -44,49 +46,62 @@ def own_right_samples(work):
 
 
 def own_right_pairs(work):
+    """Round 1's pairs with an own right sample as chosen, the same pairs as self-correction made them, the pairs
+    whose question has no own right sample (only a correction could make them), and counts."""
     rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
     own = own_right_samples(work)
-    pairs, kept, dropped, canonical = [], [], 0, {"correction": 0, "own": 0}
+    pairs, kept, only, canonical = [], [], [], {"correction": 0, "own": 0}
+    steps_right = {"correction, all pairs": 0, "correction, kept pairs": 0, "own": 0}
     for pair in T.read_jsonl(work / "selfplay" / "round_1" / "pairs.jsonl"):
         row = rows[pair["id"]]
         reference = teacher.answer_text(kb, teacher.parse_question(T.format_question(row)))
         canonical["correction"] += pair["chosen"][0]["content"] == reference
+        correction_right = teacher.step_accuracy(pair["chosen"][0]["content"], reference) == 1.0
+        steps_right["correction, all pairs"] += correction_right
         if not own.get(pair["id"]):
-            dropped += 1
+            only.append(pair)
             continue
         chosen = own[pair["id"]][0]
         canonical["own"] += chosen == reference
+        steps_right["correction, kept pairs"] += correction_right
+        steps_right["own"] += teacher.step_accuracy(chosen, reference) == 1.0
         kept.append(pair)
         pairs.append(S.pair_record(row, chosen, pair["rejected"][0]["content"], round=1, sample=pair["sample"],
                                    source="own_right", hint=False, answer=row["answer"],
                                    rejected_answer=pair["rejected_answer"]))
-    return pairs, kept, {"pairs": len(pairs), "dropped_no_own_right_sample": dropped,
-                         "chosen_equal_to_teacher_trajectory": canonical}
+    return pairs, kept, only, {"pairs": len(pairs), "dropped_no_own_right_sample": len(only),
+                               "chosen_equal_to_teacher_trajectory": canonical,
+                               "chosen_with_every_step_right (after the run)": steps_right}
 
 
-result = {}
-for seed in [int(s) for s in sys.argv[2].split(",")]:
-    work = Path(sys.argv[1]) / f"seed_{seed}"
-    b = R.Budget(**json.loads((work.parent / "budget.json").read_text()))
-    stage = R.Stages(work)
-    own, kept, counts = own_right_pairs(work)
-    steps, evals = ["--steps", stage.done["selfplay_1"]["steps"]], {}
-    for key, pairs in (("dpo_own_right", own), ("dpo_correction_subset", kept)):
-        T.write_jsonl(work / f"{key}.jsonl", pairs)
-        trained = stage(key, lambda: R.dpo(work, key, stage.done["sft_template"]["checkpoint"],
-                                           work / f"{key}.jsonl", b, seed, steps))
-        evals[key] = stage(f"eval_{key}", lambda: R.evaluate(work, key, trained["checkpoint"], b))
-        counts[f"{key}_steps"] = trained["steps"]
-    result[seed] = {**counts, "self_correction_pairs": stage.done["selfplay_1"]["pairs"],
-                    "own right vs correction": {x: R.paired_difference(evals["dpo_correction_subset"],
-                                                                       evals["dpo_own_right"], x) for x in "GTU"},
-                    "correction subset vs selfplay_1 (after the run)": {
-                        x: R.paired_difference(stage.done["eval_selfplay_1"], evals["dpo_correction_subset"], x)
-                        for x in "GTU"},
-                    **{f"{key} vs sft_template": {x: R.paired_difference(stage.done["eval_sft_template"], ev, x)
-                                                  for x in "GTU"} for key, ev in evals.items()}}
-    d = result[seed]["own right vs correction"]["G"]
-    print(f"seed {seed}: own right minus correction on test G {100 * d['diff']:+.1f} "
-          f"(95% {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), {counts}", flush=True)
-print(json.dumps(result, indent=1, ensure_ascii=False))
+def main():
+    result = {}
+    for seed in [int(s) for s in sys.argv[2].split(",")]:
+        work = Path(sys.argv[1]) / f"seed_{seed}"
+        b = R.Budget(**json.loads((work.parent / "budget.json").read_text()))
+        stage = R.Stages(work)
+        own, kept, _, counts = own_right_pairs(work)
+        steps, evals = ["--steps", stage.done["selfplay_1"]["steps"]], {}
+        for key, pairs in (("dpo_own_right", own), ("dpo_correction_subset", kept)):
+            T.write_jsonl(work / f"{key}.jsonl", pairs)
+            trained = stage(key, lambda: R.dpo(work, key, stage.done["sft_template"]["checkpoint"],
+                                               work / f"{key}.jsonl", b, seed, steps))
+            evals[key] = stage(f"eval_{key}", lambda: R.evaluate(work, key, trained["checkpoint"], b))
+            counts[f"{key}_steps"] = trained["steps"]
+        result[seed] = {**counts, "self_correction_pairs": stage.done["selfplay_1"]["pairs"],
+                        "own right vs correction": {x: R.paired_difference(evals["dpo_correction_subset"],
+                                                                           evals["dpo_own_right"], x) for x in "GTU"},
+                        "correction subset vs selfplay_1 (after the run)": {
+                            x: R.paired_difference(stage.done["eval_selfplay_1"], evals["dpo_correction_subset"], x)
+                            for x in "GTU"},
+                        **{f"{key} vs sft_template": {x: R.paired_difference(stage.done["eval_sft_template"], ev, x)
+                                                      for x in "GTU"} for key, ev in evals.items()}}
+        d = result[seed]["own right vs correction"]["G"]
+        print(f"seed {seed}: own right minus correction on test G {100 * d['diff']:+.1f} "
+              f"(95% {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}), {counts}", flush=True)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
