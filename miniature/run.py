@@ -365,7 +365,7 @@ def mechanism(work, name):
     first wrong one (and chance: one over the step lines), how often a correction is right against a fresh sample
     of the same question, and how many chosen replies have every step right: their <think> equals the teacher's line
     for line (sessions 5-10 counted the whole reply equal, which also asks the free summary after </think> to match
-    and so undercounted: 262 of seed 1's 438 round-1 pairs against 45, miniature/README.md)."""
+    and so undercounted: 260 of seed 1's 438 round-1 pairs against 45, miniature/README.md)."""
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
     import selfplay as S
     rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "stage2.csv")}
@@ -390,7 +390,7 @@ def mechanism(work, name):
                     n["chance"] += 1 / max(1, len(S.step_line_numbers(sample["text"])))
                 if S.step_pair_ok(c, rows[record["id"]]["answer"]):
                     n["chosen"] += 1
-                    n["chosen_all_steps_right"] += c["text"].split("</think>")[0] == reference.split("</think>")[0]
+                    n["chosen_all_steps_right"] += teacher.steps_right(c["text"], reference)
                     n["chosen_equal_teacher_reply"] += c["text"] == reference
     share = lambda a, b: n[a] / n[b] if n[b] else None  # noqa: E731
     return {"located_is_first_wrong": share("located_first_wrong", "located"), "chance": share("chance", "located"),

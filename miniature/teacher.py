@@ -196,6 +196,12 @@ def consistency(texts) -> float:
     return sum(map(follows_marks, texts)) / max(1, len(texts))
 
 
+def steps_right(text, reference) -> bool:
+    """Every step is right: the <think> block equals the reference's line for line. The summary after </think> is
+    not a step, and a right reply may word it otherwise."""
+    return text.split("</think>")[0] == reference.split("</think>")[0]
+
+
 def step_accuracy(text, reference) -> float:
     """Share of the reference trajectory's step lines (knowledge and option analysis) that `text` has verbatim."""
     ours, ref = sections(text), sections(reference)

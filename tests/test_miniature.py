@@ -241,6 +241,10 @@ def test_consistency_on_hand_written_trajectories():
     assert teacher.consistency([consistent, contradicts, two_marked, no_steps]) == 0.5
     assert teacher.step_accuracy(contradicts, consistent) == 1.0
     assert teacher.step_accuracy(no_steps, consistent) == 0.0
+    # every step right: the <think> block as the reference's, whatever the summary and answer after it say
+    reworded = consistent.replace("</think>\n", "</think>\n热、咳皆见于肺炎。\n")
+    assert teacher.steps_right(reworded, consistent) and teacher.steps_right(contradicts, consistent)
+    assert not teacher.steps_right(two_marked, consistent) and not teacher.steps_right(no_steps, consistent)
 
 
 def test_teacher_server_speaks_openai_chat_completions(data, tmp_path):

@@ -18,8 +18,8 @@ samples; otherwise two seeds do not settle it. Also counted: how many chosen rep
 trajectory byte for byte, and how many self-correction pairs have no own right sample to stand in (questions where
 only a correction could supply the chosen side). Added after it ran, outside the rule: the correction subset against
 self-correction round 1 itself (what dropping those pairs cost at the same steps), and how many chosen replies have
-every step line right (teacher.step_accuracy 1: most that differ from the teacher's byte for byte differ only in the
-summary after </think>).
+every step right (teacher.steps_right: most that differ from the teacher's byte for byte differ only in the summary
+after </think>).
 
     PYTHONPATH=. python miniature/results/probe_chosen_side.py /work/runs/run6 1,2     # from the repo root
 """
@@ -52,27 +52,27 @@ def own_right_pairs(work):
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
     own = own_right_samples(work)
     pairs, kept, only, canonical = [], [], [], {"correction": 0, "own": 0}
-    steps_right = {"correction, all pairs": 0, "correction, kept pairs": 0, "own": 0}
+    every_step_right = {"correction, all pairs": 0, "correction, kept pairs": 0, "own": 0}
     for pair in T.read_jsonl(work / "selfplay" / "round_1" / "pairs.jsonl"):
         row = rows[pair["id"]]
         reference = teacher.answer_text(kb, teacher.parse_question(T.format_question(row)))
         canonical["correction"] += pair["chosen"][0]["content"] == reference
-        correction_right = teacher.step_accuracy(pair["chosen"][0]["content"], reference) == 1.0
-        steps_right["correction, all pairs"] += correction_right
+        correction_right = teacher.steps_right(pair["chosen"][0]["content"], reference)
+        every_step_right["correction, all pairs"] += correction_right
         if not own.get(pair["id"]):
             only.append(pair)
             continue
         chosen = own[pair["id"]][0]
         canonical["own"] += chosen == reference
-        steps_right["correction, kept pairs"] += correction_right
-        steps_right["own"] += teacher.step_accuracy(chosen, reference) == 1.0
+        every_step_right["correction, kept pairs"] += correction_right
+        every_step_right["own"] += teacher.steps_right(chosen, reference)
         kept.append(pair)
         pairs.append(S.pair_record(row, chosen, pair["rejected"][0]["content"], round=1, sample=pair["sample"],
                                    source="own_right", hint=False, answer=row["answer"],
                                    rejected_answer=pair["rejected_answer"]))
     return pairs, kept, only, {"pairs": len(pairs), "dropped_no_own_right_sample": len(only),
                                "chosen_equal_to_teacher_trajectory": canonical,
-                               "chosen_with_every_step_right (after the run)": steps_right}
+                               "chosen_with_every_step_right (after the run)": every_step_right}
 
 
 def main():
