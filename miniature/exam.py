@@ -13,11 +13,12 @@ it), one of them multiple-answer so that a lucky letter is rare:
 
 Diseases are split three ways (issue 11): T, taught by Stage 1's teacher trajectories (stage1.csv: T subjects, T or G
 distractors); G, the subject only in Stage 2 (stage2.csv: questions with answer keys and no teacher; a G subject, T
-or G distractors); U, met in no training question. The knowledge of all three is only in the pretraining text, each fact in several
-phrasings with the findings in permuted order (knowledge_lines), so that what pretraining stores can be extracted
-later (Allen-Zhu and Li, Physics of Language Models 3.1). Stage 1 also holds `reading` questions (Disease Split R)
-about diseases outside the knowledge base whose entries the stem states, so that its checks must read an entry
-rather than remember one (reading_question says why). dev.csv (T and G, for gates and choices) and test.csv
+or G distractors); U, met in no training question. The knowledge of all three is only in the pretraining text, each
+fact in several phrasings with the findings in permuted order (knowledge_lines), so that what pretraining stores can
+be extracted later (Allen-Zhu and Li, Physics of Language Models 3.1). Stage 1 also holds `reading` questions
+(Disease Split R) about diseases outside the knowledge base whose entries the stem states, so that its checks must
+read an entry rather than remember one (reading_question says why); `dev_reading` more of them, held out
+(dev_R.csv), measure that skill on entries no row trains. dev.csv (T and G, for gates and choices) and test.csv
 (half G, a quarter T, a quarter U; `Disease Split` says which) share no question (same stem and option set) with
 each other or with training. Files: stage1.csv, stage2.csv, train.csv (both), dev.csv, test.csv (CMExam columns plus
 annotation columns, so templates.load_cmexam and eval_cmexam.py read them unchanged), kb.json (for the teacher) and
@@ -74,6 +75,7 @@ class ExamConfig:
     type_weights: tuple = (0.4, 0.25, 0.35)  # 诊断, 否定, 多选
     g_type_weights: tuple = None  # G-subject questions (Stage 2, dev G, test G) only; None: type_weights
     reading: int = 0  # extra Stage 1 questions whose entries are given in the stem (reading_question)
+    dev_reading: int = 0  # held-out reading questions (dev_R.csv): the read-the-entry skill, on entries never trained
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,8 +301,8 @@ def reading_question(kb, rng, kind):
     return row
 
 
-def reading_split(kb, cfg, n, keys):
-    rng, rows = random.Random(f"reading-{cfg.seed}"), []
+def reading_split(kb, cfg, n, keys, salt="reading"):
+    rng, rows = random.Random(f"{salt}-{cfg.seed}"), []
     while len(rows) < n:
         row = reading_question(kb, rng, rng.choices(list(BUILDERS), cfg.type_weights)[0])
         if row is not None and question_key(row) not in keys:
@@ -317,8 +319,9 @@ def write_csv(rows, path):
 
 
 def build(cfg: ExamConfig, out) -> dict:
-    """Write kb.json, kb.txt, stage1.csv, stage2.csv, train.csv, dev.csv, test.csv into `out`; returns the knowledge
-    base. The splits are drawn test first, so a test question never depends on the training sizes."""
+    """Write kb.json, kb.txt, stage1.csv, stage2.csv, train.csv, dev.csv, test.csv (and dev_R.csv with dev_reading)
+    into `out`; returns the knowledge base. The splits are drawn test first, so a test question never depends on
+    the training sizes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kb = make_kb(cfg)
@@ -330,6 +333,8 @@ def build(cfg: ExamConfig, out) -> dict:
         stage1 += reading_split(kb, cfg, cfg.reading, keys)
         stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1, len(stage1))
     stage2 = make_split(kb, cfg, {"G": 1.0}, cfg.stage2, keys, "stage2")
+    if cfg.dev_reading:  # drawn last, so that every other split is the same with or without it
+        write_csv(reading_split(kb, cfg, cfg.dev_reading, keys, "dev-reading"), out / "dev_R.csv")
     (out / "kb.json").write_text(json.dumps(kb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     (out / "kb.txt").write_text(kb_text(kb), encoding="utf-8")
     for name, rows in (("stage1", stage1), ("stage2", stage2), ("train", stage1 + stage2), ("dev", dev),
@@ -343,16 +348,17 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for kb.json, kb.txt, train.csv, test.csv")
     defaults = ExamConfig()
-    for name in ("seed", "diseases", "stage1", "stage2", "dev", "test", "reading"):
+    for name in ("seed", "diseases", "stage1", "stage2", "dev", "test", "reading", "dev_reading"):
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args(argv)
     cfg = ExamConfig(**{k: getattr(args, k) for k in ("seed", "diseases", "stage1", "stage2", "dev", "test",
-                                                      "reading")})
+                                                      "reading", "dev_reading")})
     kb = build(cfg, args.out)
     split = {x: sum(d["split"] == x for d in kb["diseases"].values()) for x in "TGU"}
     print(f"{len(kb['diseases'])} diseases (T/G/U {split['T']}/{split['G']}/{split['U']}), {cfg.stage1} Stage 1, "
           f"{cfg.stage2} Stage 2, {cfg.dev} dev and {cfg.test} test questions -> {args.out}")
+
 
 if __name__ == "__main__":
     main()

@@ -98,6 +98,24 @@ def test_g_type_weights_set_only_the_g_questions_types(tmp_path):
             assert set(kinds["T"]) == {"诊断", "否定", "多选"}
 
 
+def test_dev_reading_is_held_out_and_changes_no_other_split(tmp_path):
+    """dev_R.csv: reading questions (fresh diseases, entries in the stem) with right keys, none of them in any other
+    file, and every other CSV byte for byte as without it."""
+    exam.build(exam.ExamConfig(seed=3, **SMALL), tmp_path / "without")
+    kb = exam.build(exam.ExamConfig(seed=3, dev_reading=40, **SMALL), tmp_path / "with")
+    for name in ("stage1", "stage2", "train", "dev", "test"):
+        assert (tmp_path / "with" / f"{name}.csv").read_bytes() == (tmp_path / "without" / f"{name}.csv").read_bytes()
+    assert not (tmp_path / "without" / "dev_R.csv").exists()
+    held_out = read_rows(tmp_path / "with" / "dev_R.csv")
+    assert len(held_out) == 40 and {r["Disease Split"] for r in held_out} == {"R"}
+    key = lambda r: (r["Question"], frozenset(line[2:] for line in r["Options"].split("\n")))  # noqa: E731
+    others = {key(r) for name in ("train", "dev", "test") for r in read_rows(tmp_path / "with" / f"{name}.csv")}
+    assert len({key(r) for r in held_out}) == 40 and not {key(r) for r in held_out} & others
+    for row in held_out:
+        assert row["Question"].startswith("已知：") and not involved(kb, row)
+        assert independent_answer(kb, row) == row["Answer"], row
+
+
 def involved(kb, row):
     """Every disease a question names: its subject (in the stem) and its disease options."""
     options = [line[2:] for line in row["Options"].split("\n")]
