@@ -308,14 +308,14 @@ def test_tokenizer_keeps_qwen_special_tokens_and_splits_findings(data):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The whole pipeline, reduced to a few steps per stage (about 2 minutes on 2 cores)
+# The whole pipeline with its gates, reduced to a few steps per stage (about 2 minutes on 2 cores)
 
 
 def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
     import subprocess
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(root / "miniature" / "run.py"), "--out", str(tmp_path), "--quick"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(root / "miniature" / "run.py"), "--out", str(tmp_path), "--quick",
+                             "--gates"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = json.loads((tmp_path / "seed_0" / "table.json").read_text())
     sys.path.insert(0, str(root / "miniature"))
@@ -336,6 +336,12 @@ def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
     assert (same["diff"], same["fixed"], same["broken"], same["mcnemar_p"]) == (0.0, 0, 0, 1.0)
     everything = json.loads((tmp_path / "table.json").read_text())
     assert set(everything["0"]) >= {"table", "gates", "mechanism", "seconds", "stage1_teacher_calls"}
+    gates = everything["0"]["gates"]  # every gate measured, on dev only (the held-out reading questions included)
+    assert set(gates) >= {"stage1_converged", "G_headroom", "positive_control", "entry_recall"}
+    converged = gates["stage1_converged"]
+    assert {"dev_T", "dev_T_longer", "dev_R", "dev_R_longer"} <= set(converged) and converged["longer_steps"] > 0
+    held_out = T.load_cmexam(tmp_path / "seed_0" / "data" / "dev_R.csv")
+    assert len(held_out) == run.QUICK.dev_reading_questions and {r["Disease Split"] for r in held_out} == {"R"}
     pairs = [json.loads(line) for line in (tmp_path / "seed_0" / "selfplay" / "round_1" / "pairs.jsonl").open()]
     assert all(p["source"] == "step" for p in pairs)
     # Stage 1 data in question order, whatever order the teacher answered in (a seed then gives the same table);

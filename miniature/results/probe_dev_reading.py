@@ -16,38 +16,18 @@ needs, and the next Stage 1 change has to aim at using G's knowledge (seed 0's f
 
     PYTHONPATH=. python miniature/results/probe_dev_reading.py /work/runs     # from the repo root
 """
-import dataclasses
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path[:0] = ["miniature", "."]
-import exam  # noqa: E402
 import run as R  # noqa: E402
 import templates as T  # noqa: E402
 
 CHECKPOINTS = {"probe_g_multi/seed_0": ["sft_template", "sft_long", "sft_template_order1000"],
                "probe_g_multi/seed_1": ["sft_template", "sft_long"], "probe_g_multi/seed_2": ["sft_template"],
                "run6/seed_1": ["sft_template", "sft_long"], "run6/seed_2": ["sft_template"]}
-CSVS = ("stage1", "stage2", "train", "dev", "test")
-
-
-def add_dev_reading(work, n=600):
-    """Write work/data/dev_R.csv from the run's own exam config, after checking the rebuild reproduces the run."""
-    if (work / "data" / "dev_R.csv").exists():
-        return
-    config = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))["config"]
-    cfg = dataclasses.replace(exam.ExamConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                 for k, v in config.items()}), dev_reading=n)
-    with tempfile.TemporaryDirectory() as tmp:
-        exam.build(cfg, tmp)
-        for name in CSVS:
-            if (Path(tmp) / f"{name}.csv").read_bytes() != (work / "data" / f"{name}.csv").read_bytes():
-                raise SystemExit(f"{work}: the rebuilt {name}.csv differs from the run's; not the same exam")
-        shutil.copy(Path(tmp) / "dev_R.csv", work / "data" / "dev_R.csv")
 
 
 def g_multi(work, key):
@@ -81,7 +61,7 @@ for folder, keys in CHECKPOINTS.items():
     work = Path(sys.argv[1]) / folder
     b = R.Budget(**json.loads((work.parent / "budget.json").read_text())) if (work.parent / "budget.json").exists() \
         else R.Budget()
-    add_dev_reading(work)
+    R.ensure_dev_reading(work, 600)
     stage = R.Stages(work)
     for key in keys:
         ev = stage(f"dev_R_{key}", lambda: R.evaluate(work, key, stage.done[key]["checkpoint"], b, "dev_R"))
