@@ -1,0 +1,59 @@
+"""Probe after the dev-R probe (miniature/README.md; rule written before it ran): do more reading questions make Stage
+1 read a fresh entry, at the same steps?
+
+Dev R (held-out reading questions) is 37-81 on every Stage 1 checkpoint so far, where dev T is 93-100, and it is now
+part of the convergence gate. The cheapest change that costs no SFT time: 2,000 reading questions in Stage 1 instead
+of 600, as many as the T questions, every other budget as run 6 (mixed G, sampler 0.7 / 0.9 everywhere, 4,500 SFT
+steps). The exam's T, G and U questions are the same as run 6's; Stage 1 gains 1,400 reading questions (the first
+600 are run 6's). Only Stage 1 and its dev evaluations run (dev, dev R, dev-G pass@4), seeds 0, 1 and 2 in turn,
+about 18 minutes a seed; not the convergence gate's longer run.
+
+Rule: if on all three seeds template SFT's dev R is at least 90 and dev T at least 95, `Budget.reading_questions`
+becomes 2,000 and the next run is the three-seed table with --gates; otherwise it is not adopted, and the README
+reports dev R, T and G per seed beside run 6's (57.2 / 81.2 dev R on seeds 1 / 2; seed 0's run-6 folder is gone).
+
+    PYTHONPATH=. python miniature/results/probe_reading_share.py --out /work/runs/probe_reading_share    # repo root
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = ["miniature", "."]
+import run as R  # noqa: E402
+import teacher  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--out", required=True)
+parser.add_argument("--seeds", default="0,1,2")
+parser.add_argument("--quick", action="store_true", help="R.QUICK's budget: the plumbing only")
+args = parser.parse_args()
+b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), reading_questions=60 if args.quick else 2000)
+out = Path(args.out)
+result = {}
+for seed in [int(s) for s in args.seeds.split(",")]:
+    work = out / f"seed_{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    stage, start = R.Stages(work), time.time()
+    kb, pre = R.prepare(work, stage, b, seed)
+    server, url, _ = teacher.serve(kb)
+    try:
+        early, data, t = R.stage1(work, stage, b, seed, pre, url)
+    finally:
+        server.shutdown()
+    dev = stage("dev_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev"))
+    dev_r = stage("dev_R_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev_R"))
+    stage("dev_samples", lambda: R.selfplay(work, "dev_samples", t, work / "data" / "dev_G.csv", b, seed,
+                                            "--sources", "sample", samples=b.pass_k) or {})
+    pass1, passk = R.pass_at_k(work, "dev_samples")
+    result[seed] = {"dev_R": dev_r["groups"]["Disease Split=R"], "dev_T": dev["T"], "dev_G": dev["G"],
+                    "pass@1": pass1, f"pass@{b.pass_k}": passk, "dev_groups": dev["groups"],
+                    "dev_R_groups": dev_r["groups"], "seconds": {k: v["seconds"] for k, v in stage.done.items()}}
+    (out / "stage1.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    r = result[seed]
+    print(f"seed {seed}: dev R {100 * r['dev_R']:.1f}, dev T {100 * r['dev_T']:.1f}, dev G {100 * r['dev_G']:.1f}, "
+          f"pass@1 {100 * pass1:.1f} -> pass@{b.pass_k} {100 * passk:.1f}, {time.time() - start:.0f} s", flush=True)
+adopted = all(r["dev_R"] >= 0.90 and r["dev_T"] >= 0.95 for r in result.values())
+print("rule:", "adopted" if adopted else "not adopted", flush=True)
