@@ -25,35 +25,48 @@ sys.path[:0] = ["miniature", "."]
 import run as R  # noqa: E402
 import teacher  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--out", required=True)
-parser.add_argument("--seeds", default="0,1,2")
-parser.add_argument("--quick", action="store_true", help="R.QUICK's budget: the plumbing only")
-args = parser.parse_args()
-b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), reading_questions=60 if args.quick else 2000)
-out = Path(args.out)
-result = {}
-for seed in [int(s) for s in args.seeds.split(",")]:
-    work = out / f"seed_{seed}"
-    work.mkdir(parents=True, exist_ok=True)
-    stage, start = R.Stages(work), time.time()
-    kb, pre = R.prepare(work, stage, b, seed)
-    server, url, _ = teacher.serve(kb)
-    try:
-        early, data, t = R.stage1(work, stage, b, seed, pre, url)
-    finally:
-        server.shutdown()
-    dev = stage("dev_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev"))
-    dev_r = stage("dev_R_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev_R"))
-    stage("dev_samples", lambda: R.selfplay(work, "dev_samples", t, work / "data" / "dev_G.csv", b, seed,
-                                            "--sources", "sample", samples=b.pass_k) or {})
-    pass1, passk = R.pass_at_k(work, "dev_samples")
-    result[seed] = {"dev_R": dev_r["groups"]["Disease Split=R"], "dev_T": dev["T"], "dev_G": dev["G"],
-                    "pass@1": pass1, f"pass@{b.pass_k}": passk, "dev_groups": dev["groups"],
-                    "dev_R_groups": dev_r["groups"], "seconds": {k: v["seconds"] for k, v in stage.done.items()}}
-    (out / "stage1.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    r = result[seed]
-    print(f"seed {seed}: dev R {100 * r['dev_R']:.1f}, dev T {100 * r['dev_T']:.1f}, dev G {100 * r['dev_G']:.1f}, "
-          f"pass@1 {100 * pass1:.1f} -> pass@{b.pass_k} {100 * passk:.1f}, {time.time() - start:.0f} s", flush=True)
-adopted = all(r["dev_R"] >= 0.90 and r["dev_T"] >= 0.95 for r in result.values())
-print("rule:", "adopted" if adopted else "not adopted", flush=True)
+
+def stage1_dev(b, out, seeds):
+    """Stage 1 under budget b and its dev evaluations (dev, dev R, dev-G pass@k), seed by seed, into out/stage1.json;
+    returns {seed: numbers}."""
+    result = {}
+    for seed in seeds:
+        work = out / f"seed_{seed}"
+        work.mkdir(parents=True, exist_ok=True)
+        stage, start = R.Stages(work), time.time()
+        kb, pre = R.prepare(work, stage, b, seed)
+        server, url, _ = teacher.serve(kb)
+        try:
+            early, data, t = R.stage1(work, stage, b, seed, pre, url)
+        finally:
+            server.shutdown()
+        dev = stage("dev_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev"))
+        dev_r = stage("dev_R_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev_R"))
+        stage("dev_samples", lambda: R.selfplay(work, "dev_samples", t, work / "data" / "dev_G.csv", b, seed,
+                                                "--sources", "sample", samples=b.pass_k) or {})
+        pass1, passk = R.pass_at_k(work, "dev_samples")
+        result[seed] = {"dev_R": dev_r["groups"]["Disease Split=R"], "dev_T": dev["T"], "dev_G": dev["G"],
+                        "pass@1": pass1, f"pass@{b.pass_k}": passk, "dev_groups": dev["groups"],
+                        "dev_R_groups": dev_r["groups"], "seconds": {k: v["seconds"] for k, v in stage.done.items()}}
+        (out / "stage1.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        r = result[seed]
+        print(f"seed {seed}: dev R {100 * r['dev_R']:.1f}, dev T {100 * r['dev_T']:.1f}, dev G "
+              f"{100 * r['dev_G']:.1f}, pass@1 {100 * pass1:.1f} -> pass@{b.pass_k} {100 * passk:.1f}, "
+              f"{time.time() - start:.0f} s", flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--quick", action="store_true", help="R.QUICK's budget: the plumbing only")
+    args = parser.parse_args()
+    b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), reading_questions=60 if args.quick else 2000)
+    result = stage1_dev(b, Path(args.out), [int(s) for s in args.seeds.split(",")])
+    adopted = all(r["dev_R"] >= 0.90 and r["dev_T"] >= 0.95 for r in result.values())
+    print("rule:", "adopted" if adopted else "not adopted", flush=True)
+
+
+if __name__ == "__main__":
+    main()
