@@ -13,21 +13,10 @@ numbers.
 
     PYTHONPATH=. python miniature/results/probe_larger_student.py --out /work/runs/probe_larger_student   # repo root
 """
-import argparse
-import dataclasses
 import sys
-from pathlib import Path
 
 sys.path[:0] = ["miniature", "miniature/results", "."]
-import run as R  # noqa: E402
-from probe_reading_share import stage1_dev  # noqa: E402
+from probe_reading_share import main  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--out", required=True)
-parser.add_argument("--seeds", default="1")
-parser.add_argument("--quick", action="store_true", help="R.QUICK's budget: the plumbing only")
-args = parser.parse_args()
-b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), hidden=128 if args.quick else 256)
-result = stage1_dev(b, Path(args.out), [int(s) for s in args.seeds.split(",")])
-adopted = all(r["dev_R"] >= 0.90 and r["dev_T"] >= 0.95 for r in result.values())
-print("rule:", "a wider student is the next candidate" if adopted else "width alone is not the fix", flush=True)
+main("hidden", 256, 128, seeds="1", verdicts=("a wider student is the next candidate", "width alone is not the fix"),
+     doc=__doc__)

@@ -56,16 +56,19 @@ def stage1_dev(b, out, seeds):
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(field="reading_questions", value=2000, quick_value=60, seeds="0,1,2",
+         verdicts=("adopted", "not adopted"), doc=__doc__):
+    """The probe's command line: Stage 1 with one Budget field changed, then its rule (dev R >= 90 and dev T >= 95
+    on every seed)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default=seeds)
     parser.add_argument("--quick", action="store_true", help="R.QUICK's budget: the plumbing only")
     args = parser.parse_args()
-    b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), reading_questions=60 if args.quick else 2000)
+    b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), **{field: quick_value if args.quick else value})
     result = stage1_dev(b, Path(args.out), [int(s) for s in args.seeds.split(",")])
     adopted = all(r["dev_R"] >= 0.90 and r["dev_T"] >= 0.95 for r in result.values())
-    print("rule:", "adopted" if adopted else "not adopted", flush=True)
+    print("rule:", verdicts[0] if adopted else verdicts[1], flush=True)
 
 
 if __name__ == "__main__":
