@@ -75,20 +75,27 @@ def own_right_pairs(work):
                                "chosen_with_every_step_right (after the run)": every_step_right}
 
 
+def train_and_test(work, seed, rows):
+    """Each (key, pairs) in rows trained as selfplay_1 and dpo_teacher are (Budget.dpo's flags, run 6's budget,
+    selfplay_1's optimizer steps) from template SFT, then tested: (the run's stages, {key: test evaluation})."""
+    b = R.Budget(**json.loads((work.parent / "budget.json").read_text()))
+    stage = R.Stages(work)
+    steps, evals = ["--steps", stage.done["selfplay_1"]["steps"]], {}
+    for key, pairs in rows:
+        T.write_jsonl(work / f"{key}.jsonl", pairs)
+        trained = stage(key, lambda: R.dpo(work, key, stage.done["sft_template"]["checkpoint"],
+                                           work / f"{key}.jsonl", b, seed, steps))
+        evals[key] = stage(f"eval_{key}", lambda: R.evaluate(work, key, trained["checkpoint"], b))
+    return stage, evals
+
+
 def main():
     result = {}
     for seed in [int(s) for s in sys.argv[2].split(",")]:
         work = Path(sys.argv[1]) / f"seed_{seed}"
-        b = R.Budget(**json.loads((work.parent / "budget.json").read_text()))
-        stage = R.Stages(work)
         own, kept, _, counts = own_right_pairs(work)
-        steps, evals = ["--steps", stage.done["selfplay_1"]["steps"]], {}
-        for key, pairs in (("dpo_own_right", own), ("dpo_correction_subset", kept)):
-            T.write_jsonl(work / f"{key}.jsonl", pairs)
-            trained = stage(key, lambda: R.dpo(work, key, stage.done["sft_template"]["checkpoint"],
-                                               work / f"{key}.jsonl", b, seed, steps))
-            evals[key] = stage(f"eval_{key}", lambda: R.evaluate(work, key, trained["checkpoint"], b))
-            counts[f"{key}_steps"] = trained["steps"]
+        stage, evals = train_and_test(work, seed, (("dpo_own_right", own), ("dpo_correction_subset", kept)))
+        counts.update({f"{key}_steps": stage.done[key]["steps"] for key in evals})
         result[seed] = {**counts, "self_correction_pairs": stage.done["selfplay_1"]["pairs"],
                         "own right vs correction": {x: R.paired_difference(evals["dpo_correction_subset"],
                                                                            evals["dpo_own_right"], x) for x in "GTU"},

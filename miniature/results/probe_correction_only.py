@@ -24,23 +24,16 @@ from pathlib import Path
 sys.path[:0] = ["miniature", "miniature/results", "."]
 import run as R  # noqa: E402
 import templates as T  # noqa: E402
-from probe_chosen_side import own_right_pairs  # noqa: E402
+from probe_chosen_side import own_right_pairs, train_and_test  # noqa: E402
 
 result = {}
 for seed in [int(s) for s in sys.argv[2].split(",")]:
     work = Path(sys.argv[1]) / f"seed_{seed}"
-    b = R.Budget(**json.loads((work.parent / "budget.json").read_text()))
-    stage = R.Stages(work)
     own, _, only, _ = own_right_pairs(work)
     own_by_rejected = {(p["id"], p["rejected"][0]["content"]): p for p in own}
     hybrid = [own_by_rejected.get((p["id"], p["rejected"][0]["content"]), p)
               for p in T.read_jsonl(work / "selfplay" / "round_1" / "pairs.jsonl")]
-    steps, evals = ["--steps", stage.done["selfplay_1"]["steps"]], {}
-    for key, pairs in (("dpo_hybrid", hybrid), ("dpo_correction_only", only)):
-        T.write_jsonl(work / f"{key}.jsonl", pairs)
-        trained = stage(key, lambda: R.dpo(work, key, stage.done["sft_template"]["checkpoint"],
-                                           work / f"{key}.jsonl", b, seed, steps))
-        evals[key] = stage(f"eval_{key}", lambda: R.evaluate(work, key, trained["checkpoint"], b))
+    stage, evals = train_and_test(work, seed, (("dpo_hybrid", hybrid), ("dpo_correction_only", only)))
     result[seed] = {"pairs": {"hybrid": len(hybrid), "of_them_own_right": len(hybrid) - len(only),
                               "correction_only": len(only)},
                     "steps": {key: stage.done[key]["steps"] for key in evals},
