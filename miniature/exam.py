@@ -348,12 +348,12 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for kb.json, kb.txt, train.csv, test.csv")
     defaults = ExamConfig()
-    for name in ("seed", "diseases", "stage1", "stage2", "dev", "test", "reading", "dev_reading"):
+    flags = ("seed", "diseases", "stage1", "stage2", "dev", "test", "reading", "dev_reading")
+    for name in flags:
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))
     args = parser.parse_args(argv)
-    cfg = ExamConfig(**{k: getattr(args, k) for k in ("seed", "diseases", "stage1", "stage2", "dev", "test",
-                                                      "reading", "dev_reading")})
+    cfg = ExamConfig(**{k: getattr(args, k) for k in flags})
     kb = build(cfg, args.out)
     split = {x: sum(d["split"] == x for d in kb["diseases"].values()) for x in "TGU"}
     print(f"{len(kb['diseases'])} diseases (T/G/U {split['T']}/{split['G']}/{split['U']}), {cfg.stage1} Stage 1, "
