@@ -16,7 +16,9 @@ Rule: an arm qualifies if on both seeds its dev R is at least 10 points over run
 least 95, its dev T at least 95, and its dev G at most 2 points under run 6's (54.3 / 84.3: the G entries are
 knowledge weight decay could erase). The qualifying arm with the higher mean dev R is adopted into Budget and its
 twice-as-long part 2 (8,000 steps) is run on seed 1 to check the convergence gate (<= 2 points on dev T and dev R);
-if none qualifies, neither is adopted and the lever left is steps.
+if none qualifies, neither is adopted and the lever left is steps. An arm that fails the rule on seed 1 is not run on
+seed 2 (the rule asks both seeds, so its verdict is already known; added after seed 1's lr 6e-3 arm, verdicts
+unchanged).
 
     PYTHONPATH=. python miniature/results/probe_part2_recipe.py /work/runs/run6     # from the repo root
 """
@@ -42,31 +44,37 @@ def part2(work, stage, b, name, lr, extra, factor=1):
             "dev_groups": dev["groups"], "dev_R_groups": dev_r["groups"], "seconds": run["seconds"]}
 
 
-def main(root):
-    b, result, out = R.Budget(), {}, Path(__file__).with_name("probe_part2_recipe_seeds12.json")
+BASE = "run6 (lr 3e-3, wd 0)"
+
+
+def qualifies(r, arm):
+    """The rule on one seed's numbers r."""
+    return ((r[arm]["dev_R"] >= r[BASE]["dev_R"] + 0.10 or r[arm]["dev_R"] >= 0.95) and r[arm]["dev_T"] >= 0.95
+            and r[arm]["dev_G"] >= r[BASE]["dev_G"] - 0.02)
+
+
+def main(root, arms=ARMS, out_name="probe_part2_recipe_seeds12.json"):
+    b, result, out = R.Budget(), {}, Path(__file__).with_name(out_name)
     for seed in (1, 2):
         work = root / f"seed_{seed}"
         stage = R.Stages(work)
         base = {"dev_R": stage.done["dev_R_sft_template"]["groups"]["Disease Split=R"],
                 "dev_T": stage.done["dev_sft_template"]["T"], "dev_G": stage.done["dev_sft_template"]["G"]}
-        result[seed] = {"run6 (lr 3e-3, wd 0)": base}
-        for arm, (lr, extra) in ARMS.items():
+        result[seed] = {BASE: base}
+        for arm, (lr, extra) in arms.items():
+            if seed != 1 and not qualifies(result[1], arm):
+                continue
             result[seed][arm] = part2(work, stage, b, f"sft_template_{arm}", lr, extra)
             r = result[seed][arm]
             print(f"seed {seed} {arm}: dev R {100 * r['dev_R']:.1f} (run 6 {100 * base['dev_R']:.1f}), dev T "
                   f"{100 * r['dev_T']:.1f}, dev G {100 * r['dev_G']:.1f} (run 6 {100 * base['dev_G']:.1f})", flush=True)
             out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-
-    def qualifies(arm):
-        return all((r[arm]["dev_R"] >= r["run6 (lr 3e-3, wd 0)"]["dev_R"] + 0.10 or r[arm]["dev_R"] >= 0.95)
-                   and r[arm]["dev_T"] >= 0.95 and r[arm]["dev_G"] >= r["run6 (lr 3e-3, wd 0)"]["dev_G"] - 0.02
-                   for r in result.values())
-    chosen = max((a for a in ARMS if qualifies(a)), key=lambda a: sum(r[a]["dev_R"] for r in result.values()),
-                 default=None)
-    result["rule"] = {"qualifying": [a for a in ARMS if qualifies(a)], "adopted": chosen}
+    passing = [a for a in arms if all(a in r and qualifies(r, a) for r in result.values())]
+    chosen = max(passing, key=lambda a: sum(r[a]["dev_R"] for r in result.values()), default=None)
+    result["rule"] = {"qualifying": passing, "adopted": chosen}
     if chosen:  # the convergence gate's longer run, on the slower seed
         work = root / "seed_1"
-        lr, extra = ARMS[chosen]
+        lr, extra = arms[chosen]
         long = part2(work, R.Stages(work), b, f"sft_long_{chosen}", lr, extra, factor=b.long_factor)
         short = result[1][chosen]
         result["seed_1_longer"] = {**long, "converged": R.at_most(long["dev_T"] - short["dev_T"], 0.02)
