@@ -543,6 +543,22 @@ def pass_at_k(work, name):
             statistics.mean(any(s["right"] for s in r["samples"]) for r in records))
 
 
+def dev_pass_at_k(work, stage, name, checkpoint, b, seed):
+    """(pass@1, pass@k) on dev G: b.pass_k samples a question at the budget's sampler, drawn once as stage `name`."""
+    stage(name, lambda: selfplay(work, name, checkpoint, work / "data" / "dev_G.csv", b, seed, "--sources", "sample",
+                                 samples=b.pass_k) or {})
+    return pass_at_k(work, name)
+
+
+def entry_recalls(work, stage, keys):
+    """student.entry_recall for the T, G and U diseases after each stage in keys."""
+    from model import load_tokenizer
+    tokenizer = load_tokenizer(work / "student")
+    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+    return {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
+            for key in keys for x in "TGU"}
+
+
 def at_most(x, bound):
     """x <= bound for shares of a few hundred questions: 93/300 - 84/300 is 0.029999... in floats, and a gain of
     exactly 3 points must pass a ">= 3 points" gate."""
@@ -575,15 +591,8 @@ def stage1_gates(work, stage, b, seed, data, early):
                                              b.long_factor * (b.sft_steps - b.early_steps), b.sft_lr, b.batch,
                                              b.cot_micro, seed))
         longer, longer_R = ev("sft_long"), reading("sft_long")
-    stage("dev_samples", lambda: selfplay(work, "dev_samples", stage.done["sft_template"]["checkpoint"],
-                                          work / "data" / "dev_G.csv", b, seed, "--sources", "sample",
-                                          samples=b.pass_k) or {})
-    pass1, passk = pass_at_k(work, "dev_samples")
-    from model import load_tokenizer
-    tokenizer = load_tokenizer(work / "student")
-    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-    recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
-              for key in ("pretrain", "sft_template") for x in "TGU"}
+    pass1, passk = dev_pass_at_k(work, stage, "dev_samples", stage.done["sft_template"]["checkpoint"], b, seed)
+    recall = entry_recalls(work, stage, ("pretrain", "sft_template"))
     return {"stage1_converged": {"dev_T": template["T"], "dev_T_longer": longer["T"], "dev_R": reading("sft_template"),
                                  "dev_R_longer": longer_R,
                                  "pass": at_most(longer["T"] - template["T"], 0.02)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 sys.path[:0] = ["miniature", "."]
 import run as R  # noqa: E402
-import student  # noqa: E402
-from model import load_tokenizer  # noqa: E402
 
 NAME = "sft_long_wd0.1"
 
@@ -25,15 +23,8 @@ def main(root):
     for seed in (1, 2):
         work = root / f"seed_{seed}"
         stage = R.Stages(work)
-        checkpoint = stage.done[NAME]["checkpoint"]
-        stage(f"dev_samples_{NAME}", lambda: R.selfplay(work, f"dev_samples_{NAME}", checkpoint,
-                                                        work / "data" / "dev_G.csv", b, seed, "--sources", "sample",
-                                                        samples=b.pass_k) or {})
-        pass1, passk = R.pass_at_k(work, f"dev_samples_{NAME}")
-        tokenizer = load_tokenizer(work / "student")
-        kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-        recall = {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
-                  for key in ("pretrain", "sft_template", NAME) for x in "TGU"}
+        pass1, passk = R.dev_pass_at_k(work, stage, f"dev_samples_{NAME}", stage.done[NAME]["checkpoint"], b, seed)
+        recall = R.entry_recalls(work, stage, ("pretrain", "sft_template", NAME))
         result[seed] = {"dev_G": stage.done[f"dev_{NAME}"]["G"], "pass@1": pass1, f"pass@{b.pass_k}": passk,
                         "entry_recall": recall}
         print(seed, json.dumps(result[seed]), flush=True)

@@ -42,9 +42,7 @@ def stage1_dev(b, out, seeds):
             server.shutdown()
         dev = stage("dev_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev"))
         dev_r = stage("dev_R_sft_template", lambda: R.evaluate(work, "sft_template", t, b, "dev_R"))
-        stage("dev_samples", lambda: R.selfplay(work, "dev_samples", t, work / "data" / "dev_G.csv", b, seed,
-                                                "--sources", "sample", samples=b.pass_k) or {})
-        pass1, passk = R.pass_at_k(work, "dev_samples")
+        pass1, passk = R.dev_pass_at_k(work, stage, "dev_samples", t, b, seed)
         result[seed] = {"dev_R": dev_r["groups"]["Disease Split=R"], "dev_T": dev["T"], "dev_G": dev["G"],
                         "pass@1": pass1, f"pass@{b.pass_k}": passk, "dev_groups": dev["groups"],
                         "dev_R_groups": dev_r["groups"], "seconds": {k: v["seconds"] for k, v in stage.done.items()}}
