@@ -70,11 +70,13 @@ class Budget:
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
+    g_replay_share: float = 1.0  # share of the snippets that hold the G diseases' lines (student.replay_records)
     early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
     critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
     # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint). 4,500 with the reading questions: at
     # 2,500 their checks were half learned (dev T 73.7), at 4,500 dev T 99.7 and G 63.3 (README, the reading probes)
     sft_steps: int = 4500
+    part2_weight_decay: float = 0.0  # AdamW's on Stage 1 part 2 and the gate's longer part 2 (README: session 11)
     sft_lr: float = 3e-3  # cosine to 0.1x: the final lr the continued rows use, constant, no warmup
     batch: int = 8
     pretrain_micro: int = 16
@@ -447,7 +449,8 @@ def prepare(work, stage, b, seed):
                                         work / "student" / "pretrain.jsonl", b.pretrain_steps, b.pretrain_lr, 16,
                                         b.pretrain_micro, seed, max_len=256,
                                         extra=["--weight-decay", 0.1]))["checkpoint"]
-    T.write_jsonl(work / "replay.jsonl", student.replay_records(kb, b.replay_examples, seed))
+    T.write_jsonl(work / "replay.jsonl", student.replay_records(kb, b.replay_examples, seed,
+                                                                g_share=b.g_replay_share))
     return kb, pre
 
 
@@ -455,6 +458,11 @@ def cat(work, name, *parts):
     """One SFT data file from several."""
     (work / name).write_text("".join((work / part).read_text() for part in parts))
     return work / name
+
+
+def part2_flags(b):
+    """sft.py flags of Stage 1's part 2 beyond the shared ones (none at the default: earlier runs' commands)."""
+    return ["--weight-decay", b.part2_weight_decay] if b.part2_weight_decay else []
 
 
 def stage1(work, stage, b, seed, pre, url):
@@ -468,7 +476,7 @@ def stage1(work, stage, b, seed, pre, url):
     stage("critiques", lambda: critique_data(work, early, url, b, seed))
     data = cat(work, "stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
     t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data, b.sft_steps - b.early_steps,
-                                          b.sft_lr, b.batch, b.cot_micro, seed))["checkpoint"]
+                                          b.sft_lr, b.batch, b.cot_micro, seed, extra=part2_flags(b)))["checkpoint"]
     return early, data, t
 
 
@@ -550,12 +558,12 @@ def dev_pass_at_k(work, stage, name, checkpoint, b, seed):
     return pass_at_k(work, name)
 
 
-def entry_recalls(work, stage, keys):
-    """student.entry_recall for the T, G and U diseases after each stage in keys."""
+def entry_recalls(work, stage, keys, samples=0):
+    """student.entry_recall for the T, G and U diseases after each stage in keys (greedy, or the sampled share)."""
     from model import load_tokenizer
     tokenizer = load_tokenizer(work / "student")
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-    return {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x)
+    return {f"{x}_after_{key}": student.entry_recall(stage.done[key]["checkpoint"], tokenizer, kb, x, samples)
             for key in keys for x in "TGU"}
 
 
@@ -589,7 +597,7 @@ def stage1_gates(work, stage, b, seed, data, early):
     else:
         long = stage("sft_long", lambda: sft(work, "sft_long", ["--model", early], data,
                                              b.long_factor * (b.sft_steps - b.early_steps), b.sft_lr, b.batch,
-                                             b.cot_micro, seed))
+                                             b.cot_micro, seed, extra=part2_flags(b)))
         longer, longer_R = ev("sft_long"), reading("sft_long")
     pass1, passk = dev_pass_at_k(work, stage, "dev_samples", stage.done["sft_template"]["checkpoint"], b, seed)
     recall = entry_recalls(work, stage, ("pretrain", "sft_template"))

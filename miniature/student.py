@@ -93,24 +93,34 @@ def student_config(tokenizer, hidden=128, layers=4, heads=8, kv_heads=4, context
 
 def pretrain_records(kb, copies, seed=0):
     rng = random.Random(f"pretrain-{seed}")
+    # g_share 1 draws nothing extra, so the default's snippets are the ones every earlier run trained on
     return [{"text": "\n".join(knowledge_lines(kb, rng)) + "\n"} for _ in range(copies)]
 
 
-def replay_records(kb, n, seed=0, lines=24):
-    """n knowledge snippets of `lines` lines each (~250 tokens), to mix into SFT data."""
+def replay_records(kb, n, seed=0, lines=24, g_share=1.0):
+    """n knowledge snippets of `lines` lines each (~250 tokens), to mix into SFT data. g_share < 1 keeps the G
+    diseases' lines in only that share of the snippets (drawn per snippet), so that SFT refreshes G knowledge less
+    than T's and U's: the lever for G knowledge the student holds only in part (README: session 12)."""
     rng = random.Random(f"replay-{seed}")
-    return [{"text": "\n".join(knowledge_lines(kb, rng)[:lines]) + "\n"} for _ in range(n)]
+    without_g = {**kb, "diseases": {k: d for k, d in kb["diseases"].items() if d["split"] != "G"}}
+    # g_share 1 draws nothing extra, so the default's snippets are the ones every earlier run trained on
+    snippets = (knowledge_lines(kb if g_share >= 1 or rng.random() < g_share else without_g, rng) for _ in range(n))
+    return [{"text": "\n".join(drawn[:lines]) + "\n"} for drawn in snippets]
 
 
-def entry_recall(model_dir, tokenizer, kb, split) -> float:
+def entry_recall(model_dir, tokenizer, kb, split, samples=0, temperature=0.7) -> float:
     """Share of the `split` diseases (T, G or U) whose canonical knowledge line the model completes right, greedy,
-    from "<name>：" at the start of a line: does what pretraining stored survive (SFT without replay erased it)?"""
+    from "<name>：" at the start of a line: does what pretraining stored survive (SFT without replay erased it)?
+    samples > 0: the mean share of `samples` completions at `temperature` that are right, a graded recall that
+    sees an entry held in part, which the greedy one rounds to 0 or 1."""
     from model import generate, load
     model, names = load(model_dir), [n for n, d in kb["diseases"].items() if d["split"] == split]
     prompts = [tokenizer.encode(f"\n{name}：", add_special_tokens=False).ids for name in names]
-    outputs = generate(model, prompts, 12)
+    k = max(1, samples)
+    outputs = generate(model, prompts, 12, temperature=temperature if samples else 0.0, num_samples=k)
     got = [tokenizer.decode(ids).split("；")[0] for ids in outputs]
-    return sum(g == "、".join(kb["diseases"][n]["findings"]) for g, n in zip(got, names)) / max(1, len(names))
+    truth = ["、".join(kb["diseases"][n]["findings"]) for n in names for _ in range(k)]
+    return sum(g == t for g, t in zip(got, truth)) / max(1, len(truth))
 
 
 def main(argv=None):

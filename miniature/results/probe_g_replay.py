@@ -1,0 +1,79 @@
+"""Probe after probe_part2_long_wd_knowledge.py (miniature/README.md, session 12; rules written before it ran): can
+G's headroom be made of knowledge the student holds in part, and does the near-converged Stage 1 pass the
+convergence gate?
+
+With Stage 1's part 2 at 8,000 steps and weight decay 0.1, dev G was 89.3 / 97.0 (seeds 1 / 2), the student recalled
+all 24 G entries and pass@4 added about a point: no headroom. G's knowledge is refreshed in every SFT run by the
+replay snippets (600, each 24 of the 120 knowledge lines); without any replay, 500 SFT steps erased it (the issue's
+probe). The lever here: `Budget.g_replay_share`, the share of replay snippets that hold G lines (1: as before; 0: G
+knowledge only from pretraining, as a real model's knowledge of a disease no SFT example covers). Every arm runs
+Stage 1 at `sft_steps` 8,500 and `part2_weight_decay` 0.1 (the recipe of probe_part2_long_wd.py), then dev, dev R,
+dev-G pass@4, and entry recall for T / G / U after pretraining, part 1 and part 2, greedy and sampled (8 completions
+at 0.7 per disease: a graded recall).
+
+Arms, on 1 core each, 2 at a time (`taskset`), seed 1 first (the slower seed):
+- share 1 (the control arm, the Budget's replay) with the convergence gate's longer part 2 (16,000 steps);
+- share 0, then, by the rule below, the next share or seed.
+
+Rule for the lever (a share qualifies on a seed iff): dev G in [30, 75] and pass@4 >= pass@1 + 15 (the headroom
+gate), dev T >= 97, dev R >= 85. Order fixed in advance: share 0 on seed 1; if it qualifies, share 0 on seed 2; if
+its dev G is under 30, share 0.05 on seed 1 (then seed 2 if that qualifies); if over 75, the replay share is not the
+lever (G knowledge survives without replay) and no further share runs. A share that qualifies on seeds 1 and 2 is
+adopted into Budget with the recipe and the next run is the three-seed table with --gates.
+Rule for convergence (share 1, seed 1): the 16,000-step part 2 gains <= 2 points on dev T and on dev R over the
+8,000-step one. Adoption of the recipe into Budget needs seed 2 as well (a later run) unless the gate fails here.
+
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
+"""
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path[:0] = ["miniature", "miniature/results", "."]
+import run as R  # noqa: E402
+from probe_reading_share import stage1_dev  # noqa: E402
+
+RECIPE = {"sft_steps": 8500, "part2_weight_decay": 0.1}
+
+
+def qualifies(r, k):
+    return (R.at_most(0.30, r["dev_G"]) and R.at_most(r["dev_G"], 0.75)
+            and R.at_most(r["pass@1"] + 0.15, r[f"pass@{k}"]) and r["dev_T"] >= 0.97 and r["dev_R"] >= 0.85)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--share", type=float, required=True, help="Budget.g_replay_share")
+    parser.add_argument("--seeds", default="1")
+    parser.add_argument("--longer", action="store_true",
+                        help="+ the convergence gate's longer part 2 (run.stage1_gates)")
+    parser.add_argument("--quick", action="store_true", help="R.QUICK's budget: the plumbing only")
+    args = parser.parse_args()
+    out = Path(args.out)
+    recipe = {**RECIPE, "sft_steps": R.QUICK.sft_steps} if args.quick else RECIPE
+    b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share, **recipe)
+    result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
+    for seed, r in result.items():
+        work = out / f"seed_{seed}"
+        stage = R.Stages(work)
+        keys = ("pretrain", "sft_early", "sft_template")
+        r["entry_recall"] = R.entry_recalls(work, stage, keys)
+        r["entry_recall_sampled"] = R.entry_recalls(work, stage, keys, samples=8)
+        r["qualifies"] = qualifies(r, b.pass_k)
+        if args.longer:
+            early = stage.done["sft_early"]["checkpoint"]
+            gates = R.stage1_gates(work, stage, b, seed, work / "stage1_part2.jsonl", early)
+            r["stage1_converged"] = gates["stage1_converged"]
+        r["seconds"] = {k: v["seconds"] for k, v in stage.done.items()}
+        brief = {k: v for k, v in r.items() if "groups" not in k and k != "seconds"}
+        print(f"seed {seed}, share {args.share:g}:", json.dumps(brief), flush=True)
+    (out / "probe_g_replay.json").write_text(json.dumps({"share": args.share, "budget": dataclasses.asdict(b),
+                                                         "seeds": result}, indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
