@@ -188,6 +188,22 @@ def test_knowledge_text_states_every_fact(data):
         assert sorted(re.findall(f"[{exam.FINDINGS}]", other)) == sorted(d["findings"])
 
 
+def test_replay_share_drops_g_knowledge_from_that_share_of_snippets(data):
+    _, kb = data
+    g_lines = {exam.disease_line(n, d) for n, d in kb["diseases"].items() if d["split"] == "G"}
+
+    def with_g(records):
+        return sum(bool(g_lines & set(r["text"].splitlines())) for r in records)
+    # the default draws exactly what every earlier run trained on: 24 lines of one knowledge_lines copy a snippet
+    rng = random.Random("replay-5")
+    assert student.replay_records(kb, 400, seed=5) == [
+        {"text": "\n".join(exam.knowledge_lines(kb, rng)[:24]) + "\n"} for _ in range(400)]
+    assert with_g(student.replay_records(kb, 400, seed=5)) >= 390  # 24 of 120 lines: a snippet misses G at 0.5%
+    none = student.replay_records(kb, 400, seed=5, g_share=0)
+    assert with_g(none) == 0 and all(len(r["text"].splitlines()) == 24 for r in none)
+    assert 160 <= with_g(student.replay_records(kb, 400, seed=5, g_share=0.5)) <= 240  # binomial(400, 0.5): 8 sd
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The teacher
 
