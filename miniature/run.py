@@ -71,6 +71,9 @@ class Budget:
     pretrain_lr: float = 3e-3
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
     g_replay_share: float = 1.0  # share of the snippets that hold the G diseases' lines (student.replay_records)
+    # share of the G statements, in pretraining and replay, that give a competing wrong version of the findings
+    # (student.competing_findings): G knowledge held in part (README: session 13)
+    g_fact_noise: float = 0.0
     early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
     critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
     # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint). 4,500 with the reading questions: at
@@ -444,13 +447,14 @@ def prepare(work, stage, b, seed):
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
     stage("student", lambda: sh(sys.executable, HERE / "student.py", "--data", work / "data", "--out",
                                 work / "student", "--hidden", b.hidden, "--layers", b.layers, "--seed", seed,
-                                "--copies", b.pretrain_copies))
+                                "--copies", b.pretrain_copies,
+                                *(["--g-noise", b.g_fact_noise] if b.g_fact_noise else [])))
     pre = stage("pretrain", lambda: sft(work, "pretrain", ["--init-config", work / "student" / "config.json"],
                                         work / "student" / "pretrain.jsonl", b.pretrain_steps, b.pretrain_lr, 16,
                                         b.pretrain_micro, seed, max_len=256,
                                         extra=["--weight-decay", 0.1]))["checkpoint"]
     T.write_jsonl(work / "replay.jsonl", student.replay_records(kb, b.replay_examples, seed,
-                                                                g_share=b.g_replay_share))
+                                                                g_share=b.g_replay_share, g_noise=b.g_fact_noise))
     return kb, pre
 
 

@@ -91,20 +91,42 @@ def student_config(tokenizer, hidden=128, layers=4, heads=8, kv_heads=4, context
 # recall 100% after pretraining, 0% after SFT without replay; issue 11).
 
 
-def pretrain_records(kb, copies, seed=0):
-    rng = random.Random(f"pretrain-{seed}")
-    # g_share 1 draws nothing extra, so the default's snippets are the ones every earlier run trained on
-    return [{"text": "\n".join(knowledge_lines(kb, rng)) + "\n"} for _ in range(copies)]
+def competing_findings(kb, seed=0) -> dict:
+    """{G disease: a wrong version of its findings}: one finding swapped for one it does not have (pool order kept,
+    so it reads like the canonical line). A corpus that states the wrong version in a share of its copies (g_noise)
+    leaves the student a split belief about G, the knowledge it holds in part that answer keys can settle."""
+    rng, out = random.Random(f"compete-{seed}"), {}
+    for name, d in kb["diseases"].items():
+        if d["split"] == "G":
+            dropped, added = rng.choice(d["findings"]), rng.choice([f for f in FINDINGS if f not in d["findings"]])
+            out[name] = "".join(sorted(d["findings"].replace(dropped, added), key=FINDINGS.index))
+    return out
 
 
-def replay_records(kb, n, seed=0, lines=24, g_share=1.0):
-    """n knowledge snippets of `lines` lines each (~250 tokens), to mix into SFT data. g_share < 1 keeps the G
-    diseases' lines in only that share of the snippets (drawn per snippet), so that SFT refreshes G knowledge less
-    than T's and U's: the lever for G knowledge the student holds only in part (README: session 12)."""
-    rng = random.Random(f"replay-{seed}")
+def noisy_copy(kb, competing, g_noise, rng):
+    """kb with each G disease's findings replaced by its competing version with probability g_noise, drawn per
+    disease. g_noise 0 draws nothing, so the default's text is the one every earlier run trained on."""
+    if not g_noise:
+        return kb
+    return {**kb, "diseases": {n: {**d, "findings": competing[n]} if n in competing and rng.random() < g_noise else d
+                               for n, d in kb["diseases"].items()}}
+
+
+def pretrain_records(kb, copies, seed=0, g_noise=0.0):
+    rng, competing = random.Random(f"pretrain-{seed}"), competing_findings(kb, seed)
+    return [{"text": "\n".join(knowledge_lines(noisy_copy(kb, competing, g_noise, rng), rng)) + "\n"}
+            for _ in range(copies)]
+
+
+def replay_records(kb, n, seed=0, lines=24, g_share=1.0, g_noise=0.0):
+    """n knowledge snippets of `lines` lines each (~250 tokens), to mix into SFT data: the pretraining corpus's text
+    (g_noise as there). g_share < 1 keeps the G diseases' lines in only that share of the snippets (drawn per
+    snippet), so that SFT refreshes G knowledge less than T's and U's (README: session 12)."""
+    rng, competing = random.Random(f"replay-{seed}"), competing_findings(kb, seed)
     without_g = {**kb, "diseases": {k: d for k, d in kb["diseases"].items() if d["split"] != "G"}}
     # g_share 1 draws nothing extra, so the default's snippets are the ones every earlier run trained on
-    snippets = (knowledge_lines(kb if g_share >= 1 or rng.random() < g_share else without_g, rng) for _ in range(n))
+    snippets = (knowledge_lines(noisy_copy(kb if g_share >= 1 or rng.random() < g_share else without_g, competing,
+                                           g_noise, rng), rng) for _ in range(n))
     return [{"text": "\n".join(drawn[:lines]) + "\n"} for drawn in snippets]
 
 
@@ -135,6 +157,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--copies", type=int, default=400, help="copies of the knowledge in pretrain.jsonl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--g-noise", type=float, default=0.0,
+                        help="share of the G diseases' statements that give their competing (wrong) findings")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +168,7 @@ def main(argv=None):
     (out / "config.json").write_text(json.dumps(cfg.to_hf(torch.float32), indent=2) + "\n")
     kb = json.loads((Path(args.data) / "kb.json").read_text(encoding="utf-8"))
     with open(out / "pretrain.jsonl", "w", encoding="utf-8") as f:
-        for record in pretrain_records(kb, args.copies, args.seed):
+        for record in pretrain_records(kb, args.copies, args.seed, args.g_noise):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     n = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"vocab {tokenizer.get_vocab_size()}, {n:,} parameters, {args.copies} copies of the knowledge -> {out}")

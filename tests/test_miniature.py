@@ -204,6 +204,35 @@ def test_replay_share_drops_g_knowledge_from_that_share_of_snippets(data):
     assert 160 <= with_g(student.replay_records(kb, 400, seed=5, g_share=0.5)) <= 240  # binomial(400, 0.5): 8 sd
 
 
+def test_g_noise_states_the_competing_findings_in_that_share_of_g_statements(data):
+    _, kb = data
+    competing = student.competing_findings(kb, seed=5)
+    assert sorted(competing) == sorted(n for n, d in kb["diseases"].items() if d["split"] == "G")
+    for name, wrong in competing.items():  # one finding swapped for one the disease lacks, in pool order
+        right = kb["diseases"][name]["findings"]
+        assert len(wrong) == len(right) == len(set(wrong)) and len(set(wrong) - set(right)) == 1
+        assert list(wrong) == sorted(wrong, key=exam.FINDINGS.index)
+    # g_noise 0 is the text every earlier run pretrained on: knowledge_lines copies of the true kb
+    rng = random.Random("pretrain-5")
+    assert student.pretrain_records(kb, 50, seed=5) == [
+        {"text": "\n".join(exam.knowledge_lines(kb, rng)) + "\n"} for _ in range(50)]
+
+    def canonical(records, findings):
+        lines = [line for r in records for line in r["text"].splitlines()]
+        return sum(line == exam.disease_line(n, {**d, "findings": findings(n, d)}) for line in lines
+                   for n, d in kb["diseases"].items())
+    records = student.pretrain_records(kb, 200, seed=5, g_noise=0.5)
+    wrong = canonical(records, lambda n, d: competing.get(n, "-"))
+    right_g = canonical(records, lambda n, d: d["findings"] if d["split"] == "G" else "-")
+    assert wrong + right_g == 200 * len(competing) and 0.45 <= wrong / (200 * len(competing)) <= 0.55  # 4,800 draws
+    # T and U are stated right in every copy, and replay carries the same mixture
+    others = len(kb["diseases"]) - len(competing)
+    assert canonical(records, lambda n, d: d["findings"] if d["split"] != "G" else "-") == 200 * others
+    replay = student.replay_records(kb, 400, seed=5, g_noise=0.5)
+    wrong = canonical(replay, lambda n, d: competing.get(n, "-"))
+    assert 0.45 <= wrong / (wrong + canonical(replay, lambda n, d: d["findings"] if d["split"] == "G" else "-")) <= 0.55
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The teacher
 

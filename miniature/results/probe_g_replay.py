@@ -23,8 +23,19 @@ adopted into Budget with the recipe and the next run is the three-seed table wit
 Rule for convergence (share 1, seed 1): the 16,000-step part 2 gains <= 2 points on dev T and on dev R over the
 8,000-step one. Adoption of the recipe into Budget needs seed 2 as well (a later run) unless the gate fails here.
 
+The noise arm (session 13; written after the share arms' results on seed 1 and before it ran). Share 0 put dev G
+at 72.7 but pass@1 71.5 -> pass@4 76.7 (68.2 -> 76.3 at temperature 1.0, top-p 1.0): a G entry SFT erased is
+recited wrong the same way in every sample, so forgetting makes headroom no sample can reach. Knowledge held in part
+is a split belief instead: `--noise 0.5` (`Budget.g_fact_noise`) states each G disease's findings right in half of
+the corpus's statements and in one fixed competing wrong version (`student.competing_findings`: one finding swapped)
+in the other half, in pretraining and in replay alike (share 1); T and U stay clean. Rule: `qualifies` on seed 1 as
+above. If it qualifies, seed 2 next; qualifying on both, it is adopted with the recipe and the next run is the
+three-seed table with --gates. If it fails only by dev G over 75, noise 0.6 next; under 30, 0.4; if pass@4 gains
+less than 15, the split belief as built is not the lever.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
 """
 import argparse
 import dataclasses
@@ -48,6 +59,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--share", type=float, required=True, help="Budget.g_replay_share")
+    parser.add_argument("--noise", type=float, default=0.0, help="Budget.g_fact_noise")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
                         help="+ the convergence gate's longer part 2 (run.stage1_gates)")
@@ -55,7 +67,8 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     recipe = {**RECIPE, "sft_steps": R.QUICK.sft_steps} if args.quick else RECIPE
-    b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share, **recipe)
+    b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share,
+                            g_fact_noise=args.noise, **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
     for seed, r in result.items():
         work = out / f"seed_{seed}"
@@ -70,8 +83,9 @@ def main():
             r["stage1_converged"] = gates["stage1_converged"]
         r["seconds"] = {k: v["seconds"] for k, v in stage.done.items()}
         brief = {k: v for k, v in r.items() if "groups" not in k and k != "seconds"}
-        print(f"seed {seed}, share {args.share:g}:", json.dumps(brief), flush=True)
-    (out / "probe_g_replay.json").write_text(json.dumps({"share": args.share, "budget": dataclasses.asdict(b),
+        print(f"seed {seed}, share {args.share:g}, noise {args.noise:g}:", json.dumps(brief), flush=True)
+    (out / "probe_g_replay.json").write_text(json.dumps({"share": args.share, "noise": args.noise,
+                                                         "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 
 
