@@ -33,9 +33,15 @@ above. If it qualifies, seed 2 next; qualifying on both, it is adopted with the 
 three-seed table with --gates. If it fails only by dev G over 75, noise 0.6 next; under 30, 0.4; if pass@4 gains
 less than 15, the split belief as built is not the lever.
 
+The small-share arm (session 13; written after the noise arm's result, dev G 98.7, and before it ran): share 0.2 on
+seed 1, between share 0 (13 of 24 G entries kept, dev G 72.7, +5.2 from sampling) and share 1 (24, 94.7), where an
+entry may be held in part rather than erased. Rule: `qualifies` on seed 1; if it qualifies, seed 2 next; if not,
+the replay share is not the lever at 0, 0.2 or 1 and no further share runs.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share02 --share 0.2 --seeds 1
 """
 import argparse
 import dataclasses
