@@ -130,18 +130,24 @@ def replay_records(kb, n, seed=0, lines=24, g_share=1.0, g_noise=0.0):
     return [{"text": "\n".join(drawn[:lines]) + "\n"} for drawn in snippets]
 
 
+def recited_findings(model_dir, tokenizer, names, samples=0, temperature=0.7) -> list:
+    """The findings the model writes after "<name>：" at the start of a line, out of any question's context, for each
+    name: greedy, or `samples` completions at `temperature` each (name-major)."""
+    from model import generate, load
+    prompts = [tokenizer.encode(f"\n{name}：", add_special_tokens=False).ids for name in names]
+    outputs = generate(load(model_dir), prompts, 12, temperature=temperature if samples else 0.0,
+                       num_samples=max(1, samples))
+    return [tokenizer.decode(ids).split("；")[0] for ids in outputs]
+
+
 def entry_recall(model_dir, tokenizer, kb, split, samples=0, temperature=0.7) -> float:
     """Share of the `split` diseases (T, G or U) whose canonical knowledge line the model completes right, greedy,
     from "<name>：" at the start of a line: does what pretraining stored survive (SFT without replay erased it)?
     samples > 0: the mean share of `samples` completions at `temperature` that are right, a graded recall that
     sees an entry held in part, which the greedy one rounds to 0 or 1."""
-    from model import generate, load
-    model, names = load(model_dir), [n for n, d in kb["diseases"].items() if d["split"] == split]
-    prompts = [tokenizer.encode(f"\n{name}：", add_special_tokens=False).ids for name in names]
-    k = max(1, samples)
-    outputs = generate(model, prompts, 12, temperature=temperature if samples else 0.0, num_samples=k)
-    got = [tokenizer.decode(ids).split("；")[0] for ids in outputs]
-    truth = ["、".join(kb["diseases"][n]["findings"]) for n in names for _ in range(k)]
+    names = [n for n, d in kb["diseases"].items() if d["split"] == split]
+    got = recited_findings(model_dir, tokenizer, names, samples, temperature)
+    truth = ["、".join(kb["diseases"][n]["findings"]) for n in names for _ in range(max(1, samples))]
     return sum(g == t for g, t in zip(got, truth)) / max(1, len(truth))
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 sys.path[:0] = ["miniature", "."]
 import student  # noqa: E402
 import templates as T  # noqa: E402
-from model import generate, load  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 work = Path(sys.argv[1])
@@ -38,8 +37,6 @@ tokenizer = Tokenizer.from_file(str(work / "student" / "tokenizer.json"))
 done = json.loads((work / "stages.json").read_text())
 result = {"in_dev_G_samples": dict(in_samples)}
 for key in ("pretrain", "sft_template"):
-    prompts = [tokenizer.encode(f"\n{name}：", add_special_tokens=False).ids for name in competing]
-    outputs = generate(load(done[key]["checkpoint"]), prompts, 12)
-    result[f"out_of_context_after_{key}"] = dict(collections.Counter(
-        version(name, tokenizer.decode(ids).split("；")[0]) for ids, name in zip(outputs, competing)))
+    recited = student.recited_findings(done[key]["checkpoint"], tokenizer, list(competing))
+    result[f"out_of_context_after_{key}"] = dict(collections.Counter(map(version, competing, recited)))
 print(json.dumps(result, indent=1))
