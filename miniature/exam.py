@@ -76,6 +76,8 @@ class ExamConfig:
     g_type_weights: tuple = None  # G-subject questions (Stage 2, dev G, test G) only; None: type_weights
     reading: int = 0  # extra Stage 1 questions whose entries are given in the stem (reading_question)
     dev_reading: int = 0  # held-out reading questions (dev_R.csv): the read-the-entry skill, on entries never trained
+    # G questions hinge on a contested finding the question's text cannot settle (contested_pairs; README: session 14)
+    g_contested: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,6 +149,31 @@ def knowledge_lines(kb, rng) -> list:
     return rng.sample(lines, len(lines))
 
 
+def competing_findings(kb, seed=0) -> dict:
+    """{G disease: a wrong version of its findings}: one finding swapped for one it does not have (pool order kept,
+    so it reads like the canonical line). A corpus that states the wrong version in a share of its copies
+    (student.py --g-noise) leaves the student a split belief about G, knowledge held in part that answer keys can
+    settle. Its own rng, so the knowledge base and every split are the same with or without it."""
+    rng, out = random.Random(f"compete-{seed}"), {}
+    for name, d in kb["diseases"].items():
+        if d["split"] == "G":
+            dropped, added = rng.choice(d["findings"]), rng.choice([f for f in FINDINGS if f not in d["findings"]])
+            out[name] = "".join(sorted(d["findings"].replace(dropped, added), key=FINDINGS.index))
+    return out
+
+
+def contested_pairs(kb, seed=0) -> dict:
+    """{G disease: [the finding the competing version drops, the one it adds]}. With g_contested a G subject's
+    question shows the first iff it shows the second (否定: the second is the negative; 多选: the first a positive, the
+    second a negative; 诊断: the stem is the three findings both versions share), so its text cannot tell the two
+    versions apart: the answer rests on the student's own belief. With the competing version only in the corpus,
+    the options gave the right one away (in-context recitals right 2,177 of 2,180 while out of context 7 of 24 G
+    entries were the competing one; README: session 13)."""
+    return {name: [next(f for f in kb["diseases"][name]["findings"] if f not in wrong),
+                   next(f for f in wrong if f not in kb["diseases"][name]["findings"])]
+            for name, wrong in competing_findings(kb, seed).items()}
+
+
 def with_all(kb, findings) -> list:
     """Diseases that have every one of `findings` (the intersection of their index lines)."""
     return [n for n, d in kb["diseases"].items() if all(f in d["findings"] for f in findings)]
@@ -166,8 +193,9 @@ def _overlap_weighted(rng, candidates, findings, k):
 
 
 def q_diagnosis(kb, rng, subject, names):
-    d = kb["diseases"][subject]
-    given = sorted(rng.sample(d["findings"], 3), key=FINDINGS.index)
+    d, contested = kb["diseases"][subject], kb.get("contested", {}).get(subject)
+    given = ([f for f in d["findings"] if f != contested[0]] if contested
+             else sorted(rng.sample(d["findings"], 3), key=FINDINGS.index))
     others = [(n, kb["diseases"][n]["findings"]) for n in names
               if n != subject and not all(f in kb["diseases"][n]["findings"] for f in given)]
     options = [subject] + _overlap_weighted(rng, others, given, 4)
@@ -205,17 +233,23 @@ def _negatives(kb, rng, subject, names, k):
 
 
 def q_not(kb, rng, subject, names):
-    d = kb["diseases"][subject]
-    negative = _negatives(kb, rng, subject, names, 1)
+    d, contested = kb["diseases"][subject], kb.get("contested", {}).get(subject)
+    negative = contested[1:] if contested else _negatives(kb, rng, subject, names, 1)
     return (f"下列哪项不是{subject}的表现", list(d["findings"]) + negative, negative,
             f"{subject}：{'、'.join(d['findings'])}，无{negative[0]}。")
 
 
 def q_multi(kb, rng, subject, names):
-    d = kb["diseases"][subject]
-    positives = rng.sample(d["findings"], rng.choice([2, 3, 4]))
-    return (f"{subject}的表现有", positives + _negatives(kb, rng, subject, names, 5 - len(positives)), positives,
-            f"{subject}：{'、'.join(d['findings'])}。")
+    d, contested = kb["diseases"][subject], kb.get("contested", {}).get(subject)
+    k = rng.choice([2, 3, 4])
+    if not contested:
+        positives = rng.sample(d["findings"], k)
+        negatives = _negatives(kb, rng, subject, names, 5 - k)
+    else:
+        dropped, added = contested
+        positives = [dropped] + rng.sample([f for f in d["findings"] if f != dropped], k - 1)
+        negatives = [added] + [f for f in _negatives(kb, rng, subject, names, 5 - k) if f != added][:4 - k]
+    return (f"{subject}的表现有", positives + negatives, positives, f"{subject}：{'、'.join(d['findings'])}。")
 
 
 BUILDERS = {"诊断": q_diagnosis, "否定": q_not, "多选": q_multi}  # q_treatment (the index-line skill) is unused
@@ -325,6 +359,8 @@ def build(cfg: ExamConfig, out) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kb = make_kb(cfg)
+    if cfg.g_contested:
+        kb["contested"] = contested_pairs(kb, cfg.seed)
     keys = set()
     test = make_split(kb, cfg, {"G": 0.5, "T": 0.25, "U": 0.25}, cfg.test, keys, "test")
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")

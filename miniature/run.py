@@ -74,6 +74,9 @@ class Budget:
     # share of the G statements, in pretraining and replay, that give a competing wrong version of the findings
     # (student.competing_findings): G knowledge held in part (README: session 13)
     g_fact_noise: float = 0.0
+    # G questions that show a G subject's dropped finding iff they show the competing version's added one, so their
+    # text cannot settle which version is right (exam.contested_pairs; README: session 14)
+    g_contested: bool = False
     early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
     critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
     # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint). 8,500 with weight decay 0.1 on part 2
@@ -171,7 +174,8 @@ def step_tokens(metrics):
 def make_data(work, seed, b):
     cfg = exam.ExamConfig(seed=seed, diseases=b.diseases, stage1=b.stage1_questions, stage2=b.stage2_questions,
                           dev=b.dev_questions, test=b.test_questions, reading=b.reading_questions,
-                          g_type_weights=b.g_type_weights, dev_reading=b.dev_reading_questions)
+                          g_type_weights=b.g_type_weights, dev_reading=b.dev_reading_questions,
+                          g_contested=b.g_contested)
     exam.build(cfg, work / "data")
     with open(work / "data" / "dev.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import templates  # noqa: E402
-from exam import FINDINGS, ORGANS, PROCESSES, TREATMENTS, knowledge_lines  # noqa: E402
+from exam import FINDINGS, ORGANS, PROCESSES, TREATMENTS, competing_findings, knowledge_lines  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from teacher import answer_text, corrupt, critique_text, parse_question, step_critique_text  # noqa: E402
 
@@ -89,18 +89,6 @@ def student_config(tokenizer, hidden=128, layers=4, heads=8, kv_heads=4, context
 # each copy so that no fact is learned from its neighbours' positions. The same text replayed during SFT
 # (replay_records) keeps knowledge that no SFT example uses (the G and U diseases) from being erased (measured: entry
 # recall 100% after pretraining, 0% after SFT without replay; issue 11).
-
-
-def competing_findings(kb, seed=0) -> dict:
-    """{G disease: a wrong version of its findings}: one finding swapped for one it does not have (pool order kept,
-    so it reads like the canonical line). A corpus that states the wrong version in a share of its copies (g_noise)
-    leaves the student a split belief about G, the knowledge it holds in part that answer keys can settle."""
-    rng, out = random.Random(f"compete-{seed}"), {}
-    for name, d in kb["diseases"].items():
-        if d["split"] == "G":
-            dropped, added = rng.choice(d["findings"]), rng.choice([f for f in FINDINGS if f not in d["findings"]])
-            out[name] = "".join(sorted(d["findings"].replace(dropped, added), key=FINDINGS.index))
-    return out
 
 
 def noisy_copy(kb, competing, g_noise, rng):

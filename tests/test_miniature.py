@@ -98,6 +98,38 @@ def test_g_type_weights_set_only_the_g_questions_types(tmp_path):
             assert set(kinds["T"]) == {"诊断", "否定", "多选"}
 
 
+def test_g_contested_questions_show_the_dropped_finding_iff_the_added_one(tmp_path):
+    """g_contested: in every G-subject question the competing version's dropped finding X is shown iff its added
+    finding Y is (so the text cannot tell the versions apart) and the key rests on X against Y; the keys stay
+    right; the knowledge base is the one without it."""
+    without = exam.build(exam.ExamConfig(seed=3, **SMALL), tmp_path / "without")
+    kb = exam.build(exam.ExamConfig(seed=3, g_contested=True, **SMALL), tmp_path / "with")
+    assert kb["diseases"] == without["diseases"] and kb["index"] == without["index"]
+    competing = student.competing_findings(kb, seed=3)
+    kinds = Counter()
+    for split in ("stage1", "stage2", "dev", "test"):
+        for row in read_rows(tmp_path / "with" / f"{split}.csv"):
+            assert independent_answer(kb, row) == row["Answer"], row
+            if row["Disease Split"] != "G":
+                continue
+            options = dict(line.split(" ", 1) for line in row["Options"].split("\n"))
+            named = re.fullmatch(r"(?:下列哪项不是)?(.+)的表现有?", row["Question"])
+            subject = named[1] if named else options[row["Answer"]]  # 诊断: the subject is the answer
+            truth = kb["diseases"][subject]["findings"]
+            dropped = next(f for f in truth if f not in competing[subject])
+            added = next(f for f in competing[subject] if f not in truth)
+            shown = row["Question"] + "".join(options.values())
+            kinds[row["Question Type"]] += 1
+            if row["Question Type"] == "诊断":
+                assert dropped not in shown and added not in shown
+                assert set(row["Question"][3:8].split("、")) == set(truth) - {dropped}
+            else:
+                assert dropped in options.values() and added in options.values()
+                key = {options[l] for l in row["Answer"]}
+                assert (added in key) == (row["Question Type"] == "否定") != (dropped in key)
+    assert min(kinds.values()) > 0 and set(kinds) == {"诊断", "否定", "多选"}
+
+
 def test_dev_reading_is_held_out_and_changes_no_other_split(tmp_path):
     """dev_R.csv: reading questions (fresh diseases, entries in the stem) with right keys, none of them in any other
     file, and every other CSV byte for byte as without it."""

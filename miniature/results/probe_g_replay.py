@@ -38,10 +38,27 @@ seed 1, between share 0 (13 of 24 G entries kept, dev G 72.7, +5.2 from sampling
 entry may be held in part rather than erased. Rule: `qualifies` on seed 1; if it qualifies, seed 2 next; if not,
 the replay share is not the lever at 0, 0.2 or 1 and no further share runs.
 
+The contested arm (session 14; written before it ran). Noise 0.5 gave dev G 98.7 because the question gave the
+answer away: the competing version's added finding was almost never an option, so the student recited what the
+options showed (in-context recitals right 2,177 of 2,180; out of context 7 of 24 G entries were the competing
+version). `--contested` (`Budget.g_contested`, `exam.contested_pairs`) makes every G-subject question show the
+dropped finding iff it shows the added one, so its text cannot tell the versions apart, and `--g-types 0,0,1` makes
+every G question 多选 (with the dropped finding a positive and the added one a negative: each hinges on the
+contested fact; a contested 诊断 does not, and a contested 否定 has one distinct question per disease). Noise 0.5,
+share 1, seeds 1 and 2 in parallel (1 core each). Rule: the arm qualifies iff `qualifies` on both seeds; then it is
+adopted into Budget (g_fact_noise 0.5, g_contested, g_type_weights (0, 0, 1)) and the next run is one seed's full
+table with --gates (the positive-control gate). Else, by seed 1: dev G over 75 -> noise 0.7 (Stage 1's T
+trajectories recite G distractors' true entries, which pulled G recall from 10 to 16 of 24 in the noise arm);
+under 30 -> noise 0.4; dev G in range but pass@4 gains less than 15 -> the belief is held per disease, not per
+sample, and a split corpus is not the lever; dev T under 97 or dev R under 85 -> the contested G broke Stage 1,
+recorded, no further arm.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share02 --share 0.2 --seeds 1
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_contest_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --seeds 1    # and the same with --seeds 2 beside it, each under taskset
 """
 import argparse
 import dataclasses
@@ -66,6 +83,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--share", type=float, required=True, help="Budget.g_replay_share")
     parser.add_argument("--noise", type=float, default=0.0, help="Budget.g_fact_noise")
+    parser.add_argument("--contested", action="store_true", help="Budget.g_contested")
+    parser.add_argument("--g-types", default=None, help="Budget.g_type_weights, e.g. 0,0,1 (诊断, 否定, 多选)")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
                         help="+ the convergence gate's longer part 2 (run.stage1_gates)")
@@ -74,7 +93,9 @@ def main():
     out = Path(args.out)
     recipe = {**RECIPE, "sft_steps": R.QUICK.sft_steps} if args.quick else RECIPE
     b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share,
-                            g_fact_noise=args.noise, **recipe)
+                            g_fact_noise=args.noise, g_contested=args.contested,
+                            g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
+                            **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
     for seed, r in result.items():
         work = out / f"seed_{seed}"
@@ -91,6 +112,7 @@ def main():
         brief = {k: v for k, v in r.items() if "groups" not in k and k != "seconds"}
         print(f"seed {seed}, share {args.share:g}, noise {args.noise:g}:", json.dumps(brief), flush=True)
     (out / "probe_g_replay.json").write_text(json.dumps({"share": args.share, "noise": args.noise,
+                                                         "contested": args.contested, "g_types": args.g_types,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 
