@@ -78,6 +78,10 @@ class ExamConfig:
     dev_reading: int = 0  # held-out reading questions (dev_R.csv): the read-the-entry skill, on entries never trained
     # G questions hinge on a contested finding the question's text cannot settle (contested_pairs; README: session 14)
     g_contested: bool = False
+    # share of Stage 1 questions that may name G diseases as distractors (the rest name T only): each G option is
+    # recited, entry and all, by the teacher's trajectory, which teaches G's knowledge in the reply's own format
+    # (1,881 G recitals in 2,000 Stage 1 trajectories; README: session 14)
+    stage1_g_distractors: float = 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,9 +284,10 @@ def question_key(row) -> tuple:
 DISTRACTORS = {"T": "TG", "G": "TG", "U": "TGU"}
 
 
-def make_split(kb, cfg, mix, n, keys, salt):
+def make_split(kb, cfg, mix, n, keys, salt, g_distractors=1.0):
     """n distinct questions whose subjects come from the splits in `mix` ({split: share}), none of them in `keys`
-    (which grows). A T or G question names T and G diseases (its subject from its own split); a U one any."""
+    (which grows). A T or G question names T and G diseases (its subject from its own split); a U one any. With
+    g_distractors < 1 a T question names G diseases only with that probability (drawn per question)."""
     rng = random.Random(f"{salt}-{cfg.seed}")
     by_split = {x: [n for n, d in kb["diseases"].items() if d["split"] in x] for x in ("T", "G", "U", "TG", "TGU")}
     quota = {x: round(share * n) for x, share in mix.items()}
@@ -295,7 +300,8 @@ def make_split(kb, cfg, mix, n, keys, salt):
                 break
             kind = rng.choices(list(BUILDERS), cfg.g_type_weights if split == "G" and cfg.g_type_weights
                                else cfg.type_weights)[0]  # one draw either way: None keeps every split as it was
-            row = make_question(kb, rng, kind, rng.choice(by_split[split]), by_split[DISTRACTORS[split]])
+            pool = DISTRACTORS[split] if g_distractors >= 1 or split != "T" or rng.random() < g_distractors else "T"
+            row = make_question(kb, rng, kind, rng.choice(by_split[split]), by_split[pool])
             if row is not None and question_key(row) not in keys:
                 keys.add(question_key(row))
                 rows.append(row)
@@ -364,7 +370,7 @@ def build(cfg: ExamConfig, out) -> dict:
     keys = set()
     test = make_split(kb, cfg, {"G": 0.5, "T": 0.25, "U": 0.25}, cfg.test, keys, "test")
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
-    stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1")
+    stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1", cfg.stage1_g_distractors)
     if cfg.reading:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's first rows
         stage1 += reading_split(kb, cfg, cfg.reading, keys)
         stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1, len(stage1))

@@ -77,6 +77,7 @@ class Budget:
     # G questions that show a G subject's dropped finding iff they show the competing version's added one, so their
     # text cannot settle which version is right (exam.contested_pairs; README: session 14)
     g_contested: bool = False
+    stage1_g_distractors: float = 1.0  # exam.ExamConfig.stage1_g_distractors (README: session 14)
     early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
     critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
     # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint). 8,500 with weight decay 0.1 on part 2
@@ -175,7 +176,7 @@ def make_data(work, seed, b):
     cfg = exam.ExamConfig(seed=seed, diseases=b.diseases, stage1=b.stage1_questions, stage2=b.stage2_questions,
                           dev=b.dev_questions, test=b.test_questions, reading=b.reading_questions,
                           g_type_weights=b.g_type_weights, dev_reading=b.dev_reading_questions,
-                          g_contested=b.g_contested)
+                          g_contested=b.g_contested, stage1_g_distractors=b.stage1_g_distractors)
     exam.build(cfg, work / "data")
     with open(work / "data" / "dev.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -626,7 +627,7 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
     plus the DPO lr sweep on the teacher's pairs (dev G), from which the lr is fixed once."""
     def ev(key):
         return stage(f"dev_{key}", lambda: evaluate(work, key, stage.done[key]["checkpoint"], b, "dev"))
-    gates = stage1_gates(work, stage, b, seed, data, early)
+    # the DPO gates first: minutes, where Stage 1's longer run takes most of an hour (stages.json keeps them)
     template = ev("sft_template")
     sweep = {}
     for lr in b.dpo_lrs.split(","):
@@ -636,6 +637,7 @@ def run_gates(work, stage, b, seed, data, early, t, same_steps):
             swept = ev(key)
             sweep[lr] = {"G": swept["G"], "T": swept["T"]}
     control = ev("dpo_teacher")
+    gates = stage1_gates(work, stage, b, seed, data, early)
     gates.update({"positive_control": {"dev_G": control["G"], "gain": control["G"] - template["G"],
                                        "pass": at_most(0.03, control["G"] - template["G"])},
                   "dpo_lr_sweep_dev": sweep, "dpo_lr_rule": lr_rule(sweep, template["T"])})

@@ -130,6 +130,20 @@ def test_g_contested_questions_show_the_dropped_finding_iff_the_added_one(tmp_pa
     assert min(kinds.values()) > 0 and set(kinds) == {"诊断", "否定", "多选"}
 
 
+def test_stage1_g_distractors_sets_the_share_of_stage1_questions_naming_g(tmp_path):
+    """stage1_g_distractors: 0 leaves no G disease in any Stage 1 option; 1 (the default) names G in many; dev and
+    test are byte for byte the default's either way (they are drawn before Stage 1)."""
+    kb = exam.build(exam.ExamConfig(seed=3, **SMALL), tmp_path / "default")
+    exam.build(exam.ExamConfig(seed=3, stage1_g_distractors=0.0, **SMALL), tmp_path / "none")
+    g = {n for n, d in kb["diseases"].items() if d["split"] == "G"}
+
+    def g_options(folder):
+        return sum(line[2:] in g for r in read_rows(tmp_path / folder / "stage1.csv") for line in r["Options"].split("\n"))
+    assert g_options("none") == 0 and g_options("default") > 50
+    for name in ("dev", "test"):
+        assert (tmp_path / "none" / f"{name}.csv").read_bytes() == (tmp_path / "default" / f"{name}.csv").read_bytes()
+
+
 def test_dev_reading_is_held_out_and_changes_no_other_split(tmp_path):
     """dev_R.csv: reading questions (fresh diseases, entries in the stem) with right keys, none of them in any other
     file, and every other CSV byte for byte as without it."""

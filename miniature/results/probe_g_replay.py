@@ -53,12 +53,31 @@ under 30 -> noise 0.4; dev G in range but pass@4 gains less than 15 -> the belie
 sample, and a split corpus is not the lever; dev T under 97 or dev R under 85 -> the contested G broke Stage 1,
 recorded, no further arm.
 
+After the contested arm (session 14; written before the next two ran). Seed 1: dev G 88.3, pass@4 +3.8; seed 2:
+dev G 21.0, dev R 55.0 (its reading checks broke: dev 多选 40.8, T's included; seed 2's dev R was 95.0 without the
+contested G). Inside seed 1's dev-G samples, 1,147 of the 1,206 recitals of a G entry are right (8 the competing
+version) while out of context 7 of 24 entries are the competing one (seed 2: 1,193 / 19; 8 of 24): Stage 1's
+trajectories recite every option's entry, G distractors' included (1,881 G recitals in 2,000 trajectories), and so
+teach G's true entries in the reply's own format. Two arms on seed 1, 1 core each:
+- by the rule above, noise 0.7 (predicted, before it ran, to fail the same way: the chat-format recital is the
+  teacher's, whatever the corpus says);
+- on the mechanism, `--stage1-g-distractors 0.1` at noise 0.5 (`Budget.stage1_g_distractors`: 202 G options in
+  Stage 1 instead of 1,881, every G disease at least 3 times, so the student still writes each G name).
+Rule: an arm that `qualifies` on seed 1 runs seed 2 next; if both qualify, the distractor arm goes first (it removes
+teacher trajectories about G, which the issue's design rules out, and keeps noise 0.5). Neither: the distractor arm's
+dev G over 75 -> G's chat-format knowledge does not come from the distractor recitals alone, recorded; under 30 ->
+share 0.3 next; in range with pass@4 gaining under 15 -> the belief is held per disease, not per sample.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share02 --share 0.2 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_contest_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --seeds 1    # and the same with --seeds 2 beside it, each under taskset
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_contest07 --share 1 --noise 0.7 \
+        --contested --g-types 0,0,1 --seeds 1
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_contest_d01 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0.1 --seeds 1
 """
 import argparse
 import dataclasses
@@ -85,6 +104,7 @@ def main():
     parser.add_argument("--noise", type=float, default=0.0, help="Budget.g_fact_noise")
     parser.add_argument("--contested", action="store_true", help="Budget.g_contested")
     parser.add_argument("--g-types", default=None, help="Budget.g_type_weights, e.g. 0,0,1 (诊断, 否定, 多选)")
+    parser.add_argument("--stage1-g-distractors", type=float, default=1.0, help="Budget.stage1_g_distractors")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
                         help="+ the convergence gate's longer part 2 (run.stage1_gates)")
@@ -94,6 +114,7 @@ def main():
     recipe = {**RECIPE, "sft_steps": R.QUICK.sft_steps} if args.quick else RECIPE
     b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share,
                             g_fact_noise=args.noise, g_contested=args.contested,
+                            stage1_g_distractors=args.stage1_g_distractors,
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
@@ -113,6 +134,7 @@ def main():
         print(f"seed {seed}, share {args.share:g}, noise {args.noise:g}:", json.dumps(brief), flush=True)
     (out / "probe_g_replay.json").write_text(json.dumps({"share": args.share, "noise": args.noise,
                                                          "contested": args.contested, "g_types": args.g_types,
+                                                         "stage1_g_distractors": args.stage1_g_distractors,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 
