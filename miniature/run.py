@@ -72,7 +72,7 @@ class Budget:
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
     g_replay_share: float = 1.0  # share of the snippets that hold the G diseases' lines (student.replay_records)
     # share of the G statements, in pretraining and replay, that give a competing wrong version of the findings
-    # (student.competing_findings): G knowledge held in part (README: session 13)
+    # (exam.competing_findings): G knowledge held in part (README: session 13)
     g_fact_noise: float = 0.0
     # G questions that show a G subject's dropped finding iff they show the competing version's added one, so their
     # text cannot settle which version is right (exam.contested_pairs; README: session 14)

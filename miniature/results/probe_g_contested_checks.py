@@ -15,14 +15,14 @@ import templates as T  # noqa: E402
 
 work = Path(sys.argv[1])
 contested = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))["contested"]
-marks = collections.Counter()
+marks, option_line = collections.Counter(), tuple(f"{letter} " for letter in "ABCDE")
 for record in T.read_jsonl(work / "dev_samples" / "round_1" / "samples.jsonl"):
     for sample in record["samples"]:
         name = next((n for n in contested if n in sample["text"]), None)
         if name is None:
             continue
         for line in sample["text"].split("\n"):
-            if line[:2] in {f"{letter} " for letter in "ABCDE"} and line[2:3] in contested[name]:
+            if line.startswith(option_line) and line[2:3] in contested[name]:
                 which = "dropped" if line[2:3] == contested[name][0] else "added"
                 marks[f"{which} {line[-1] if line[-1] in '对错' else '?'}"] += 1
 rows = {row["id"]: row for row in T.load_cmexam(work / "data" / "dev.csv")}
