@@ -85,6 +85,7 @@ class Budget:
     # T, +1.5 / +0.7 on dev R); at 4,500 without it dev R was 57-81 and still moving (README: sessions 11-13)
     sft_steps: int = 8500
     part2_weight_decay: float = 0.1  # AdamW's on Stage 1 part 2 and the gate's longer part 2
+    part2_save_every: int = 0  # > 0: keep part 2's checkpoint every this many steps (a probe's trace; README session 15)
     sft_lr: float = 3e-3  # cosine to 0.1x: the final lr the continued rows use, constant, no warmup
     batch: int = 8
     pretrain_micro: int = 16
@@ -204,13 +205,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 VERIFY = f"{HERE / 'teacher.py'}:follows_marks"  # a chosen reply must also answer what its own marks say
 
 
-def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, extra=()):
+def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, extra=(), save_every=0):
     """sft.py in one process on both cores: 1.4x the tokens/s of 2 FSDP ranks at this size (README), where gloo's
-    per-block all-gathers and reduce-scatters cost about as much as the compute they split."""
+    per-block all-gathers and reduce-scatters cost about as much as the compute they split. save_every > 0 keeps a
+    checkpoint every save_every steps (all of them); 0 keeps the last only."""
     out = work / name
     sh(sys.executable, ROOT / "sft.py", *init, "--tokenizer", work / "student", "--data", data, "--out", out,
        "--max-len", max_len, "--steps", steps, "--lr", lr, "--batch-size", batch, "--micro-batch-size", micro,
-       "--save-every", steps, "--seed", seed, "--resume", *extra, log=work / f"{name}.log")
+       "--save-every", save_every or steps, *(["--keep", 0] if save_every else []), "--seed", seed, "--resume",
+       *extra, log=work / f"{name}.log")
     tokens, n = step_tokens(out / "metrics.jsonl")
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
 
@@ -486,7 +489,8 @@ def stage1(work, stage, b, seed, pre, url):
     stage("critiques", lambda: critique_data(work, early, url, b, seed))
     data = cat(work, "stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
     t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data, b.sft_steps - b.early_steps,
-                                          b.sft_lr, b.batch, b.cot_micro, seed, extra=part2_flags(b)))["checkpoint"]
+                                          b.sft_lr, b.batch, b.cot_micro, seed, extra=part2_flags(b),
+                                          save_every=b.part2_save_every))["checkpoint"]
     return early, data, t
 
 

@@ -68,6 +68,17 @@ teacher trajectories about G, which the issue's design rules out, and keeps nois
 dev G over 75 -> G's chat-format knowledge does not come from the distractor recitals alone, recorded; under 30 ->
 share 0.3 next; in range with pass@4 gaining under 15 -> the belief is held per disease, not per sample.
 
+The robustness arm (session 15; written before it ran). Session 14's seed 2 and noise-0.7 runs broke Stage 1's
+reading checks (dev R 55.0, 27.2) with normal loss curves, and the adopted Stage 1 (the Budget's defaults: a clean
+corpus, share 1) has been run on seeds 1 and 2 only. So: the adopted Stage 1 on seeds 3 and 4, in parallel on 1 core
+each, with part 2's checkpoints kept every 1,000 steps (`--part2-save-every 1000`; the training is unchanged, since
+sft.py's batches are a function of the step and the seed). Rule: Stage 1 is robust iff dev R >= 85 and dev T >= 97
+on both seeds; then session 14's breaks belong to its G corpora (noise, contested), recorded, and the next probe is
+where the reply-format G knowledge comes from. A seed that breaks is traced by probe_stage1_trace.py (dev R and dev
+T at part 1's end and at every kept part-2 checkpoint), to tell a reading skill that never forms from one that forms
+and is lost; the fix is chosen from that trace, after it, not before. The G headroom gate is reported, not expected
+(a clean corpus put dev G at 89-97 before).
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -78,6 +89,8 @@ share 0.3 next; in range with pass@4 gaining under 15 -> the belief is held per 
         --contested --g-types 0,0,1 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_contest_d01 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0.1 --seeds 1
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/robust_s3 --share 1 \
+        --part2-save-every 1000 --seeds 3    # and the same with --seeds 4 beside it, each under taskset
 """
 import argparse
 import dataclasses
@@ -105,6 +118,7 @@ def main():
     parser.add_argument("--contested", action="store_true", help="Budget.g_contested")
     parser.add_argument("--g-types", default=None, help="Budget.g_type_weights, e.g. 0,0,1 (诊断, 否定, 多选)")
     parser.add_argument("--stage1-g-distractors", type=float, default=1.0, help="Budget.stage1_g_distractors")
+    parser.add_argument("--part2-save-every", type=int, default=0, help="Budget.part2_save_every")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
                         help="+ the convergence gate's longer part 2 (run.stage1_gates)")
@@ -114,7 +128,7 @@ def main():
     recipe = {**RECIPE, "sft_steps": R.QUICK.sft_steps} if args.quick else RECIPE
     b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share,
                             g_fact_noise=args.noise, g_contested=args.contested,
-                            stage1_g_distractors=args.stage1_g_distractors,
+                            stage1_g_distractors=args.stage1_g_distractors, part2_save_every=args.part2_save_every,
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
