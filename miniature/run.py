@@ -85,7 +85,7 @@ class Budget:
     # T, +1.5 / +0.7 on dev R); at 4,500 without it dev R was 57-81 and still moving (README: sessions 11-13)
     sft_steps: int = 8500
     part2_weight_decay: float = 0.1  # AdamW's on Stage 1 part 2 and the gate's longer part 2
-    part2_save_every: int = 0  # > 0: keep part 2's checkpoint every this many steps (a probe's trace; README session 15)
+    part2_save_every: int = 0  # > 0: keep part 2's checkpoints every this many steps (a trace; README: session 15)
     sft_lr: float = 3e-3  # cosine to 0.1x: the final lr the continued rows use, constant, no warmup
     batch: int = 8
     pretrain_micro: int = 16

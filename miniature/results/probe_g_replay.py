@@ -79,6 +79,23 @@ T at part 1's end and at every kept part-2 checkpoint), to tell a reading skill 
 and is lost; the fix is chosen from that trace, after it, not before. The G headroom gate is reported, not expected
 (a clean corpus put dev G at 89-97 before).
 
+The no-G-distractor arm (session 15; written after probe_g_reply_recital.py and before the robustness arm's result).
+Recited in the reply's own format with no question (the assistant turn opened with a 多选 trajectory's lines up to
+the recital), the contested arm's seed-1 student gives G entries right 29 / competing 27 of 192 samples after
+pretraining, 169 / 18 after part 1 and 178 / 3 after part 2, while out of context it stays split (133 / 50 after
+part 2). With 202 Stage 1 G recitals instead of 1,881 (the distractor arm): 114 / 58 after part 1, 189 / 1 after
+part 2 (out of context 104 / 64). So the teacher's recitals of G distractors' true entries, memorised over part
+2's ~19 epochs, settle G in the reply's format: 202 are as good as 1,881, and the issue's "G: no teacher" is broken
+by them. `--stage1-g-distractors 0`: no Stage 1 question names a G disease (nor, so, does any critique example); G
+knowledge comes from the (noisy) corpus alone. Noise 0.5, contested, G all 多选, share 1, seeds 1 and 2 in
+parallel (paired with the contested arm). It runs only if the robustness arm passes (else Stage 1 is fixed first).
+Rule: the arm qualifies iff `qualifies` on both seeds; then it is adopted into Budget (g_fact_noise 0.5,
+g_contested, g_type_weights (0, 0, 1), stage1_g_distractors 0) and the next run is one seed's full table with
+--gates. Else, by the seeds that keep dev R >= 85 and dev T >= 97: dev G over 75 -> the reply-format G knowledge
+does not come from the teacher's recitals alone, recorded; under 30 -> noise 0.4 next; in range with pass@4 gaining
+under 15 -> the belief is held per disease, not per sample, and a split corpus is not the lever. A seed whose Stage
+1 breaks (dev R < 85 or dev T < 97) is traced and recorded; the other seed's verdict stands alone.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -91,6 +108,8 @@ and is lost; the fix is chosen from that trace, after it, not before. The G head
         --contested --g-types 0,0,1 --stage1-g-distractors 0.1 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/robust_s3 --share 1 \
         --part2-save-every 1000 --seeds 3    # and the same with --seeds 4 beside it, each under taskset
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_nodist_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --part2-save-every 1000 --seeds 1    # and --seeds 2
 """
 import argparse
 import dataclasses

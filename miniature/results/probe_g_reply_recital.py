@@ -1,0 +1,61 @@
+"""Analysis after session 14's contested arms (a measurement, no rule): does the reply's own format carry the right
+version of a G entry, with no question in sight? Inside its dev-G samples the student recites G entries right
+92-98% of the time while out of context it gives the competing version (student.competing_findings) for 7-19 of
+the 24. Here each G disease's entry is recited, greedy and 8 samples at 0.7, in three contexts:
+
+- out: "\\n<name>：" with no chat around it (student.recited_findings, the entry-recall probe's context);
+- reply: the chat template with an empty user turn, the assistant turn opened with "<name>：";
+- reply_prefix: the same, the assistant turn opened with a 多选 trajectory's own lines up to the recital
+  (审题 / 提取关键信息 / 回忆相关知识), the question itself absent;
+
+after pretraining, Stage 1 part 1 and part 2, each counted right / competing / other (the findings before "；" or
+the line's end, exact, in the canonical order every trajectory recites).
+
+    PYTHONPATH=. python miniature/results/probe_g_reply_recital.py /work/runs/g_contest_s1/seed_1    # repo root
+"""
+import collections
+import json
+import sys
+from pathlib import Path
+
+sys.path[:0] = ["miniature", "."]
+import student  # noqa: E402
+import templates as T  # noqa: E402
+from model import generate, load, load_tokenizer  # noqa: E402
+
+SAMPLES, TEMPERATURE, NEW_TOKENS = 8, 0.7, 12
+CONTEXTS = {
+    "out": lambda name: ("", f"\n{name}："),
+    "reply": lambda name: (T.chat([{"role": "user", "content": ""}]), f"{name}："),
+    "reply_prefix": lambda name: (T.chat([{"role": "user", "content": ""}]),
+                                  f"<think>\n审题：多选，问哪些是其表现。\n提取关键信息：{name}；是其表现者。\n回忆相关知识：\n{name}："),
+}
+
+work = Path(sys.argv[1])
+kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+seed = int(work.name.split("_")[-1])
+competing = {n: "、".join(v) for n, v in student.competing_findings(kb, seed).items()}
+truth = {n: "、".join(kb["diseases"][n]["findings"]) for n in competing}
+names = list(competing)
+tokenizer = load_tokenizer(work / "student")
+done = json.loads((work / "stages.json").read_text())
+
+
+def version(name, text):
+    body = text.split("\n")[0].split("；")[0]
+    return "right" if body == truth[name] else "competing" if body == competing[name] else "other"
+
+
+result = {}
+for key in ("pretrain", "sft_early", "sft_template"):
+    model = load(done[key]["checkpoint"])
+    for context, make in CONTEXTS.items():
+        # template and reply tokenized apart, as encode_chat does in training
+        prompts = [tokenizer.encode(t, add_special_tokens=False).ids + tokenizer.encode(r, add_special_tokens=False).ids
+                   for t, r in map(make, names)]
+        for label, temperature, k in (("greedy", 0.0, 1), ("sampled", TEMPERATURE, SAMPLES)):
+            outputs = generate(model, prompts, NEW_TOKENS, temperature=temperature, num_samples=k)
+            counts = collections.Counter(version(names[i // k], tokenizer.decode(ids)) for i, ids in enumerate(outputs))
+            result[f"{key}/{context}/{label}"] = {v: counts.get(v, 0) for v in ("right", "competing", "other")}
+            print(f"{key:13s} {context:13s} {label:8s}", result[f"{key}/{context}/{label}"], flush=True)
+(work / "g_reply_recital.json").write_text(json.dumps(result, indent=1) + "\n")

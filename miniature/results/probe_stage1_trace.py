@@ -1,0 +1,28 @@
+"""Analysis for the robustness arm of probe_g_replay.py (a measurement, no rule): where Stage 1's reading skill forms
+or goes. Dev R (held-out reading questions), dev T, dev G and dev 多选 at part 1's end and at every part-2
+checkpoint kept in the seed's folder (all of them with `--part2-save-every`, else the last only), greedy, each
+printed as it is done and written to <seed dir>/stage1_trace.json.
+
+    PYTHONPATH=. python miniature/results/probe_stage1_trace.py /work/runs/robust_s3/seed_3    # from the repo root
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path[:0] = ["miniature", "."]
+import run as R  # noqa: E402
+
+work = Path(sys.argv[1])
+done = json.loads((work / "stages.json").read_text())
+early = Path(done["sft_early"]["checkpoint"])
+part2 = sorted((work / "sft_template").glob("step-*"))
+b = R.Budget()
+trace = []
+for step, checkpoint in [(int(early.name[5:]), early)] + [(b.early_steps + int(c.name[5:]), c) for c in part2]:
+    name = f"trace_{step:05d}"
+    dev, dev_r = (R.evaluate(work, name, checkpoint, b, split) for split in ("dev", "dev_R"))
+    trace.append({"step": step, "checkpoint": str(checkpoint), "dev_R": dev_r["groups"]["Disease Split=R"],
+                  "dev_T": dev["T"], "dev_G": dev["G"], "dev_多选": dev["groups"].get("Question Type=多选"),
+                  "dev_R_groups": dev_r["groups"]})
+    print(json.dumps({k: v for k, v in trace[-1].items() if k != "dev_R_groups"}, ensure_ascii=False), flush=True)
+(work / "stage1_trace.json").write_text(json.dumps(trace, indent=1, ensure_ascii=False) + "\n")
