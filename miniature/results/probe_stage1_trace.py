@@ -12,17 +12,22 @@ from pathlib import Path
 sys.path[:0] = ["miniature", "."]
 import run as R  # noqa: E402
 
-work = Path(sys.argv[1])
-done = json.loads((work / "stages.json").read_text())
-early = Path(done["sft_early"]["checkpoint"])
-part2 = sorted((work / "sft_template").glob("step-*"))
-b = R.Budget()
-trace = []
-for step, checkpoint in [(int(early.name[5:]), early)] + [(b.early_steps + int(c.name[5:]), c) for c in part2]:
-    name = f"trace_{step:05d}"
-    dev, dev_r = (R.evaluate(work, name, checkpoint, b, split) for split in ("dev", "dev_R"))
-    trace.append({"step": step, "checkpoint": str(checkpoint), "dev_R": dev_r["groups"]["Disease Split=R"],
-                  "dev_T": dev["T"], "dev_G": dev["G"], "dev_多选": dev["groups"].get("Question Type=多选"),
-                  "dev_R_groups": dev_r["groups"]})
-    print(json.dumps({k: v for k, v in trace[-1].items() if k != "dev_R_groups"}, ensure_ascii=False), flush=True)
-(work / "stage1_trace.json").write_text(json.dumps(trace, indent=1, ensure_ascii=False) + "\n")
+
+def trace(work, checkpoints, b=R.Budget()):
+    """[{step, checkpoint, dev_R, dev_T, dev_G, dev_多选, dev_R_groups}] for each (step, checkpoint)."""
+    out = []
+    for step, checkpoint in checkpoints:
+        dev, dev_r = (R.evaluate(work, f"trace_{step:05d}", checkpoint, b, split) for split in ("dev", "dev_R"))
+        out.append({"step": step, "checkpoint": str(checkpoint), "dev_R": dev_r["groups"]["Disease Split=R"],
+                    "dev_T": dev["T"], "dev_G": dev["G"], "dev_多选": dev["groups"].get("Question Type=多选"),
+                    "dev_R_groups": dev_r["groups"]})
+        print(json.dumps({k: v for k, v in out[-1].items() if k != "dev_R_groups"}, ensure_ascii=False), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    work = Path(sys.argv[1])
+    early = Path(json.loads((work / "stages.json").read_text())["sft_early"]["checkpoint"])
+    part2 = sorted((work / "sft_template").glob("step-*"))
+    steps = [(int(early.name[5:]), early)] + [(R.Budget().early_steps + int(c.name[5:]), c) for c in part2]
+    (work / "stage1_trace.json").write_text(json.dumps(trace(work, steps), indent=1, ensure_ascii=False) + "\n")
