@@ -85,7 +85,7 @@ the recital), the contested arm's seed-1 student gives G entries right 29 / comp
 pretraining, 169 / 18 after part 1 and 178 / 3 after part 2, while out of context it stays split (133 / 50 after
 part 2). With 202 Stage 1 G recitals instead of 1,881 (the distractor arm): 114 / 58 after part 1, 189 / 1 after
 part 2 (out of context 104 / 64). So the teacher's recitals of G distractors' true entries, memorised over part
-2's ~19 epochs, settle G in the reply's format: 202 are as good as 1,881, and the issue's "G: no teacher" is broken
+2's ~16 epochs, settle G in the reply's format: 202 are as good as 1,881, and the issue's "G: no teacher" is broken
 by them. `--stage1-g-distractors 0`: no Stage 1 question names a G disease (nor, so, does any critique example); G
 knowledge comes from the (noisy) corpus alone. Noise 0.5, contested, G all 多选, share 1, seeds 1 and 2 in
 parallel (paired with the contested arm). It runs only if the robustness arm passes (else Stage 1 is fixed first).

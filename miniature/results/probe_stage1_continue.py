@@ -15,8 +15,18 @@ Either seed gaining under 5 points of dev R over the 4,000 steps -> the final lr
 the next session runs part 2 at 16,000 steps (its cosine) from part 1 on seeds 3 and 4. Otherwise recorded, and
 the next session runs the latter.
 
+The higher-lr arm (written after the rule above had failed, on seed 4: dev R 69.2, 69.5, 69.3, 68.5 over the
+4,000 steps at 3e-4, against 71.8 at step 8,500; seed 3's trace still running, and before this arm ran). Is the stall
+the cosine's low tail? `--lr 1e-3` (a third of the peak, a fresh AdamW, so 100 warmup steps), otherwise as above,
+from the same step-8,500 checkpoints, seeds 3 and 4 in parallel. Rule: dev R >= 85 with dev T >= 97 on both seeds
+by the 4,000th step -> the stall is the lr's tail, and the next session's first arm is part 2 at its 8,000 steps
+with the cosine ending at 1e-3 (sft.py --min-lr-ratio 1/3) on seeds 1-4, before any longer part 2. Otherwise the
+next session runs part 2 at 16,000 steps (its cosine) from part 1 on seeds 3 and 4, as the rule above says.
+
     PYTHONPATH=. python miniature/results/probe_stage1_continue.py /work/runs/robust_s3/seed_3    # repo root
+    PYTHONPATH=. python miniature/results/probe_stage1_continue.py /work/runs/robust_s3/seed_3 --lr 1e-3
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,13 +35,25 @@ sys.path[:0] = ["miniature", "miniature/results", "."]
 import run as R  # noqa: E402
 from probe_stage1_trace import trace  # noqa: E402
 
-STEPS, EVERY = 4000, 1000
+STEPS, EVERY, WARMUP = 4000, 1000, 100
 
-work = Path(sys.argv[1])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("work", help="a seed's folder with Stage 1 done")
+parser.add_argument("--lr", type=float, default=None,
+                    help="constant lr after WARMUP steps (default: Stage 1's final lr, run.continued, no warmup)")
+args = parser.parse_args()
+work = Path(args.work)
 b, seed = R.Budget(), int(work.name.split("_")[-1])
 t = json.loads((work / "stages.json").read_text())["sft_template"]["checkpoint"]
-run = R.continued(work, "sft_continue", t, work / "stage1_part2.jsonl", STEPS, b, seed, save_every=EVERY)
-kept = sorted((work / "sft_continue").glob("step-*"))
-steps = [(b.sft_steps + int(c.name[5:]), c) for c in kept]
-result = {"continued": {**run, "lr": b.sft_lr * 0.1, "weight_decay": b.part2_weight_decay}, "trace": trace(work, steps)}
-(work / "stage1_continue.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+data = work / "stage1_part2.jsonl"
+if args.lr is None:
+    name, lr, warmup = "sft_continue", b.sft_lr * 0.1, 0
+    run = R.continued(work, name, t, data, STEPS, b, seed, save_every=EVERY)
+else:
+    name, lr, warmup = f"sft_continue_lr{args.lr:g}", args.lr, WARMUP
+    run = R.sft(work, name, ["--model", t], data, STEPS, f"{lr:g}", b.batch, b.cot_micro, seed,
+                extra=["--warmup", WARMUP, "--min-lr-ratio", 1, *R.part2_flags(b)], save_every=EVERY)
+steps = [(b.sft_steps + int(c.name[5:]), c) for c in sorted((work / name).glob("step-*"))]
+result = {"continued": {**run, "lr": lr, "warmup": warmup, "weight_decay": b.part2_weight_decay},
+          "trace": trace(work, steps, b, tag=name.replace("sft_", ""))}
+(work / f"stage1_{name[4:]}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -13,11 +13,12 @@ sys.path[:0] = ["miniature", "."]
 import run as R  # noqa: E402
 
 
-def trace(work, checkpoints, b=R.Budget()):
-    """[{step, checkpoint, dev_R, dev_T, dev_G, dev_多选, dev_R_groups}] for each (step, checkpoint)."""
+def trace(work, checkpoints, b=R.Budget(), tag="trace"):
+    """[{step, checkpoint, dev_R, dev_T, dev_G, dev_多选, dev_R_groups}] for each (step, checkpoint); the evaluations
+    in work/eval/<split>_<tag>_<step>."""
     out = []
     for step, checkpoint in checkpoints:
-        dev, dev_r = (R.evaluate(work, f"trace_{step:05d}", checkpoint, b, split) for split in ("dev", "dev_R"))
+        dev, dev_r = (R.evaluate(work, f"{tag}_{step:05d}", checkpoint, b, split) for split in ("dev", "dev_R"))
         out.append({"step": step, "checkpoint": str(checkpoint), "dev_R": dev_r["groups"]["Disease Split=R"],
                     "dev_T": dev["T"], "dev_G": dev["G"], "dev_多选": dev["groups"].get("Question Type=多选"),
                     "dev_R_groups": dev_r["groups"]})
