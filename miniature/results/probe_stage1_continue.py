@@ -35,12 +35,12 @@ sys.path[:0] = ["miniature", "miniature/results", "."]
 import run as R  # noqa: E402
 from probe_stage1_trace import trace  # noqa: E402
 
-STEPS, EVERY, WARMUP = 4000, 1000, 100
+STEPS, EVERY, WARMUP = 4000, 1000, 0.025  # warmup: sft.py takes a share of the steps (100 of 4,000)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("work", help="a seed's folder with Stage 1 done")
 parser.add_argument("--lr", type=float, default=None,
-                    help="constant lr after WARMUP steps (default: Stage 1's final lr, run.continued, no warmup)")
+                    help="constant lr after a warmup of WARMUP of the steps (default: Stage 1's final lr, run.continued, no warmup)")
 args = parser.parse_args()
 work = Path(args.work)
 b, seed = R.Budget(), int(work.name.split("_")[-1])
