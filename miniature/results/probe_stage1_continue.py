@@ -40,7 +40,8 @@ STEPS, EVERY, WARMUP = 4000, 1000, 0.025  # warmup: sft.py takes a share of the 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("work", help="a seed's folder with Stage 1 done")
 parser.add_argument("--lr", type=float, default=None,
-                    help="constant lr after a warmup of WARMUP of the steps (default: Stage 1's final lr, run.continued, no warmup)")
+                    help="constant lr after a warmup of WARMUP of the steps (default: Stage 1's final lr, "
+                         "run.continued, no warmup)")
 args = parser.parse_args()
 work = Path(args.work)
 b, seed = R.Budget(), int(work.name.split("_")[-1])
