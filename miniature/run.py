@@ -218,12 +218,14 @@ def sft(work, name, init, data, steps, lr, batch, micro, seed, max_len=1024, ext
     return {"checkpoint": str(last_checkpoint(out)), "train_tokens": tokens, "steps": n}
 
 
-def continued(work, name, model, data, steps, b, seed, save_every=0):
+def continued(work, name, model, data, steps, b, seed, save_every=0, lr=None, warmup=0):
     """SFT continued from a trained model at Stage 1's FINAL lr, constant, no warmup (a restart at the peak lr
     would be a different, noisier recipe): sft.py's cosine with --min-lr-ratio 1 is constant. With part 2's
-    weight decay, so that it continues part 2's recipe, not a different one."""
-    return sft(work, name, ["--model", model], data, max(1, steps), f"{b.sft_lr * 0.1:g}", b.batch, b.cot_micro, seed,
-               extra=["--warmup", 0, "--min-lr-ratio", 1, *part2_flags(b)], save_every=save_every)
+    weight decay, so that it continues part 2's recipe, not a different one. A probe may set another constant lr
+    (then a warmup, a share of the steps: the AdamW state is fresh)."""
+    lr = b.sft_lr * 0.1 if lr is None else lr
+    return sft(work, name, ["--model", model], data, max(1, steps), f"{lr:g}", b.batch, b.cot_micro, seed,
+               extra=["--warmup", warmup, "--min-lr-ratio", 1, *part2_flags(b)], save_every=save_every)
 
 
 def distill(work, style, url, b):

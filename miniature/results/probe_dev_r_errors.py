@@ -24,8 +24,9 @@ for p in predictions:
         continue
     row = rows[p["id"]]
     q = teacher.parse_question(T.format_question(row))
-    reference = teacher.answer_text(teacher.beliefs_for(kb, q), q).split("\n")
-    k = teacher.first_wrong_line(teacher.beliefs_for(kb, q), q, p["output"])
+    beliefs = teacher.beliefs_for(kb, q)  # the stem's entries: a reading question's diseases are not in kb
+    reference = teacher.answer_text(beliefs, q).split("\n")
+    k = teacher.first_wrong_line(beliefs, q, p["output"])
     theirs = p["output"].split("\n")
     section = next((line.rstrip("：") for line in reversed(reference[:k - 1]) if line.endswith("：")), "审题") \
         if k else "none"

@@ -46,14 +46,9 @@ args = parser.parse_args()
 work = Path(args.work)
 b, seed = R.Budget(), int(work.name.split("_")[-1])
 t = json.loads((work / "stages.json").read_text())["sft_template"]["checkpoint"]
-data = work / "stage1_part2.jsonl"
-if args.lr is None:
-    name, lr, warmup = "sft_continue", b.sft_lr * 0.1, 0
-    run = R.continued(work, name, t, data, STEPS, b, seed, save_every=EVERY)
-else:
-    name, lr, warmup = f"sft_continue_lr{args.lr:g}", args.lr, WARMUP
-    run = R.sft(work, name, ["--model", t], data, STEPS, f"{lr:g}", b.batch, b.cot_micro, seed,
-                extra=["--warmup", WARMUP, "--min-lr-ratio", 1, *R.part2_flags(b)], save_every=EVERY)
+name, lr, warmup = ("sft_continue", b.sft_lr * 0.1, 0) if args.lr is None else \
+    (f"sft_continue_lr{args.lr:g}", args.lr, WARMUP)
+run = R.continued(work, name, t, work / "stage1_part2.jsonl", STEPS, b, seed, save_every=EVERY, lr=lr, warmup=warmup)
 steps = [(b.sft_steps + int(c.name[5:]), c) for c in sorted((work / name).glob("step-*"))]
 result = {"continued": {**run, "lr": lr, "warmup": warmup, "weight_decay": b.part2_weight_decay},
           "trace": trace(work, steps, b, tag=name.replace("sft_", ""))}
