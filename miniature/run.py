@@ -481,16 +481,22 @@ def part2_flags(b):
     return ["--weight-decay", b.part2_weight_decay] if b.part2_weight_decay else []
 
 
-def stage1(work, stage, b, seed, pre, url):
-    """Template SFT: part 1 on the teacher's trajectories, then part 2 with the critique examples made from part 1's
-    own errors. Returns (part 1's checkpoint, part 2's data, template SFT's checkpoint)."""
+def stage1_part1(work, stage, b, seed, pre, url):
+    """Template SFT's part 1 on the teacher's trajectories, and part 2's data: the trajectories, the critique
+    examples made from part 1's own errors, replay. Returns (part 1's checkpoint, part 2's data)."""
     for style in ("template", "plain"):
         stage(f"distill_{style}", lambda: distill(work, style, url, b))
     part1 = cat(work, "stage1_part1.jsonl", "stage1_template.jsonl", "replay.jsonl")
     early = stage("sft_early", lambda: sft(work, "sft_early", ["--model", pre], part1, b.early_steps, b.sft_lr,
                                            b.batch, b.cot_micro, seed))["checkpoint"]
     stage("critiques", lambda: critique_data(work, early, url, b, seed))
-    data = cat(work, "stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
+    return early, cat(work, "stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
+
+
+def stage1(work, stage, b, seed, pre, url):
+    """Template SFT: part 1, then part 2 from its checkpoint. Returns (part 1's checkpoint, part 2's data, template
+    SFT's checkpoint)."""
+    early, data = stage1_part1(work, stage, b, seed, pre, url)
     t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data, b.sft_steps - b.early_steps,
                                           b.sft_lr, b.batch, b.cot_micro, seed, extra=part2_flags(b),
                                           save_every=b.part2_save_every))["checkpoint"]

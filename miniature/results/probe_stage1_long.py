@@ -20,6 +20,11 @@ Also recorded: the trace's shape against the 8,500-step run's (probe_stage1_trac
 cosine moves the transition's start (dev R 12-20 until step 3,500-4,500 at 8,500 steps).
 
     PYTHONPATH=. python miniature/results/probe_stage1_long.py /work/runs/robust_s3/seed_3    # from the repo root
+
+Session 17 ran it on a new machine (session 16's runs were lost with their machine, unfinished): the folder is then
+built first, exam to part 1 and its critiques, by the Budget's own stages (bit-for-bit the same data; part 1's
+training as deterministic as sft.py on this CPU). Part 2's loss over its first steps is checked against the lost
+run's log in the README.
 """
 import argparse
 import json
@@ -33,10 +38,18 @@ from probe_stage1_trace import trace  # noqa: E402
 EVERY = 2000
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("work", help="a seed's folder with Stage 1 done")
+parser.add_argument("work", help="a seed's folder (<dir>/seed_<n>); exam to part 1 built if absent")
 work = Path(parser.parse_args().work)
 b, seed = R.Budget(), int(work.name.split("_")[-1])
+work.mkdir(parents=True, exist_ok=True)
 stage = R.Stages(work)
+if "critiques" not in stage.done:  # a new machine: rebuild the seed's exam, pretraining and part 1 (deterministic)
+    kb, pre = R.prepare(work, stage, b, seed)
+    server, url, _ = R.teacher.serve(kb)
+    try:
+        R.stage1_part1(work, stage, b, seed, pre, url)
+    finally:
+        server.shutdown()
 early = stage.done["sft_early"]["checkpoint"]
 steps = b.long_factor * (b.sft_steps - b.early_steps)
 run = stage("sft_long", lambda: R.sft(work, "sft_long", ["--model", early], work / "stage1_part2.jsonl", steps,
