@@ -113,7 +113,8 @@ class Budget:
 
 QUICK = Budget(diseases=60, stage1_questions=100, reading_questions=30, stage2_questions=24, dev_questions=20,
                dev_reading_questions=20,
-               test_questions=40, hidden=64, layers=2, pretrain_copies=20, pretrain_steps=20, replay_examples=10, early_steps=10,
+               test_questions=40, hidden=64, layers=2, pretrain_copies=20, pretrain_steps=20, replay_examples=10,
+               early_steps=10,
                critique_questions=30, sft_steps=30, samples=2, corrections=1, max_new_tokens=96,
                critique_max_new_tokens=48, eval_max_new_tokens=96, dpo_lrs="5e-5", long_factor=2, pass_k=2,
                replay_in_stage2=True,  # off in the full budget; on here so CI runs dpo.py --replay on 2 ranks
@@ -493,14 +494,34 @@ def stage1_part1(work, stage, b, seed, pre, url):
     return early, cat(work, "stage1_part2.jsonl", "stage1_template.jsonl", "stage1_critiques.jsonl", "replay.jsonl")
 
 
+def stage1_part2(work, stage, b, seed, early, data):
+    """Template SFT's part 2 from part 1's checkpoint; returns its checkpoint."""
+    return stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data,
+                                             b.sft_steps - b.early_steps, b.sft_lr, b.batch, b.cot_micro, seed,
+                                             extra=part2_flags(b), save_every=b.part2_save_every))["checkpoint"]
+
+
 def stage1(work, stage, b, seed, pre, url):
     """Template SFT: part 1, then part 2 from its checkpoint. Returns (part 1's checkpoint, part 2's data, template
     SFT's checkpoint)."""
     early, data = stage1_part1(work, stage, b, seed, pre, url)
-    t = stage("sft_template", lambda: sft(work, "sft_template", ["--model", early], data, b.sft_steps - b.early_steps,
-                                          b.sft_lr, b.batch, b.cot_micro, seed, extra=part2_flags(b),
-                                          save_every=b.part2_save_every))["checkpoint"]
-    return early, data, t
+    return early, data, stage1_part2(work, stage, b, seed, early, data)
+
+
+def part1_folder(work, b, seed):
+    """A seed's folder with its exam, pretraining, part 1 and part 2's data, built if absent; returns its Stages.
+    Probes on Stage 1 start here: a folder lost with its machine is rebuilt by the same stages (the same data; on
+    another CPU the training's float path, so the draw of part 1 and of its critiques, may differ)."""
+    work.mkdir(parents=True, exist_ok=True)
+    stage = Stages(work)
+    if "critiques" not in stage.done:
+        kb, pre = prepare(work, stage, b, seed)
+        server, url, _ = teacher.serve(kb)
+        try:
+            stage1_part1(work, stage, b, seed, pre, url)
+        finally:
+            server.shutdown()
+    return stage
 
 
 def run_seed(out, seed, b, gates=False):
@@ -668,12 +689,13 @@ def pct(x, signed=False):
 
 def print_table(tables, seeds):
     print(f"\nTest accuracy (%, greedy chain of thought, exact match of the letter set), {len(tables)} seed(s); "
-          "G (Stage 2 diseases, no teacher trajectories) is the headline. 'vs template, G' is each seed's paired difference on G"
-          " with its paired 95% interval (Newcombe) and flips (fixed/broken), seeds separated by '|'.")
+          "G (Stage 2 diseases, no teacher trajectories) is the headline. 'vs template, G' is each seed's paired "
+          "difference on G with its paired 95% interval (Newcombe) and flips (fixed/broken), seeds separated by '|'.")
     head = f"{'row':46} {'G':>11} {'T':>6} {'U':>6} {'vs template, G':>40} {'steps':>6} {'teacher':>8} {'sec':>5}"
     print(head + "\n" + "-" * len(head))
     for i, first in enumerate(tables[0]):
         cells = [t[i] for t in tables]
+
         def mean(key):
             return statistics.mean(c[key] for c in cells) if all(c[key] is not None for c in cells) else None
         sd = f"±{100 * statistics.stdev(c['G'] for c in cells):.1f}" if len(cells) > 1 else ""

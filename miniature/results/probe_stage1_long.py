@@ -22,9 +22,10 @@ cosine moves the transition's start (dev R 12-20 until step 3,500-4,500 at 8,500
     PYTHONPATH=. python miniature/results/probe_stage1_long.py /work/runs/robust_s3/seed_3    # from the repo root
 
 Session 17 ran it on a new machine (session 16's runs were lost with their machine, unfinished): the folder is then
-built first, exam to part 1 and its critiques, by the Budget's own stages (bit-for-bit the same data; part 1's
-training as deterministic as sft.py on this CPU). Part 2's loss over its first steps is checked against the lost
-run's log in the README.
+built first, exam to part 1 and its critiques, by the Budget's own stages (run.part1_folder). Its data are the
+same; part 1's training and sampling run on another CPU, so the folder may be another draw of part 1 and of its
+critiques (part 2's loss over its first 500 steps: seed 3 0.388 against the lost run's 0.387, seed 4 0.416
+against 0.392).
 """
 import argparse
 import json
@@ -41,15 +42,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("work", help="a seed's folder (<dir>/seed_<n>); exam to part 1 built if absent")
 work = Path(parser.parse_args().work)
 b, seed = R.Budget(), int(work.name.split("_")[-1])
-work.mkdir(parents=True, exist_ok=True)
-stage = R.Stages(work)
-if "critiques" not in stage.done:  # a new machine: rebuild the seed's exam, pretraining and part 1 (deterministic)
-    kb, pre = R.prepare(work, stage, b, seed)
-    server, url, _ = R.teacher.serve(kb)
-    try:
-        R.stage1_part1(work, stage, b, seed, pre, url)
-    finally:
-        server.shutdown()
+stage = R.part1_folder(work, b, seed)
 early = stage.done["sft_early"]["checkpoint"]
 steps = b.long_factor * (b.sft_steps - b.early_steps)
 run = stage("sft_long", lambda: R.sft(work, "sft_long", ["--model", early], work / "stage1_part2.jsonl", steps,

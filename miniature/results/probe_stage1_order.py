@@ -14,6 +14,14 @@ Rule:
   changes what part 1 teaches, so that the lookup forms before the memory shortcut settles (its rule written first).
 - otherwise -> both matter; recorded, and the next session runs the batch-16 arm first (the cheaper to read).
 
+Session 17 (written before probe_stage1_long's result was known, after its folders had to be rebuilt on a new
+machine): a rebuilt folder may be another draw of part 1 and its critiques (probe_stage1_long's docstring), so the
+stalled 8,500-step runs of session 15 are no baseline for it. The probe therefore also runs, in the same folder, the
+adopted part 2 under the seed's own order (run.stage1_part2, stage "sft_template", if absent) and evaluates both.
+The rule above is read on the seeds whose adopted part 2 stalls in that folder (dev R < 85 or dev T < 97); a seed
+whose adopted part 2 reads there adds a reading draw to the robustness tally instead (three of six before), and if
+neither seed stalls there is no verdict on the order and the tally is what is recorded.
+
     PYTHONPATH=. python miniature/results/probe_stage1_order.py /work/runs/robust_s3/seed_3    # from the repo root
 """
 import argparse
@@ -28,12 +36,16 @@ from probe_stage1_trace import trace  # noqa: E402
 ORDER = 1000
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("work", help="a seed's folder with Stage 1 done")
+parser.add_argument("work", help="a seed's folder (<dir>/seed_<n>); exam to part 1 built if absent")
 work = Path(parser.parse_args().work)
 b, seed = R.Budget(), int(work.name.split("_")[-1])
-early = json.loads((work / "stages.json").read_text())["sft_early"]["checkpoint"]
+stage = R.part1_folder(work, b, seed)
+early, data = stage.done["sft_early"]["checkpoint"], work / "stage1_part2.jsonl"
+adopted = R.stage1_part2(work, stage, b, seed, early, data)
 name = f"sft_order{ORDER + seed}"
-run = R.sft(work, name, ["--model", early], work / "stage1_part2.jsonl", b.sft_steps - b.early_steps, b.sft_lr,
-            b.batch, b.cot_micro, ORDER + seed, extra=R.part2_flags(b))
-result = {name: run, "trace": trace(work, [(b.sft_steps, Path(run["checkpoint"]))], b, tag=name[4:])}
+run = R.sft(work, name, ["--model", early], data, b.sft_steps - b.early_steps, b.sft_lr, b.batch, b.cot_micro,
+            ORDER + seed, extra=R.part2_flags(b))
+result = {name: run, "sft_template": stage.done["sft_template"],
+          "trace": trace(work, [(b.sft_steps, Path(run["checkpoint"]))], b, tag=name[4:]),
+          "trace_adopted": trace(work, [(b.sft_steps, Path(adopted))], b, tag="adopted")}
 (work / f"stage1_{name[4:]}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
