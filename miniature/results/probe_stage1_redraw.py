@@ -6,8 +6,9 @@ data, the same seeds; part 1's training and its samples for the critiques on ano
 (probe_stage1_long.py) had a different loss from its first 500 steps on (seed 3 0.388 vs 0.387, seed 4 0.416 vs
 0.392), and by steps 2,500-3,000 it was below the stalled runs' (0.198 / 0.205 against session 16's 0.236 / 0.253 at
 the same lr, and session 15's 0.232 / 0.246 with 8,000 steps), in the range of session 14's four runs
-(0.188-0.214; two of them broke later on their G corpora, a slip in this docstring's first version). So the rebuilt folders are other draws, and no verdict of probe_stage1_long on part 2's length could
-be read against session 15's stalled runs. It was stopped at step ~3,650 (seed 3 3,662, seed 4 3,629) and this
+(0.188-0.214; two of them broke later on their G corpora, a slip in this docstring's first version). So the
+rebuilt folders are other draws, and no verdict of probe_stage1_long on part 2's length could be read against
+session 15's stalled runs. It was stopped at step ~3,650 (seed 3 3,662, seed 4 3,629) and this
 runs instead, in the same folders, the adopted Stage 1's part 2 (run.stage1_part2: 8,000 steps, the Budget's
 recipe, the seed's own batch order), its checkpoints kept every 1,000 steps, then dev R / T / G at the end first
 (the verdict) and at every kept checkpoint (probe_stage1_trace.trace). Seeds 3 and 4 in parallel, 1 core each.
