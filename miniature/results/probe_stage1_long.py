@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path[:0] = ["miniature", "miniature/results", "."]
 import run as R  # noqa: E402
-from probe_stage1_trace import trace  # noqa: E402
+from probe_stage1_trace import kept_part2, trace  # noqa: E402
 
 EVERY = 2000
 
@@ -48,7 +48,6 @@ steps = b.long_factor * (b.sft_steps - b.early_steps)
 run = stage("sft_long", lambda: R.sft(work, "sft_long", ["--model", early], work / "stage1_part2.jsonl", steps,
                                       b.sft_lr, b.batch, b.cot_micro, seed, extra=R.part2_flags(b),
                                       save_every=EVERY))
-kept = sorted((work / "sft_long").glob("step-*"))
-checkpoints = [(b.early_steps + int(c.name[5:]), c) for c in kept[-1:] + kept[:-1]]  # the verdict's first
-result = {"sft_long": run, "trace": sorted(trace(work, checkpoints, b, tag="long"), key=lambda row: row["step"])}
+rows = trace(work, kept_part2(work / "sft_long", b), b, tag="long")
+result = {"sft_long": run, "trace": sorted(rows, key=lambda row: row["step"])}
 (work / "stage1_long.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path[:0] = ["miniature", "miniature/results", "."]
 import run as R  # noqa: E402
-from probe_stage1_trace import trace  # noqa: E402
+from probe_stage1_trace import kept_part2, trace  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("work", help="a seed's folder (<dir>/seed_<n>); exam to part 1 built if absent")
@@ -43,8 +43,6 @@ b = dataclasses.replace(R.Budget(), part2_save_every=1000)
 stage = R.part1_folder(work, b, seed)
 early = stage.done["sft_early"]["checkpoint"]
 adopted = R.stage1_part2(work, stage, b, seed, early, work / "stage1_part2.jsonl")
-kept = sorted((work / "sft_template").glob("step-*"))
-checkpoints = [(b.early_steps + int(c.name[5:]), c) for c in kept[-1:] + kept[:-1]]  # the verdict's first
-result = {"sft_template": stage.done["sft_template"],
-          "trace": sorted(trace(work, checkpoints, b, tag="redraw"), key=lambda row: row["step"])}
+rows = trace(work, kept_part2(work / "sft_template", b), b, tag="redraw")
+result = {"sft_template": stage.done["sft_template"], "trace": sorted(rows, key=lambda row: row["step"])}
 (work / "stage1_redraw.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -26,9 +26,14 @@ def trace(work, checkpoints, b=R.Budget(), tag="trace"):
     return out
 
 
+def kept_part2(folder, b=R.Budget()):
+    """[(Stage 1 step, checkpoint)] for the part-2 checkpoints kept in folder, the last (a probe's verdict) first."""
+    kept = sorted(folder.glob("step-*"))
+    return [(b.early_steps + int(c.name[5:]), c) for c in kept[-1:] + kept[:-1]]
+
+
 if __name__ == "__main__":
     work = Path(sys.argv[1])
     early = Path(json.loads((work / "stages.json").read_text())["sft_early"]["checkpoint"])
-    part2 = sorted((work / "sft_template").glob("step-*"))
-    steps = [(int(early.name[5:]), early)] + [(R.Budget().early_steps + int(c.name[5:]), c) for c in part2]
+    steps = [(int(early.name[5:]), early)] + sorted(kept_part2(work / "sft_template"))
     (work / "stage1_trace.json").write_text(json.dumps(trace(work, steps), indent=1, ensure_ascii=False) + "\n")
