@@ -82,6 +82,10 @@ class ExamConfig:
     # recited, entry and all, by the teacher's trajectory, which teaches G's knowledge in the reply's own format
     # (1,881 G recitals in 2,000 Stage 1 trajectories; README: session 14)
     stage1_g_distractors: float = 1.0
+    # share of a Stage 1 reading question's diseases named after G diseases, their findings still fresh and stated
+    # in the stem (reading_question), so that Stage 1's replies write G names without reciting any G entry
+    # (README: session 18; with neither G distractors nor these, the student copied 2 of 490 G option names)
+    reading_g_names: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,16 +322,26 @@ def make_split(kb, cfg, mix, n, keys, salt, g_distractors=1.0):
 # the stem ("已知：<name>：<findings>；...。"), so no memory can supply an entry or a check: the trajectory recites the
 # entry from the stem and every check has to read it.
 
-def reading_question(kb, rng, kind):
-    """One reading question: a CSV row like make_question's, its diseases fresh (not in `kb`), Disease Split R."""
+def reading_question(kb, rng, kind, g_names=0.0):
+    """One reading question: a CSV row like make_question's, its diseases fresh (not in `kb`), Disease Split R. With
+    g_names > 0 each of its diseases is, with that chance, a G disease's name instead, with findings as fresh as the
+    others' and never either finding its contested pair names (kb["contested"]): the reply writes the G name, while
+    nothing it recites speaks to the fact G's questions hinge on."""
     outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
+    names = rng.sample(outside, 8)
+    if g_names > 0:  # extra draws only here, so that every split is the same without it
+        g = sorted(n for n, d in kb["diseases"].items() if d["split"] == "G")
+        g = rng.sample(g, min(8, len(g)))
+        names = [g[i] if i < len(g) and rng.random() < g_names else n for i, n in enumerate(names)]
     fresh = {"diseases": {}}
-    for name in rng.sample(outside, 8):
-        typical = sorted(set(ORGANS[name[0]][2] + PROCESSES[name[1]][0]), key=FINDINGS.index)
+    for name in names:
+        barred = kb.get("contested", {}).get(name, [])
+        typical = [f for f in sorted(set(ORGANS[name[0]][2] + PROCESSES[name[1]][0]), key=FINDINGS.index)
+                   if f not in barred]
         picked = []
         while len(picked) < 4:
             f = rng.choice(typical) if rng.random() < 0.8 else rng.choice(FINDINGS)
-            picked += [f] if f not in picked else []
+            picked += [f] if f not in picked and f not in barred else []
         fresh["diseases"][name] = {"department": ORGANS[name[0]][0], "group": ORGANS[name[0]][1], "split": "R",
                                    "findings": "".join(sorted(picked, key=FINDINGS.index))}
     names = list(fresh["diseases"])
@@ -341,10 +355,10 @@ def reading_question(kb, rng, kind):
     return row
 
 
-def reading_split(kb, cfg, n, keys, salt="reading"):
+def reading_split(kb, cfg, n, keys, salt="reading", g_names=0.0):
     rng, rows = random.Random(f"{salt}-{cfg.seed}"), []
     while len(rows) < n:
-        row = reading_question(kb, rng, rng.choices(list(BUILDERS), cfg.type_weights)[0])
+        row = reading_question(kb, rng, rng.choices(list(BUILDERS), cfg.type_weights)[0], g_names)
         if row is not None and question_key(row) not in keys:
             keys.add(question_key(row))
             rows.append(row)
@@ -372,7 +386,7 @@ def build(cfg: ExamConfig, out) -> dict:
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
     stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1", cfg.stage1_g_distractors)
     if cfg.reading:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's first rows
-        stage1 += reading_split(kb, cfg, cfg.reading, keys)
+        stage1 += reading_split(kb, cfg, cfg.reading, keys, g_names=cfg.reading_g_names)
         stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1, len(stage1))
     stage2 = make_split(kb, cfg, {"G": 1.0}, cfg.stage2, keys, "stage2")
     if cfg.dev_reading:  # drawn last, so that every other split is the same with or without it

@@ -144,6 +144,32 @@ def test_stage1_g_distractors_sets_the_share_of_stage1_questions_naming_g(tmp_pa
         assert (tmp_path / "none" / f"{name}.csv").read_bytes() == (tmp_path / "default" / f"{name}.csv").read_bytes()
 
 
+def test_reading_g_names_write_g_names_without_their_entries_or_contested_findings(tmp_path):
+    """reading_g_names: Stage 1 reading questions name G diseases, each with the entry its stem states (not the
+    knowledge base's), never either finding of its contested pair, and keys right by the stem; every other split is
+    byte for byte the default's, and 0 (the default) names no G disease in any reading question."""
+    base = dict(SMALL, stage1_g_distractors=0.0, g_contested=True, dev_reading=20)
+    exam.build(exam.ExamConfig(seed=3, **base), tmp_path / "default")
+    kb = exam.build(exam.ExamConfig(seed=3, reading_g_names=0.5, **base), tmp_path / "g")
+    g = {n for n, d in kb["diseases"].items() if d["split"] == "G"}
+    assert kb["contested"].keys() == g
+    for name in ("stage2", "dev", "test", "dev_R"):
+        assert (tmp_path / "g" / f"{name}.csv").read_bytes() == (tmp_path / "default" / f"{name}.csv").read_bytes()
+    reading = {f: [r for r in read_rows(tmp_path / f / "stage1.csv") if r["Disease Split"] == "R"]
+               for f in ("default", "g")}
+    assert not any(involved(kb, r) for r in reading["default"])
+    stated = Counter()
+    for row in reading["g"]:
+        entries = dict(e.split("：") for e in row["Question"][3:].split("。")[0].split("；"))
+        for name, findings in entries.items():
+            if name in g:
+                stated[name] += 1
+                assert not set(findings.split("、")) & set(kb["contested"][name]), (name, findings)
+                assert "".join(findings.split("、")) != kb["diseases"][name]["findings"]
+        assert involved(kb, row) <= g and independent_answer(kb, row) == row["Answer"], row
+    assert sum(stated.values()) > 20 and len(stated) > len(g) // 2, stated
+
+
 def test_dev_reading_is_held_out_and_changes_no_other_split(tmp_path):
     """dev_R.csv: reading questions (fresh diseases, entries in the stem) with right keys, none of them in any other
     file, and every other CSV byte for byte as without it."""

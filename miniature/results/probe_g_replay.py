@@ -96,6 +96,26 @@ does not come from the teacher's recitals alone, recorded; under 30 -> noise 0.4
 under 15 -> the belief is held per disease, not per sample, and a split corpus is not the lever. A seed whose Stage
 1 breaks (dev R < 85 or dev T < 97) is traced and recorded; the other seed's verdict stands alone.
 
+The reading-names arm (session 18; written after the no-G-distractor arm's result and before it ran). With no G
+name in any Stage 1 question, both seeds failed for a reason the arm itself made: dev T on questions with no G
+option 194 / 194 and 179 / 180 (seeds 1 / 2), with a G option (T's 诊断, distractors from T and G) 49.1 / 83.3, G
+option names copied into the option lines 2 of 221 and 0 of 269 (T names 338 / 339, 348 / 351), a G question's
+subject named in 提取关键信息 0 and 1 of 300; dev G 8.0 / 1.7. A student that never writes a G name in Stage 1
+cannot write one, so the arm asked nothing about where G's knowledge comes from. `--reading-g-names 0.25`
+(`Budget.reading_g_names`, exam.reading_question): a quarter of the reading questions' diseases are named after G
+diseases, with findings fresh and stated in the stem and never either finding of the contested pair, so Stage 1's
+replies write G names (377 times, each G disease 6-23 times, on seed 1) and recite no G entry from memory. Noise
+0.5, contested, G all 多选, share 1, `--stage1-g-distractors 0`, seeds 1 and 2 in parallel. Rule: as the
+no-G-distractor arm's: qualifies on both seeds -> adopted (with reading_g_names 0.25) and the next run is one
+seed's full table with --gates. Else, by the seeds that keep dev R >= 85 and dev T >= 97: dev G over 75 -> the
+reply-format G knowledge does not come from the teacher's recitals alone, recorded; under 30 with the G subject
+named in >= 90% of dev G replies -> the corpus's split belief does not reach the reply without the teacher's
+recitals, recorded (the next lever is how the corpus states G, chosen after); under 30 with names not written ->
+writing a G name after a stem does not transfer, recorded; in range with pass@4 gaining under 15 -> the belief is
+held per disease, not per sample. A seed whose Stage 1 breaks is traced; the other seed's verdict stands alone.
+Predicted before it ran: G subjects named in >= 90% of dev G replies, dev T >= 97 where Stage 1 reads, dev G in
+range but pass@4 gaining under 15 (this arm's seeds recalled 54 / 46% of G entries greedy, 59 / 47% sampled).
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -110,6 +130,9 @@ under 15 -> the belief is held per disease, not per sample, and a split corpus i
         --part2-save-every 1000 --seeds 3    # and the same with --seeds 4 beside it, each under taskset
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_nodist_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --part2-save-every 1000 --seeds 1    # and --seeds 2
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_readg_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --reading-g-names 0.25 --part2-save-every 1000 \
+        --seeds 1    # and --seeds 2 beside it, each under taskset
 """
 import argparse
 import dataclasses
@@ -137,6 +160,7 @@ def main():
     parser.add_argument("--contested", action="store_true", help="Budget.g_contested")
     parser.add_argument("--g-types", default=None, help="Budget.g_type_weights, e.g. 0,0,1 (诊断, 否定, 多选)")
     parser.add_argument("--stage1-g-distractors", type=float, default=1.0, help="Budget.stage1_g_distractors")
+    parser.add_argument("--reading-g-names", type=float, default=0.0, help="Budget.reading_g_names")
     parser.add_argument("--part2-save-every", type=int, default=0, help="Budget.part2_save_every")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
@@ -147,7 +171,8 @@ def main():
     recipe = {**RECIPE, "sft_steps": R.QUICK.sft_steps} if args.quick else RECIPE
     b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share,
                             g_fact_noise=args.noise, g_contested=args.contested,
-                            stage1_g_distractors=args.stage1_g_distractors, part2_save_every=args.part2_save_every,
+                            stage1_g_distractors=args.stage1_g_distractors,
+                            reading_g_names=args.reading_g_names, part2_save_every=args.part2_save_every,
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
@@ -168,6 +193,7 @@ def main():
     (out / "probe_g_replay.json").write_text(json.dumps({"share": args.share, "noise": args.noise,
                                                          "contested": args.contested, "g_types": args.g_types,
                                                          "stage1_g_distractors": args.stage1_g_distractors,
+                                                         "reading_g_names": args.reading_g_names,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 
