@@ -344,7 +344,6 @@ def reading_question(kb, rng, kind, g_names=0.0):
             picked += [f] if f not in picked and f not in barred else []
         fresh["diseases"][name] = {"department": ORGANS[name[0]][0], "group": ORGANS[name[0]][1], "split": "R",
                                    "findings": "".join(sorted(picked, key=FINDINGS.index))}
-    names = list(fresh["diseases"])
     row = make_question(fresh, rng, kind, names[0], names)
     if row is None:
         return None

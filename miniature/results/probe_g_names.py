@@ -48,5 +48,6 @@ def g_names(work, evaluation="dev_sft_template"):
 if __name__ == "__main__":
     work = Path(sys.argv[1])
     result = g_names(work, *sys.argv[2:3])
-    (work / f"g_names{'_' + sys.argv[2] if sys.argv[2:] else ''}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    path = work / ("g_names.json" if len(sys.argv) < 3 else f"g_names_{sys.argv[2]}.json")
+    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=1, ensure_ascii=False))
