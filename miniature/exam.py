@@ -86,6 +86,11 @@ class ExamConfig:
     # in the stem (reading_question), so that Stage 1's replies write G names without reciting any G entry
     # (README: session 18; with neither G distractors nor these, the student copied 2 of 490 G option names)
     reading_g_names: float = 0.0
+    # None: those G names' findings are fresh (above). A share p: each states one of the corpus's own two versions
+    # instead, the competing one (competing_findings) with chance p, the true entry otherwise; at p = the corpus's
+    # noise the reply copies what the stem says and is taught no belief the corpus does not hold (README: session 19;
+    # fresh findings leaked into the reply's G recitals, "other" 62 / 159 of 192)
+    reading_g_competing: float = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,19 +327,26 @@ def make_split(kb, cfg, mix, n, keys, salt, g_distractors=1.0):
 # the stem ("已知：<name>：<findings>；...。"), so no memory can supply an entry or a check: the trajectory recites the
 # entry from the stem and every check has to read it.
 
-def reading_question(kb, rng, kind, g_names=0.0):
+def reading_question(kb, rng, kind, g_names=0.0, g_competing=None):
     """One reading question: a CSV row like make_question's, its diseases fresh (not in `kb`), Disease Split R. With
     g_names > 0 each of its diseases is, with that chance, a G disease's name instead, with findings as fresh as the
     others' and never either finding its contested pair names (kb["contested"]): the reply writes the G name, while
-    nothing it recites speaks to the fact G's questions hinge on."""
+    nothing it recites speaks to the fact G's questions hinge on. With g_competing a share p, a G name's findings are
+    instead its competing version (competing_findings) with chance p and its true entry otherwise."""
     outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
     names = rng.sample(outside, 8)
     if g_names > 0:  # extra draws only here, so that every split is the same without it
         g = sorted(n for n, d in kb["diseases"].items() if d["split"] == "G")
         g = rng.sample(g, min(8, len(g)))
         names = [g[i] if i < len(g) and rng.random() < g_names else n for i, n in enumerate(names)]
+    versions = competing_findings(kb, kb["config"]["seed"]) if g_competing is not None else {}
     fresh = {"diseases": {}}
     for name in names:
+        if name in versions:  # a G name: one of the corpus's two versions, as stated, key and all
+            findings = versions[name] if rng.random() < g_competing else kb["diseases"][name]["findings"]
+            fresh["diseases"][name] = {"department": ORGANS[name[0]][0], "group": ORGANS[name[0]][1], "split": "R",
+                                       "findings": findings}
+            continue
         barred = kb.get("contested", {}).get(name, [])
         typical = [f for f in sorted(set(ORGANS[name[0]][2] + PROCESSES[name[1]][0]), key=FINDINGS.index)
                    if f not in barred]
@@ -354,10 +366,10 @@ def reading_question(kb, rng, kind, g_names=0.0):
     return row
 
 
-def reading_split(kb, cfg, n, keys, salt="reading", g_names=0.0):
+def reading_split(kb, cfg, n, keys, salt="reading", g_names=0.0, g_competing=None):
     rng, rows = random.Random(f"{salt}-{cfg.seed}"), []
     while len(rows) < n:
-        row = reading_question(kb, rng, rng.choices(list(BUILDERS), cfg.type_weights)[0], g_names)
+        row = reading_question(kb, rng, rng.choices(list(BUILDERS), cfg.type_weights)[0], g_names, g_competing)
         if row is not None and question_key(row) not in keys:
             keys.add(question_key(row))
             rows.append(row)
@@ -385,7 +397,8 @@ def build(cfg: ExamConfig, out) -> dict:
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
     stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1", cfg.stage1_g_distractors)
     if cfg.reading:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's first rows
-        stage1 += reading_split(kb, cfg, cfg.reading, keys, g_names=cfg.reading_g_names)
+        stage1 += reading_split(kb, cfg, cfg.reading, keys, g_names=cfg.reading_g_names,
+                                g_competing=cfg.reading_g_competing)
         stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1, len(stage1))
     stage2 = make_split(kb, cfg, {"G": 1.0}, cfg.stage2, keys, "stage2")
     if cfg.dev_reading:  # drawn last, so that every other split is the same with or without it

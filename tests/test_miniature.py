@@ -170,6 +170,32 @@ def test_reading_g_names_write_g_names_without_their_entries_or_contested_findin
     assert sum(stated.values()) > 20 and len(stated) > len(g) // 2, stated
 
 
+def test_reading_g_competing_states_the_corpus_versions_at_its_rate(tmp_path):
+    """reading_g_competing p: a G name in a reading question states exactly one of its two versions, the competing
+    one (exam.competing_findings, rebuilt here from the seed) about p of the time and the true entry otherwise, with
+    keys right by the stem; every split but stage1 is byte for byte the default's."""
+    base = dict(SMALL, stage1_g_distractors=0.0, g_contested=True, dev_reading=20, reading=200, reading_g_names=0.5)
+    exam.build(exam.ExamConfig(seed=3, **base), tmp_path / "fresh")
+    kb = exam.build(exam.ExamConfig(seed=3, reading_g_competing=0.5, **base), tmp_path / "versions")
+    g = {n: d["findings"] for n, d in kb["diseases"].items() if d["split"] == "G"}
+    competing = exam.competing_findings(kb, 3)
+    for name in ("stage2", "dev", "test", "dev_R"):
+        assert (tmp_path / "versions" / f"{name}.csv").read_bytes() == \
+            (tmp_path / "fresh" / f"{name}.csv").read_bytes()
+    stated = Counter()
+    for row in read_rows(tmp_path / "versions" / "stage1.csv"):
+        if row["Disease Split"] != "R":
+            continue
+        entries = dict(e.split("：") for e in row["Question"][3:].split("。")[0].split("；"))
+        for name, findings in entries.items():
+            if name in g:
+                findings = "".join(findings.split("、"))
+                assert findings in (g[name], competing[name]) and g[name] != competing[name], (name, findings)
+                stated["competing" if findings == competing[name] else "true"] += 1
+        assert independent_answer(kb, row) == row["Answer"], row
+    assert sum(stated.values()) > 100 and 0.35 < stated["competing"] / sum(stated.values()) < 0.65, stated
+
+
 def test_dev_reading_is_held_out_and_changes_no_other_split(tmp_path):
     """dev_R.csv: reading questions (fresh diseases, entries in the stem) with right keys, none of them in any other
     file, and every other CSV byte for byte as without it."""

@@ -116,6 +116,27 @@ held per disease, not per sample. A seed whose Stage 1 breaks is traced; the oth
 Predicted before it ran: G subjects named in >= 90% of dev G replies, dev T >= 97 where Stage 1 reads, dev G in
 range but pass@4 gaining under 15 (this arm's seeds recalled 54 / 46% of G entries greedy, 59 / 47% sampled).
 
+The versions arm (session 19; written after the reading-names arm's result and before it ran). The reading-names
+arm's fresh findings leaked into the reply's G recitals ("other" 62 / 159 of 192 after part 2, against 20 / 14
+without G-named reading questions), and seed 2 copied 88 of 269 G option names after ~400 G-name writes.
+`--reading-g-competing 0.5` (`Budget.reading_g_competing`, exam.reading_question): each G name in a reading question
+states one of the corpus's own two versions, the competing one with chance 0.5 (the corpus's noise) and the true
+entry otherwise, key by the stem, so the reply copies what the stem says and is taught no belief the corpus does not
+hold; `--reading-g-names 0.5` doubles the G-name writes (749 / 761 on seeds 1 / 2, each G disease 21-43 times;
+competing 391 / 362 of them). Noise 0.5, contested, G all 多选, share 1, `--stage1-g-distractors 0`, checkpoints every
+1,000 part-2 steps, seeds 1 and 2 in parallel, 1 core each. Rule: qualifies on both seeds -> adopted into Budget
+(g_fact_noise 0.5, g_contested, g_type_weights (0, 0, 1), stage1_g_distractors 0, reading_g_names 0.5,
+reading_g_competing 0.5) and the next run is one seed's full table with --gates. Else, by the seeds that keep dev R
+>= 85 and dev T >= 97: dev G over 75 -> the true entries stated in half the stems settle G in the reply (the
+student keeps the version its pretraining favours, or the key's), recorded; under 30 with the G subject named in >=
+90% of dev G replies and the reply-format recital split -> a split recital does not make a right 多选, recorded;
+under 30 with names not written -> G-name writes after a stem do not transfer, recorded; in range with pass@4
+gaining under 15 -> the belief is held per disease, not per sample. A seed whose Stage 1 breaks is traced; the other
+seed's verdict stands alone. The part-2 loss over steps 2,500-3,000 is read before any evaluation (over ~0.22:
+a late transition flagged). Predicted before it ran: G option names copied and G subjects named >= 90% on both
+seeds; the reply-format recital after part 2 right and competing each >= 50 of 192, other <= 20; dev T >= 97 where
+Stage 1 reads; dev G in [30, 75] with pass@4 >= pass@1 + 15.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -133,6 +154,9 @@ range but pass@4 gaining under 15 (this arm's seeds recalled 54 / 46% of G entri
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_readg_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --reading-g-names 0.25 --part2-save-every 1000 \
         --seeds 1    # and --seeds 2 beside it, each under taskset
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_vers_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --reading-g-names 0.5 --reading-g-competing 0.5 \
+        --part2-save-every 1000 --seeds 1    # and --seeds 2 beside it, each under taskset
 """
 import argparse
 import dataclasses
@@ -161,6 +185,7 @@ def main():
     parser.add_argument("--g-types", default=None, help="Budget.g_type_weights, e.g. 0,0,1 (诊断, 否定, 多选)")
     parser.add_argument("--stage1-g-distractors", type=float, default=1.0, help="Budget.stage1_g_distractors")
     parser.add_argument("--reading-g-names", type=float, default=0.0, help="Budget.reading_g_names")
+    parser.add_argument("--reading-g-competing", type=float, default=None, help="Budget.reading_g_competing")
     parser.add_argument("--part2-save-every", type=int, default=0, help="Budget.part2_save_every")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
@@ -172,7 +197,8 @@ def main():
     b = dataclasses.replace(R.QUICK if args.quick else R.Budget(), g_replay_share=args.share,
                             g_fact_noise=args.noise, g_contested=args.contested,
                             stage1_g_distractors=args.stage1_g_distractors,
-                            reading_g_names=args.reading_g_names, part2_save_every=args.part2_save_every,
+                            reading_g_names=args.reading_g_names, reading_g_competing=args.reading_g_competing,
+                            part2_save_every=args.part2_save_every,
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
@@ -194,6 +220,7 @@ def main():
                                                          "contested": args.contested, "g_types": args.g_types,
                                                          "stage1_g_distractors": args.stage1_g_distractors,
                                                          "reading_g_names": args.reading_g_names,
+                                                         "reading_g_competing": args.reading_g_competing,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 
