@@ -89,7 +89,8 @@ class ExamConfig:
     # None: those G names' findings are fresh (above). A share p: each states one of the corpus's own two versions
     # instead, the competing one (competing_findings) with chance p, the true entry otherwise; at p = the corpus's
     # noise the reply copies what the stem says and is taught no belief the corpus does not hold (README: session 19;
-    # fresh findings leaked into the reply's G recitals, "other" 62 / 159 of 192)
+    # fresh findings leaked into the reply's G recitals, "other" 62 / 159 of 192). Measured at 0.5 with reading_g_names
+    # 0.5: Stage 1's reading broke on both seeds run (dev R 45.5 / 70.2), so no Budget uses it
     reading_g_competing: float = None
 
 
