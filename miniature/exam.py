@@ -345,18 +345,17 @@ def reading_question(kb, rng, kind, g_names=0.0, g_competing=None):
     for name in names:
         if name in versions:  # a G name: one of the corpus's two versions, as stated, key and all
             findings = versions[name] if rng.random() < g_competing else kb["diseases"][name]["findings"]
-            fresh["diseases"][name] = {"department": ORGANS[name[0]][0], "group": ORGANS[name[0]][1], "split": "R",
-                                       "findings": findings}
-            continue
-        barred = kb.get("contested", {}).get(name, [])
-        typical = [f for f in sorted(set(ORGANS[name[0]][2] + PROCESSES[name[1]][0]), key=FINDINGS.index)
-                   if f not in barred]
-        picked = []
-        while len(picked) < 4:
-            f = rng.choice(typical) if rng.random() < 0.8 else rng.choice(FINDINGS)
-            picked += [f] if f not in picked and f not in barred else []
+        else:
+            barred = kb.get("contested", {}).get(name, [])
+            typical = [f for f in sorted(set(ORGANS[name[0]][2] + PROCESSES[name[1]][0]), key=FINDINGS.index)
+                       if f not in barred]
+            picked = []
+            while len(picked) < 4:
+                f = rng.choice(typical) if rng.random() < 0.8 else rng.choice(FINDINGS)
+                picked += [f] if f not in picked and f not in barred else []
+            findings = "".join(sorted(picked, key=FINDINGS.index))
         fresh["diseases"][name] = {"department": ORGANS[name[0]][0], "group": ORGANS[name[0]][1], "split": "R",
-                                   "findings": "".join(sorted(picked, key=FINDINGS.index))}
+                                   "findings": findings}
     row = make_question(fresh, rng, kind, names[0], names)
     if row is None:
         return None
