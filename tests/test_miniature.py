@@ -144,6 +144,12 @@ def test_stage1_g_distractors_sets_the_share_of_stage1_questions_naming_g(tmp_pa
         assert (tmp_path / "none" / f"{name}.csv").read_bytes() == (tmp_path / "default" / f"{name}.csv").read_bytes()
 
 
+def stated_entries(row):
+    """{name: findings as one string} for each entry a reading question's stem states ("已知：<name>：<f>、<f>；...。")."""
+    return {name: "".join(findings.split("、"))
+            for name, findings in (e.split("：") for e in row["Question"][3:].split("。")[0].split("；"))}
+
+
 def test_reading_g_names_write_g_names_without_their_entries_or_contested_findings(tmp_path):
     """reading_g_names: Stage 1 reading questions name G diseases, each with the entry its stem states (not the
     knowledge base's), never either finding of its contested pair, and keys right by the stem; every other split is
@@ -160,12 +166,11 @@ def test_reading_g_names_write_g_names_without_their_entries_or_contested_findin
     assert not any(involved(kb, r) for r in reading["default"])
     stated = Counter()
     for row in reading["g"]:
-        entries = dict(e.split("：") for e in row["Question"][3:].split("。")[0].split("；"))
-        for name, findings in entries.items():
+        for name, findings in stated_entries(row).items():
             if name in g:
                 stated[name] += 1
-                assert not set(findings.split("、")) & set(kb["contested"][name]), (name, findings)
-                assert "".join(findings.split("、")) != kb["diseases"][name]["findings"]
+                assert not set(findings) & set(kb["contested"][name]), (name, findings)
+                assert findings != kb["diseases"][name]["findings"]
         assert involved(kb, row) <= g and independent_answer(kb, row) == row["Answer"], row
     assert sum(stated.values()) > 20 and len(stated) > len(g) // 2, stated
 
@@ -186,10 +191,8 @@ def test_reading_g_competing_states_the_corpus_versions_at_its_rate(tmp_path):
     for row in read_rows(tmp_path / "versions" / "stage1.csv"):
         if row["Disease Split"] != "R":
             continue
-        entries = dict(e.split("：") for e in row["Question"][3:].split("。")[0].split("；"))
-        for name, findings in entries.items():
+        for name, findings in stated_entries(row).items():
             if name in g:
-                findings = "".join(findings.split("、"))
                 assert findings in (g[name], competing[name]) and g[name] != competing[name], (name, findings)
                 stated["competing" if findings == competing[name] else "true"] += 1
         assert independent_answer(kb, row) == row["Answer"], row
