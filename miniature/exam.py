@@ -18,11 +18,12 @@ fact in several phrasings with the findings in permuted order (knowledge_lines),
 be extracted later (Allen-Zhu and Li, Physics of Language Models 3.1). Stage 1 also holds `reading` questions
 (Disease Split R) about diseases outside the knowledge base whose entries the stem states, so that its checks must
 read an entry rather than remember one (reading_question says why); `dev_reading` more of them, held out
-(dev_R.csv), measure that skill on entries no row trains. dev.csv (T and G, for gates and choices) and test.csv
-(half G, a quarter T, a quarter U; `Disease Split` says which) share no question (same stem and option set) with
-each other or with training. Files: stage1.csv, stage2.csv, train.csv (both), dev.csv, test.csv (CMExam columns plus
-annotation columns, so templates.load_cmexam and eval_cmexam.py read them unchanged), kb.json (for the teacher) and
-kb.txt (the canonical knowledge lines).
+(dev_R.csv), measure that skill on entries no row trains. With `department`, Stage 1 also holds questions on a T
+or G disease's department (下列疾病属消化科的是, 胃炎属于哪一科; Disease Split D), read off the name's organ. dev.csv
+(T and G, for gates and choices) and test.csv (half G, a quarter T, a quarter U; `Disease Split` says which) share no
+question (same stem and option set) with each other or with training. Files: stage1.csv, stage2.csv, train.csv
+(both), dev.csv, test.csv (CMExam columns plus annotation columns, so templates.load_cmexam and eval_cmexam.py read
+them unchanged), kb.json (for the teacher) and kb.txt (the canonical knowledge lines).
 
     python miniature/exam.py --out runs/mini/data --seed 0
 """
@@ -55,7 +56,7 @@ PROCESSES = {  # process: (typical findings, treatments)
     "梗": ("痛麻瘫", ["溶栓", "支架"]), "瘤": ("肿痛", ["手术", "放疗"]), "痹": ("麻僵痛", ["激素", "理疗"]),
 }
 TREATMENTS = sorted({t for _, ts in PROCESSES.values() for t in ts})
-TYPES = {"诊断": "诊断", "否定": "临床表现", "多选": "临床表现"}  # type: Area of Competency
+TYPES = {"诊断": "诊断", "否定": "临床表现", "多选": "临床表现", "科室": "科室", "何科": "科室"}  # Area of Competency
 COLUMNS = ["Question", "Options", "Answer", "Explanation", "Disease Group", "Area of Competency",
            "Clinical Department", "Question Type", "Disease Split"]
 LETTERS = "ABCDE"
@@ -92,6 +93,9 @@ class ExamConfig:
     # fresh findings leaked into the reply's G recitals, "other" 62 / 159 of 192). Measured at 0.5 with reading_g_names
     # 0.5: Stage 1's reading broke on both seeds run (dev R 45.5 / 70.2), so no Budget uses it
     reading_g_competing: float = None
+    # extra Stage 1 questions on a disease's department (department_question), their names drawn from T and G alike:
+    # the reply writes G names, in option lines and as a subject, and recites no G finding (README: session 20)
+    department: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,12 +270,28 @@ def q_multi(kb, rng, subject, names):
     return (f"{subject}的表现有", positives + negatives, positives, f"{subject}：{'、'.join(d['findings'])}。")
 
 
+def q_department(kb, rng, subject, names):
+    """下列疾病属<department>的是: the subject and four diseases of other departments. The department is the name's
+    organ's (its first character), so the check reads the name, whichever split it is from."""
+    department = kb["diseases"][subject]["department"]
+    others = rng.sample([n for n in names if kb["diseases"][n]["department"] != department], 4)
+    return f"下列疾病属{department}的是", [subject] + others, [subject], f"{subject[0]}属{department}。"
+
+
+def q_which_department(kb, rng, subject, names):
+    """<subject>属于哪一科: five departments, the subject's and four others."""
+    department = kb["diseases"][subject]["department"]
+    others = rng.sample(sorted({o[0] for o in ORGANS.values()} - {department}), 4)
+    return f"{subject}属于哪一科", [department] + others, [department], f"{subject[0]}属{department}。"
+
+
 BUILDERS = {"诊断": q_diagnosis, "否定": q_not, "多选": q_multi}  # q_treatment (the index-line skill) is unused
+DEPARTMENT_BUILDERS = {"科室": q_department, "何科": q_which_department}  # Stage 1's department questions only
 
 
 def make_question(kb, rng, kind, subject, names):
     """One CSV row (dict of COLUMNS), options shuffled, or None when `subject` cannot make this kind."""
-    built = BUILDERS[kind](kb, rng, subject, names)
+    built = {**BUILDERS, **DEPARTMENT_BUILDERS}[kind](kb, rng, subject, names)
     if built is None:
         return None
     stem, options, correct, explanation = built
@@ -376,6 +396,23 @@ def reading_split(kb, cfg, n, keys, salt="reading", g_names=0.0, g_competing=Non
     return rows
 
 
+# Department questions (Stage 1 only, `Disease Split` D; ExamConfig.department). With no G disease in Stage 1 the
+# student could not write a G name (G option names copied 2 of 221, dev G 1.7-8.0), and G names in reading stems
+# taught G entries the corpus does not hold or broke the reading (README: sessions 18-19). A department question
+# names T and G diseases alike and hinges on a fact no G question asks, read off the name's organ, so its trajectory
+# writes G names (options, 提取关键信息) and recites no finding of any disease.
+
+def department_split(kb, cfg, n, keys, salt="department"):
+    rng, rows = random.Random(f"{salt}-{cfg.seed}"), []
+    names = sorted(name for name, d in kb["diseases"].items() if d["split"] in "TG")
+    while len(rows) < n:
+        row = make_question(kb, rng, rng.choice(list(DEPARTMENT_BUILDERS)), rng.choice(names), names)
+        if question_key(row) not in keys:
+            keys.add(question_key(row))
+            rows.append({**row, "Disease Split": "D"})
+    return rows
+
+
 def write_csv(rows, path):
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
@@ -396,9 +433,11 @@ def build(cfg: ExamConfig, out) -> dict:
     test = make_split(kb, cfg, {"G": 0.5, "T": 0.25, "U": 0.25}, cfg.test, keys, "test")
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
     stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1", cfg.stage1_g_distractors)
-    if cfg.reading:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's first rows
-        stage1 += reading_split(kb, cfg, cfg.reading, keys, g_names=cfg.reading_g_names,
-                                g_competing=cfg.reading_g_competing)
+    if cfg.reading or cfg.department:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's
+        if cfg.reading:                 # first rows
+            stage1 += reading_split(kb, cfg, cfg.reading, keys, g_names=cfg.reading_g_names,
+                                    g_competing=cfg.reading_g_competing)
+        stage1 += department_split(kb, cfg, cfg.department, keys)
         stage1 = random.Random(f"mix-{cfg.seed}").sample(stage1, len(stage1))
     stage2 = make_split(kb, cfg, {"G": 1.0}, cfg.stage2, keys, "stage2")
     if cfg.dev_reading:  # drawn last, so that every other split is the same with or without it
@@ -416,7 +455,7 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for kb.json, kb.txt, train.csv, test.csv")
     defaults = ExamConfig()
-    flags = ("seed", "diseases", "stage1", "stage2", "dev", "test", "reading", "dev_reading")
+    flags = ("seed", "diseases", "stage1", "stage2", "dev", "test", "reading", "dev_reading", "department")
     for name in flags:
         parser.add_argument("--" + name.replace("_", "-"), type=type(getattr(defaults, name)),
                             default=getattr(defaults, name))

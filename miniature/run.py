@@ -80,6 +80,7 @@ class Budget:
     stage1_g_distractors: float = 1.0  # exam.ExamConfig.stage1_g_distractors (README: session 14)
     reading_g_names: float = 0.0  # exam.ExamConfig.reading_g_names (README: session 18)
     reading_g_competing: float = None  # exam.ExamConfig.reading_g_competing (README: session 19)
+    department_questions: int = 0  # exam.ExamConfig.department (README: session 20)
     early_steps: int = 500  # Stage 1 part 1: trajectories + replay; its student's errors make the critique data
     critique_questions: int = 800  # Stage 1 questions the part-1 student answers once, for the teacher to mark
     # part 1 + part 2 (part 2: + critique examples, from part 1's checkpoint). 8,500 with weight decay 0.1 on part 2
@@ -181,7 +182,8 @@ def make_data(work, seed, b):
                           dev=b.dev_questions, test=b.test_questions, reading=b.reading_questions,
                           g_type_weights=b.g_type_weights, dev_reading=b.dev_reading_questions,
                           g_contested=b.g_contested, stage1_g_distractors=b.stage1_g_distractors,
-                          reading_g_names=b.reading_g_names, reading_g_competing=b.reading_g_competing)
+                          reading_g_names=b.reading_g_names, reading_g_competing=b.reading_g_competing,
+                          department=b.department_questions)
     exam.build(cfg, work / "data")
     with open(work / "data" / "dev.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -41,16 +41,18 @@ from templates import CORRECTION_MARK, FIRST_WRONG_LINE, extract_answer  # noqa:
 
 _QUESTION = re.compile(r"以下是一道(单项|多项)选择题[^\n]*\n\n(?P<stem>[^\n]+)\n(?P<options>(?:[A-E]\. [^\n]+(?:\n|$))+)")
 _STEMS = [("诊断", re.compile(r"患者见(.+)。最可能的诊断是")), ("诊断-治疗", re.compile(r"患者见(.+)。应首选的治疗是")),
-          ("否定", re.compile(r"下列哪项不是(.+)的表现")), ("多选", re.compile(r"(.+)的表现有"))]
+          ("否定", re.compile(r"下列哪项不是(.+)的表现")), ("多选", re.compile(r"(.+)的表现有")),
+          ("科室", re.compile(r"下列疾病属(.+科)的是")), ("何科", re.compile(r"(.+)属于哪一科"))]
 _KNOWN = re.compile(r"已知：((?:[^：；。]+：[^；。]+)(?:；[^：；。]+：[^；。]+)*)。(.+)")
 SECTIONS = ["审题", "提取关键信息", "回忆相关知识", "逐项分析各选项", "自我检查与纠正", "得出结论"]
 ASK = {"诊断": "单选，问诊断，须逐项比较。", "诊断-治疗": "单选，先由表现诊断，再选治疗。",
-       "否定": "单选，问哪项不是其表现。", "多选": "多选，问哪些是其表现。"}
+       "否定": "单选，问哪项不是其表现。", "多选": "多选，问哪些是其表现。",
+       "科室": "单选，问哪种疾病属该科。", "何科": "单选，问其所属科室。"}
 
 
 def parse_question(text):
-    """{kind, multi, options {letter: text}, given [findings] or subject} of the last exam question in `text` (the
-    teacher prompt shows the template's worked example first), or None if there is none."""
+    """{kind, multi, options {letter: text}, given [findings] or subject (a department for 科室)} of the last exam
+    question in `text` (the teacher prompt shows the template's worked example first), or None if there is none."""
     for m in reversed(list(_QUESTION.finditer(text))):
         stem, known = m["stem"].strip(), {}
         given = _KNOWN.fullmatch(stem)  # a reading question (exam.reading_question) states its entries first
@@ -106,6 +108,22 @@ def solve(kb, q, beliefs=None, flips=(), answer=None):
         for letter, text in options.items():  # the treatment restated on each line: a local comparison
             ok = flipped(letter, None, bool(dx) and text == treatment)
             analysis.append((letter, f"{text}：{dx or '该病'}治以{treatment or '不明'}", ok))
+    elif kind in ("科室", "何科"):
+        # The department is read off the name's organ (its first character), the same for a T or a G name: no
+        # finding of any disease is recited, and each line restates the department it compares.
+        department = lambda name: beliefs["diseases"][name]["department"]  # noqa: E731
+        if kind == "科室":
+            keys = q["subject"]
+            knowledge = [f"{'、'.join(options.values())}所属科室，由病名的脏器判断。"]
+            for letter, name in options.items():
+                ok = flipped(letter, None, department(name) == q["subject"])
+                analysis.append((letter, f"{name}：{name[0]}属{department(name)}", ok))
+        else:
+            subject = q["subject"]
+            keys, knowledge = f"{subject}；问其科室", [f"{subject[0]}属{department(subject)}"]
+            for letter, text in options.items():
+                ok = flipped(letter, None, text == department(subject))
+                analysis.append((letter, f"{text}：{subject[0]}属{department(subject)}", ok))
     else:
         subject = q["subject"]
         keys = f"{subject}；{'不是' if kind == '否定' else '是'}其表现者"
@@ -136,6 +154,10 @@ def summary(q, answer, kb):
         lists = [kb["index"].get(f, []) for f in q["given"]]
         common = [n for n in lists[0] if all(n in other for other in lists[1:])]
         return f"{'、'.join(q['given'])}皆见者为{'、'.join(common) or '无'}，治以{'、'.join(chosen)}。"
+    if q["kind"] == "科室":
+        return f"{'、'.join(chosen)}属{q['subject']}。"
+    if q["kind"] == "何科":
+        return f"{q['subject']}属{'、'.join(chosen)}。"
     return f"{q['subject']}{'无' if q['kind'] == '否定' else '有'}{'、'.join(chosen)}。"
 
 
@@ -240,15 +262,19 @@ def corrupt(kb, q, rng, tries=100):
 
 
 def _misremember(beliefs, q, rng):
-    """Swap one finding of one recalled entry (or one name of one index line) for another."""
+    """Swap one finding of one recalled entry (or one name of one index line, or one disease's department)."""
     if q["kind"] == "诊断-治疗":
         f = rng.choice(q["given"])
         names = beliefs["index"][f]
         others = [n for n in beliefs["diseases"] if n not in names]
         names[rng.randrange(len(names))] = rng.choice(others)
         return
-    name = rng.choice(sorted(q["options"].values())) if q["kind"] == "诊断" else q["subject"]
+    name = rng.choice(sorted(q["options"].values())) if q["kind"] in ("诊断", "科室") else q["subject"]
     d = beliefs["diseases"][name]
+    if q["kind"] in ("科室", "何科"):
+        d["department"] = rng.choice(sorted({e["department"] for e in beliefs["diseases"].values()
+                                             if "department" in e} - {d["department"]}))
+        return
     pool = sorted({f for e in beliefs["diseases"].values() for f in e["findings"]} - set(d["findings"]))
     i = rng.randrange(len(d["findings"]))
     d["findings"] = d["findings"][:i] + rng.choice(pool) + d["findings"][i + 1:]

@@ -65,6 +65,10 @@ def independent_answer(kb, row):
         good = {l for l, f in options.items() if f not in diseases[m[1]]["findings"]}
     elif m := re.fullmatch(r"(.+)的表现有", stem):
         good = {l for l, f in options.items() if f in diseases[m[1]]["findings"]}
+    elif m := re.fullmatch(r"下列疾病属(.+)的是", stem):
+        good = {l for l, name in options.items() if diseases[name]["department"] == m[1]}
+    elif m := re.fullmatch(r"(.+)属于哪一科", stem):
+        good = {l for l, department in options.items() if department == diseases[m[1]]["department"]}
     else:
         raise AssertionError(f"unknown stem {stem}")
     return "".join(sorted(good))
@@ -197,6 +201,34 @@ def test_reading_g_competing_states_the_corpus_versions_at_its_rate(tmp_path):
                 stated["competing" if findings == competing[name] else "true"] += 1
         assert independent_answer(kb, row) == row["Answer"], row
     assert sum(stated.values()) > 100 and 0.35 < stated["competing"] / sum(stated.values()) < 0.65, stated
+
+
+def test_department_questions_name_t_and_g_diseases_and_recite_no_finding(tmp_path):
+    """department: Stage 1 questions on a T or G disease's department (Disease Split D), keys right, never a U name,
+    every G disease named; the teacher's trajectories on them are right and write no finding of any disease; every
+    other split is byte for byte the default's, and Stage 1's other rows are the default's rows."""
+    base = dict(SMALL, stage1_g_distractors=0.0, dev_reading=20)
+    exam.build(exam.ExamConfig(seed=3, **base), tmp_path / "default")
+    kb = exam.build(exam.ExamConfig(seed=3, department=200, **base), tmp_path / "d")
+    for name in ("stage2", "dev", "test", "dev_R"):
+        assert (tmp_path / "d" / f"{name}.csv").read_bytes() == (tmp_path / "default" / f"{name}.csv").read_bytes()
+    rows = read_rows(tmp_path / "d" / "stage1.csv")
+    loaded = T.load_cmexam(tmp_path / "d" / "stage1.csv")  # the same rows, in order, as the teacher reads them
+    department = [(r, x) for r, x in zip(rows, loaded) if r["Disease Split"] == "D"]
+    assert sorted(map(str, (r for r in rows if r["Disease Split"] != "D"))) == \
+        sorted(map(str, read_rows(tmp_path / "default" / "stage1.csv")))
+    split_of = {n: d["split"] for n, d in kb["diseases"].items()}
+    assert len(department) == 200 and Counter(r["Question Type"] for r, _ in department).keys() == {"科室", "何科"}
+    named = Counter()
+    for row, record in department:
+        assert independent_answer(kb, row) == row["Answer"] and len(row["Answer"]) == 1, row
+        named.update(split_of[n] for n in involved(kb, row))
+        text = teacher.answer_text(kb, teacher.parse_question(T.format_question(record)))
+        assert T.extract_answer(text) == row["Answer"] and teacher.follows_marks(text), text
+        assert not set(text.split("</think>")[0]) & set(exam.FINDINGS), text
+    g = {n for n, x in split_of.items() if x == "G"}
+    assert named["U"] == 0 and named["T"] > 100 and named["G"] > 100
+    assert g <= {n for r, _ in department for n in involved(kb, r)}
 
 
 def test_dev_reading_is_held_out_and_changes_no_other_split(tmp_path):

@@ -137,6 +137,29 @@ a late transition flagged). Predicted before it ran: G option names copied and G
 seeds; the reply-format recital after part 2 right and competing each >= 50 of 192, other <= 20; dev T >= 97 where
 Stage 1 reads; dev G in [30, 75] with pass@4 >= pass@1 + 15.
 
+The department arm (session 20; written after the versions arm's result and before it ran). Four facts: the
+teacher's recitals of G distractors settle G in the reply (no headroom, sessions 13-15); with no G name in Stage 1
+the student cannot write one (dev G 1.7 / 8.0); G names after stems with made-up findings leak made-up recitals
+(dev G 23.0 / 8.7); G names after stems with the corpus's own versions broke Stage 1's reading on both seeds (dev R
+45.5 / 70.2) and were written less. `--department 500` (`Budget.department_questions`, exam.department_split): 500
+Stage 1 questions on a T or G disease's department, half "下列疾病属消化科的是" (five disease options) and half
+"胃炎属于哪一科" (five department options), read off the name's organ, so the replies write G names (824 / 783 on
+seeds 1 / 2, each G disease 20-49 times, ~110 of them as the subject in 提取关键信息) and no finding of any disease.
+Otherwise the no-G-distractor arm: noise 0.5, contested, G all 多选, share 1, `--stage1-g-distractors 0`, no
+G-named reading stems, checkpoints every 1,000 part-2 steps, seeds 1 and 2 in parallel, 1 core each. Rule: qualifies
+on both seeds -> adopted into Budget (g_fact_noise 0.5, g_contested, g_type_weights (0, 0, 1), stage1_g_distractors
+0, department_questions 500) and the next run is one seed's full table with --gates. Else, by the seeds that keep
+dev R >= 85 and dev T >= 97: dev G over 75 -> the corpus's split belief does not survive into the reply once the
+name is written, recorded; under 30 with the G subject named in >= 90% of dev G replies and the reply-format recital
+split -> a split recital does not make a right 多选, recorded; under 30 with names not written -> G names written in
+department questions do not transfer to the 多选's subject line, recorded; in range with pass@4 gaining under 15 ->
+the belief is held per disease, not per sample. A seed whose Stage 1 breaks is traced and its dev-R errors located;
+the other seed's verdict stands alone. The part-2 loss over steps 2,500-3,000 is read before any evaluation.
+Predicted before it ran: G option names copied and G subjects named >= 90% on both seeds; dev R within 3 points of
+the no-G-distractor arm's on the same seeds (81.3 / 92.3, so seed 1 may break by dev R as it did there); dev T >= 97
+where Stage 1 reads; the reply-format recital after part 2 split, right and competing each >= 50 of 192 and other
+<= 20 (no Stage 1 reply recites a G finding); dev G in [30, 75] with pass@4 >= pass@1 + 15.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -157,6 +180,9 @@ Stage 1 reads; dev G in [30, 75] with pass@4 >= pass@1 + 15.
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_vers_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --reading-g-names 0.5 --reading-g-competing 0.5 \
         --part2-save-every 1000 --seeds 1    # and --seeds 2 beside it, each under taskset
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_dept_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
+        --seeds 1    # and --seeds 2 beside it, each under taskset
 """
 import argparse
 import dataclasses
@@ -186,6 +212,7 @@ def main():
     parser.add_argument("--stage1-g-distractors", type=float, default=1.0, help="Budget.stage1_g_distractors")
     parser.add_argument("--reading-g-names", type=float, default=0.0, help="Budget.reading_g_names")
     parser.add_argument("--reading-g-competing", type=float, default=None, help="Budget.reading_g_competing")
+    parser.add_argument("--department", type=int, default=0, help="Budget.department_questions")
     parser.add_argument("--part2-save-every", type=int, default=0, help="Budget.part2_save_every")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
@@ -198,6 +225,7 @@ def main():
                             g_fact_noise=args.noise, g_contested=args.contested,
                             stage1_g_distractors=args.stage1_g_distractors,
                             reading_g_names=args.reading_g_names, reading_g_competing=args.reading_g_competing,
+                            department_questions=args.department,
                             part2_save_every=args.part2_save_every,
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
@@ -221,6 +249,7 @@ def main():
                                                          "stage1_g_distractors": args.stage1_g_distractors,
                                                          "reading_g_names": args.reading_g_names,
                                                          "reading_g_competing": args.reading_g_competing,
+                                                         "department": args.department,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 
