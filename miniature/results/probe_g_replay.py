@@ -160,6 +160,14 @@ the no-G-distractor arm's on the same seeds (81.3 / 92.3, so seed 1 may break by
 where Stage 1 reads; the reply-format recital after part 2 split, right and competing each >= 50 of 192 and other
 <= 20 (no Stage 1 reply recites a G finding); dev G in [30, 75] with pass@4 >= pass@1 + 15.
 
+The department arm on seeds 3 and 4 (session 20; written after seeds 1 and 2's results and before these ran). Seed
+2 qualified (dev R 95.2, dev T 98.3, dev G 40.0, pass@1 37.9 -> pass@4 57.3), the first run of this probe to; seed 1
+passed all but dev T (96.0: 诊断 with a G option 95 / 106, G option names copied 151 / 221). The rule above needs
+both seeds, so the arm is not adopted on them. The same command on seeds 3 and 4, nothing changed, in parallel on
+1 core each. Rule: adopted into Budget as above iff both qualify (3 of 4 seeds, the fourth a point under dev T),
+and the next run is one seed's full table with --gates. One of the two: not adopted, and the next arm raises the G
+option-name copy (its rule written then). Neither: the seed-2 pass does not replicate, recorded.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -182,7 +190,7 @@ where Stage 1 reads; the reply-format recital after part 2 split, right and comp
         --part2-save-every 1000 --seeds 1    # and --seeds 2 beside it, each under taskset
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_dept_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
-        --seeds 1    # and --seeds 2 beside it, each under taskset
+        --seeds 1    # and --seeds 2 beside it, each under taskset; the same with --seeds 3 and --seeds 4
 """
 import argparse
 import dataclasses
