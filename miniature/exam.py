@@ -93,8 +93,9 @@ class ExamConfig:
     # fresh findings leaked into the reply's G recitals, "other" 62 / 159 of 192). Measured at 0.5 with reading_g_names
     # 0.5: Stage 1's reading broke on both seeds run (dev R 45.5 / 70.2), so no Budget uses it
     reading_g_competing: float = None
-    # extra Stage 1 questions on a disease's department (department_question), their names drawn from T and G alike:
-    # the reply writes G names, in option lines and as a subject, and recites no G finding (README: session 20)
+    # extra Stage 1 questions on a disease's department (department_split), their names drawn from T and G alike:
+    # the reply writes G names, in option lines and as a subject, and recites no finding. Measured at 500: seed 2
+    # passed every dev check, seed 1 missed dev T by a point (README: session 20)
     department: int = 0
 
 
@@ -433,8 +434,10 @@ def build(cfg: ExamConfig, out) -> dict:
     test = make_split(kb, cfg, {"G": 0.5, "T": 0.25, "U": 0.25}, cfg.test, keys, "test")
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
     stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1", cfg.stage1_g_distractors)
-    if cfg.reading or cfg.department:  # mixed in, not appended: sft.py shuffles, but the tokenizer reads train.csv's
-        if cfg.reading:                 # first rows
+    # Reading and department questions are mixed in, not appended: sft.py shuffles, but the tokenizer reads
+    # train.csv's first rows.
+    if cfg.reading or cfg.department:
+        if cfg.reading:
             stage1 += reading_split(kb, cfg, cfg.reading, keys, g_names=cfg.reading_g_names,
                                     g_competing=cfg.reading_g_competing)
         stage1 += department_split(kb, cfg, cfg.department, keys)
