@@ -168,6 +168,21 @@ both seeds, so the arm is not adopted on them. The same command on seeds 3 and 4
 and the next run is one seed's full table with --gates. One of the two: not adopted, and the next arm raises the G
 option-name copy (its rule written then). Neither: the seed-2 pass does not replicate, recorded.
 
+The department-1000 arm (session 21; written after the department arm's four seeds and before it ran). Seed 1's
+miss was dev T's 诊断 with a G option (95 / 106): 151 of its 221 G option lines copied the name, and 61 of the 70
+others wrote a T name in its place. Department questions are the only Stage 1 rows whose option lines write G names:
+696 G option lines at `--department 500` on seed 1's exam (each G disease 13-42 times), 1,307 at `--department 1000`
+(29-76 times), no finding of any disease either way. So `--department 1000`, the department arm otherwise, seeds 1
+and 2 in parallel, 1 core each. Rule: qualifies on both seeds -> the same command on seeds 3 and 4 (the replication),
+and the arm is adopted into Budget (department_questions 1000 with the department arm's G settings) iff those both
+qualify too; then the next run is one seed's full table with --gates. One of seeds 1 and 2: not adopted, and the
+miss is recorded by kind: dev T under 97 with G option names copied >= 95% -> the copy is not what dev T's 诊断
+needs, recorded; with the copy still under 95% -> more writes do not make the copy, recorded; dev R under 85 -> the
+reading, README item 2. Neither: 500 more department rows cost Stage 1 its checks, recorded, and 500 stays the
+candidate. The part-2 loss over steps 2,500-3,000 is read before any evaluation. Predicted before it ran: G option
+names copied >= 95% and G subjects named >= 90% on both seeds; dev T >= 97 where Stage 1 reads; dev R within 5
+points of the department arm's on the same seed (86.7 / 95.2); dev G in [30, 75] with pass@4 >= pass@1 + 15 on both.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -191,6 +206,9 @@ option-name copy (its rule written then). Neither: the seed-2 pass does not repl
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_dept_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --seeds 1    # and --seeds 2 beside it, each under taskset; the same with --seeds 3 and --seeds 4
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_dept1k_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 1000 --part2-save-every 1000 \
+        --seeds 1    # and --seeds 2 beside it, each under taskset
 """
 import argparse
 import dataclasses
