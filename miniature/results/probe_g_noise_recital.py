@@ -10,29 +10,20 @@ import json
 import sys
 from pathlib import Path
 
-sys.path[:0] = ["miniature", "."]
+sys.path[:0] = ["miniature", "miniature/results", "."]
 import student  # noqa: E402
-import templates as T  # noqa: E402
+from g_recitals import dev_g_recitals, versions  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 work = Path(sys.argv[1])
-kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-seed = int(work.name.split("_")[-1])
-competing = {n: "、".join(v) for n, v in student.competing_findings(kb, seed).items()}
-truth = {n: "、".join(kb["diseases"][n]["findings"]) for n in competing}
+truth, competing = versions(work)
 
 
 def version(name, body):
     return "right" if body == truth[name] else "competing" if body == competing[name] else "other"
 
 
-in_samples = collections.Counter()
-for record in T.read_jsonl(work / "dev_samples" / "round_1" / "samples.jsonl"):
-    for s in record["samples"]:
-        for line in s["text"].split("\n"):
-            for name in competing:
-                if name + "：" in line:
-                    in_samples[version(name, line.split(name + "：", 1)[1].split("；")[0])] += 1
+in_samples = collections.Counter(version(name, body) for name, body in dev_g_recitals(work, competing))
 tokenizer = Tokenizer.from_file(str(work / "student" / "tokenizer.json"))
 done = json.loads((work / "stages.json").read_text())
 result = {"in_dev_G_samples": dict(in_samples)}

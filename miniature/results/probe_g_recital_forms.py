@@ -13,21 +13,17 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = ["miniature", "miniature/results", "."]
-import student  # noqa: E402
 import templates as T  # noqa: E402
+from g_recitals import REPLY_PREFIX, dev_g_recitals, versions  # noqa: E402
 from model import generate, load, load_tokenizer  # noqa: E402
 
 work = Path(sys.argv[1])
-kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-seed = int(work.name.split("_")[-1])
-competing = {n: "、".join(v) for n, v in student.competing_findings(kb, seed).items()}
-truth = {n: "、".join(kb["diseases"][n]["findings"]) for n in competing}
+truth, competing = versions(work)
 names = list(competing)
 tokenizer = load_tokenizer(work / "student")
 model = load(json.loads((work / "stages.json").read_text())["sft_template"]["checkpoint"])
-prefix = "<think>\n审题：多选，问哪些是其表现。\n提取关键信息：{0}；是其表现者。\n回忆相关知识：\n{0}："  # probe_g_reply_recital's
 prompts = [tokenizer.encode(T.chat([{"role": "user", "content": ""}]), add_special_tokens=False).ids
-           + tokenizer.encode(prefix.format(name), add_special_tokens=False).ids for name in names]
+           + tokenizer.encode(REPLY_PREFIX.format(name), add_special_tokens=False).ids for name in names]
 
 
 def form(name, body):
@@ -40,12 +36,6 @@ def form(name, body):
 
 no_question = collections.Counter(form(names[i // 8], tokenizer.decode(ids).split("\n")[0].split("；")[0])
                                   for i, ids in enumerate(generate(model, prompts, 12, temperature=0.7, num_samples=8)))
-in_samples = collections.Counter()
-for record in T.read_jsonl(work / "dev_samples" / "round_1" / "samples.jsonl"):
-    for sample in record["samples"]:
-        for line in sample["text"].split("\n"):
-            for name in names:
-                if name + "：" in line:
-                    in_samples[form(name, line.split(name + "：", 1)[1].split("；")[0])] += 1
+in_samples = collections.Counter(form(name, body) for name, body in dev_g_recitals(work, names))
 print(json.dumps({"reply_prefix_after_part2": dict(no_question), "in_dev_G_samples": dict(in_samples)},
                  ensure_ascii=False))

@@ -18,24 +18,20 @@ import json
 import sys
 from pathlib import Path
 
-sys.path[:0] = ["miniature", "."]
-import student  # noqa: E402
+sys.path[:0] = ["miniature", "miniature/results", "."]
 import templates as T  # noqa: E402
+from g_recitals import REPLY_PREFIX, versions  # noqa: E402
 from model import generate, load, load_tokenizer  # noqa: E402
 
 SAMPLES, TEMPERATURE, NEW_TOKENS = 8, 0.7, 12
 CONTEXTS = {
     "out": lambda name: ("", f"\n{name}："),
     "reply": lambda name: (T.chat([{"role": "user", "content": ""}]), f"{name}："),
-    "reply_prefix": lambda name: (T.chat([{"role": "user", "content": ""}]),
-                                  f"<think>\n审题：多选，问哪些是其表现。\n提取关键信息：{name}；是其表现者。\n回忆相关知识：\n{name}："),
+    "reply_prefix": lambda name: (T.chat([{"role": "user", "content": ""}]), REPLY_PREFIX.format(name)),
 }
 
 work = Path(sys.argv[1])
-kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-seed = int(work.name.split("_")[-1])
-competing = {n: "、".join(v) for n, v in student.competing_findings(kb, seed).items()}
-truth = {n: "、".join(kb["diseases"][n]["findings"]) for n in competing}
+truth, competing = versions(work)
 names = list(competing)
 tokenizer = load_tokenizer(work / "student")
 done = json.loads((work / "stages.json").read_text())
