@@ -1,5 +1,6 @@
 """Shared by the G-recital analyses (probe_g_noise_recital.py, probe_g_reply_recital.py, probe_g_recital_forms.py):
-a seed folder's two versions of each G entry and the recitals of them inside its dev-G samples. Not a script."""
+a seed folder's two versions of each G entry, the recitals of them inside its dev-G samples, and the prompts that
+open a reply. Not a script."""
 import json
 import sys
 from pathlib import Path
@@ -30,3 +31,9 @@ def dev_g_recitals(work, names):
                 for name in names:
                     if name + "：" in line:
                         yield name, line.split(name + "：", 1)[1].split("；")[0]
+
+
+def prompt_ids(tokenizer, template, reply):
+    """The ids of a chat template and the opening of the assistant's reply, tokenized apart as encode_chat does in
+    training (one encode of the joined text could merge pieces across the boundary)."""
+    return [i for text in (template, reply) for i in tokenizer.encode(text, add_special_tokens=False).ids]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path[:0] = ["miniature", "miniature/results", "."]
 import templates as T  # noqa: E402
-from g_recitals import REPLY_PREFIX, dev_g_recitals, versions  # noqa: E402
+from g_recitals import REPLY_PREFIX, dev_g_recitals, prompt_ids, versions  # noqa: E402
 from model import generate, load, load_tokenizer  # noqa: E402
 
 work = Path(sys.argv[1])
@@ -22,8 +22,8 @@ truth, competing = versions(work)
 names = list(competing)
 tokenizer = load_tokenizer(work / "student")
 model = load(json.loads((work / "stages.json").read_text())["sft_template"]["checkpoint"])
-prompts = [tokenizer.encode(T.chat([{"role": "user", "content": ""}]), add_special_tokens=False).ids
-           + tokenizer.encode(REPLY_PREFIX.format(name), add_special_tokens=False).ids for name in names]
+reply_turn = T.chat([{"role": "user", "content": ""}])
+prompts = [prompt_ids(tokenizer, reply_turn, REPLY_PREFIX.format(name)) for name in names]
 
 
 def form(name, body):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path[:0] = ["miniature", "miniature/results", "."]
 import templates as T  # noqa: E402
-from g_recitals import REPLY_PREFIX, versions  # noqa: E402
+from g_recitals import REPLY_PREFIX, prompt_ids, versions  # noqa: E402
 from model import generate, load, load_tokenizer  # noqa: E402
 
 SAMPLES, TEMPERATURE, NEW_TOKENS = 8, 0.7, 12
@@ -46,9 +46,7 @@ result = {}
 for key in ("pretrain", "sft_early", "sft_template"):
     model = load(done[key]["checkpoint"])
     for context, make in CONTEXTS.items():
-        # template and reply tokenized apart, as encode_chat does in training
-        prompts = [tokenizer.encode(t, add_special_tokens=False).ids + tokenizer.encode(r, add_special_tokens=False).ids
-                   for t, r in map(make, names)]
+        prompts = [prompt_ids(tokenizer, *make(name)) for name in names]
         for label, temperature, k in (("greedy", 0.0, 1), ("sampled", TEMPERATURE, SAMPLES)):
             outputs = generate(model, prompts, NEW_TOKENS, temperature=temperature, num_samples=k)
             counts = collections.Counter(version(names[i // k], tokenizer.decode(ids)) for i, ids in enumerate(outputs))
