@@ -23,7 +23,8 @@ or G disease's department (下列疾病属消化科的是, 胃炎属于哪一科
 (T and G, for gates and choices) and test.csv (half G, a quarter T, a quarter U; `Disease Split` says which) share no
 question (same stem and option set) with each other or with training. Files: stage1.csv, stage2.csv, train.csv
 (both), dev.csv, test.csv (CMExam columns plus annotation columns, so templates.load_cmexam and eval_cmexam.py read
-them unchanged), kb.json (for the teacher) and kb.txt (the canonical knowledge lines).
+them unchanged), kb.json (for the teacher), kb.txt (the canonical knowledge lines) and tokenizer.csv (the rows the
+student's tokenizer reads: every kind of question, whatever an arm adds; tokenizer_split).
 
     python miniature/exam.py --out runs/mini/data --seed 0
 """
@@ -414,6 +415,26 @@ def department_split(kb, cfg, n, keys, salt="department"):
     return rows
 
 
+# The student's tokenizer reads rows of its own (tokenizer.csv): every kind of question at fixed counts, drawn from the
+# knowledge base and the seed alone. Until session 22 it read train.csv's first 600 rows, so the rows an arm mixed
+# into Stage 1 changed the tokenizer (71 of 95 vocab entries at --department 500 vs 1000, seed 2) and with it the
+# whole pretraining: two arms on one seed were two draws, not a pair (README: session 21). Now no arm flag reaches
+# them: arms that share a knowledge base (seed, diseases, g_contested) share the tokenizer and the pretraining.
+TOKENIZER_ROWS = {"exam": 360, "reading": 120, "department": 120}
+
+
+def tokenizer_split(kb, seed) -> list:
+    """The tokenizer's rows: exam questions on T and G subjects (the default type mix, T and G distractors),
+    reading and department questions, shuffled. Distinct among themselves, drawn from their own key set (a row may
+    also be in a split: BPE learns only which pieces to merge, and names, findings and letters are never merged
+    with anything), so that no split's draw can change them."""
+    cfg, keys = ExamConfig(seed=seed), set()
+    rows = (make_split(kb, cfg, {"T": 0.5, "G": 0.5}, TOKENIZER_ROWS["exam"], keys, "tokenizer")
+            + reading_split(kb, cfg, TOKENIZER_ROWS["reading"], keys, "tokenizer-reading")
+            + department_split(kb, cfg, TOKENIZER_ROWS["department"], keys, "tokenizer-department"))
+    return random.Random(f"tokenizer-mix-{seed}").sample(rows, len(rows))
+
+
 def write_csv(rows, path):
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
@@ -422,8 +443,8 @@ def write_csv(rows, path):
 
 
 def build(cfg: ExamConfig, out) -> dict:
-    """Write kb.json, kb.txt, stage1.csv, stage2.csv, train.csv, dev.csv, test.csv (and dev_R.csv with dev_reading)
-    into `out`; returns the knowledge base. The splits are drawn test first, so a test question never depends on
+    """Write kb.json, kb.txt, stage1.csv, stage2.csv, train.csv, dev.csv, test.csv, tokenizer.csv (and dev_R.csv
+    with dev_reading) into `out`; returns the knowledge base. The splits are drawn test first, so a test question never depends on
     the training sizes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -434,8 +455,8 @@ def build(cfg: ExamConfig, out) -> dict:
     test = make_split(kb, cfg, {"G": 0.5, "T": 0.25, "U": 0.25}, cfg.test, keys, "test")
     dev = make_split(kb, cfg, {"T": 0.5, "G": 0.5}, cfg.dev, keys, "dev")
     stage1 = make_split(kb, cfg, {"T": 1.0}, cfg.stage1, keys, "stage1", cfg.stage1_g_distractors)
-    # Reading and department questions are mixed in, not appended: sft.py shuffles, but the tokenizer reads
-    # train.csv's first rows.
+    # Reading and department questions are mixed in, not appended, as they were when the tokenizer read train.csv's
+    # first rows (tokenizer_split says why it no longer does): kept, so that Stage 1's files are as before.
     if cfg.reading or cfg.department:
         if cfg.reading:
             stage1 += reading_split(kb, cfg, cfg.reading, keys, g_names=cfg.reading_g_names,
@@ -448,7 +469,7 @@ def build(cfg: ExamConfig, out) -> dict:
     (out / "kb.json").write_text(json.dumps(kb, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     (out / "kb.txt").write_text(kb_text(kb), encoding="utf-8")
     for name, rows in (("stage1", stage1), ("stage2", stage2), ("train", stage1 + stage2), ("dev", dev),
-                       ("test", test)):
+                       ("test", test), ("tokenizer", tokenizer_split(kb, cfg.seed))):
         write_csv(rows, out / f"{name}.csv")
     return kb
 

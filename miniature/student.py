@@ -32,14 +32,15 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Tokenizer
 
 
-def corpus(data_dir, questions=600, seed=0):
+def corpus(data_dir, questions=None, seed=0):
     """Every kind of text the student will read or write: the knowledge, student prompts with template and plain
-    answers, critique prompts with corrections (for a sample of training questions), as chat text."""
+    answers, critique prompts with corrections (for tokenizer.csv's questions, the first `questions` of them), as
+    chat text. tokenizer.csv, not train.csv: its rows do not depend on what an arm adds (exam.tokenizer_split)."""
     data_dir = Path(data_dir)
     kb = json.loads((data_dir / "kb.json").read_text(encoding="utf-8"))
     rng = random.Random(seed)
     texts = knowledge_lines(kb, rng)
-    for row in templates.load_cmexam(data_dir / "train.csv")[:questions]:
+    for row in templates.load_cmexam(data_dir / "tokenizer.csv")[:questions]:
         q = parse_question(templates.format_question(row))
         student = templates.student_messages(row)
         wrong, _ = corrupt(kb, q, rng)

@@ -470,6 +470,25 @@ def test_teacher_server_speaks_openai_chat_completions(data, tmp_path):
 # The student's tokenizer and config
 
 
+def test_tokenizer_rows_do_not_depend_on_what_an_arm_adds_to_stage1(tmp_path):
+    """The tokenizer, and so the pretraining, is shared by arms on one seed (README: session 21 found it was not):
+    student.corpus gives the same texts with or without department, reading and G distractors, holds every kind of
+    question at fixed counts, and differs on another seed. Before tokenizer.csv it read train.csv's first rows,
+    which these arms change."""
+    arms = {"base": {}, "department": dict(department=80), "no_reading": dict(reading=0),
+            "no_g_distractors": dict(stage1_g_distractors=0.0, g_type_weights=(0, 0, 1))}
+    texts = {}
+    for name, extra in arms.items():
+        exam.build(exam.ExamConfig(seed=3, **{**SMALL, **extra}), tmp_path / name)
+        texts[name] = student.corpus(tmp_path / name, seed=3)
+    assert all(t == texts["base"] for t in texts.values())
+    assert (tmp_path / "base" / "stage1.csv").read_bytes() != (tmp_path / "department" / "stage1.csv").read_bytes()
+    kinds = Counter(r["Disease Split"] for r in read_rows(tmp_path / "base" / "tokenizer.csv"))
+    assert kinds == {"T": 180, "G": 180, "R": 120, "D": 120}
+    exam.build(exam.ExamConfig(seed=4, **SMALL), tmp_path / "seed4")
+    assert student.corpus(tmp_path / "seed4", seed=4) != texts["base"]
+
+
 def test_tokenizer_keeps_qwen_special_tokens_and_splits_findings(data):
     out, kb = data
     tok = student.train_tokenizer(student.corpus(out, questions=40), vocab_size=600)

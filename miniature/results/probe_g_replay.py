@@ -183,6 +183,23 @@ candidate. The part-2 loss over steps 2,500-3,000 is read before any evaluation.
 names copied >= 95% and G subjects named >= 90% on both seeds; dev T >= 97 where Stage 1 reads; dev R within 5
 points of the department arm's on the same seed (86.7 / 95.2); dev G in [30, 75] with pass@4 >= pass@1 + 15 on both.
 
+The department arm under a fixed tokenizer (session 22; written before it ran). Session 21 found the arms unpaired:
+the student's tokenizer read train.csv's first 600 rows, which an arm's added rows change, and so the whole
+pretraining changed with them. exam.tokenizer_split now draws the tokenizer's rows (tokenizer.csv) from the knowledge
+base and the seed alone, so every arm on a seed shares tokenizer and pretraining. That changes every run's draw, the
+candidate's included, so the candidate (`--department 500`, the department arm's command unchanged; it passed on 2
+of 4 draws under the old tokenizer) runs again on seeds 1 and 2, in parallel, 1 core each. These runs are also the
+paired baselines for any later Stage 1 arm on seeds 1 and 2. Rule: both qualify -> the same command on seed 3, and
+the arm is adopted into Budget (the department arm's settings) iff that qualifies too; then the next run is one
+seed's full table with --gates. One of the two: not adopted; the other seed's miss is recorded by kind (dev T under
+97 with its G option names copied, dev R under 85 traced by probe_stage1_trace.py and its errors located by
+probe_dev_r_errors.py, dev G outside [30, 75] or pass@4 short by the headroom gate), and the candidate stands at 3
+of 6 draws. Neither: the candidate does not pass on a fresh draw, recorded, and README item 2's Stage 1 change comes
+next, paired against these runs. The part-2 loss over steps 2,500-3,000 is read and committed before any evaluation
+(session 21 found it says nothing on a department mix; recorded, not used). Predicted before it ran: one of the two
+qualifies; G option names copied >= 90% and G subjects named >= 90% on both; dev G in [30, 75] on both (4 of 4
+before); dev T >= 97 where Stage 1 reads.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -208,6 +225,10 @@ points of the department arm's on the same seed (86.7 / 95.2); dev G in [30, 75]
         --seeds 1    # and --seeds 2 beside it, each under taskset; the same with --seeds 3 and --seeds 4
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_dept1k_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 1000 --part2-save-every 1000 \
+        --seeds 1    # and --seeds 2 beside it, each under taskset
+    # session 22, under the fixed tokenizer (exam.tokenizer_split): the department arm's command again
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_deptfix_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --seeds 1    # and --seeds 2 beside it, each under taskset
 """
 import argparse
