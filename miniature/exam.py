@@ -444,8 +444,8 @@ def write_csv(rows, path):
 
 def build(cfg: ExamConfig, out) -> dict:
     """Write kb.json, kb.txt, stage1.csv, stage2.csv, train.csv, dev.csv, test.csv, tokenizer.csv (and dev_R.csv
-    with dev_reading) into `out`; returns the knowledge base. The splits are drawn test first, so a test question never depends on
-    the training sizes."""
+    with dev_reading) into `out`; returns the knowledge base. The splits are drawn test first, so a test question
+    never depends on the training sizes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kb = make_kb(cfg)
