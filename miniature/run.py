@@ -67,6 +67,8 @@ class Budget:
     hidden: int = 128
     layers: int = 4
     pretrain_copies: int = 800  # copies of the knowledge text, each fact in two phrasings
+    # in-context lookup documents in pretraining (student.lookup_records; README: session 23). 0: none, as before
+    pretrain_lookups: int = 0
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
@@ -466,7 +468,8 @@ def prepare(work, stage, b, seed):
     stage("student", lambda: sh(sys.executable, HERE / "student.py", "--data", work / "data", "--out",
                                 work / "student", "--hidden", b.hidden, "--layers", b.layers, "--seed", seed,
                                 "--copies", b.pretrain_copies,
-                                *(["--g-noise", b.g_fact_noise] if b.g_fact_noise else [])))
+                                *(["--g-noise", b.g_fact_noise] if b.g_fact_noise else []),
+                                *(["--lookups", b.pretrain_lookups] if b.pretrain_lookups else [])))
     pre = stage("pretrain", lambda: sft(work, "pretrain", ["--init-config", work / "student" / "config.json"],
                                         work / "student" / "pretrain.jsonl", b.pretrain_steps, b.pretrain_lr, 16,
                                         b.pretrain_micro, seed, max_len=256,

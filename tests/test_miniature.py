@@ -366,6 +366,31 @@ def test_g_noise_states_the_competing_findings_in_that_share_of_g_statements(dat
     assert 0.45 <= wrong / (wrong + canonical(replay, lambda n, d: d["findings"] if d["split"] == "G" else "-")) <= 0.55
 
 
+def test_lookup_documents_answer_each_recital_only_from_their_own_listed_line(data):
+    _, kb = data
+    docs = [r["text"] for r in student.lookup_records(kb, 300, seed=5)]
+    entries_of, recited = {}, Counter()
+    for text in docs:
+        listed, *recitals = text.rstrip("\n").split("\n")
+        match = re.fullmatch(r"已知：(.+)。", listed)
+        assert match
+        listed = dict(item.split("：") for item in match.group(1).split("；"))
+        assert len(listed) == 8 and not set(listed) & set(kb["diseases"])  # fresh names, none with an entry in kb
+        assert sorted(line.split("：")[0] for line in recitals) == sorted(listed)  # each name recited once
+        for line in recitals:
+            name, entry = line.split("：")
+            assert entry == listed[name]
+            findings = entry.split("、")
+            assert 3 <= len(findings) <= 4 and len(set(findings)) == len(findings)
+            assert findings == sorted(findings, key=exam.FINDINGS.index)
+            entries_of.setdefault(name, set()).add(entry)
+            recited[name] += 1
+    # no name has an entry to remember: across documents a name's entries all but never repeat
+    assert all(len(entries_of[name]) >= 0.95 * recited[name] > 10 for name in recited)
+    held_out = {r["text"] for r in student.lookup_records(kb, 300, seed=5, salt="lookup-held-out")}
+    assert not held_out & set(docs) and student.lookup_records(kb, 0, seed=5) == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The teacher
 

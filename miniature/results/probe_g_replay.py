@@ -200,6 +200,30 @@ next, paired against these runs. The part-2 loss over steps 2,500-3,000 is read 
 qualifies; G option names copied >= 90% and G subjects named >= 90% on both; dev G in [30, 75] on both (4 of 4
 before); dev T >= 97 where Stage 1 reads.
 
+The lookup arm (session 23; written before it ran). Seed 1's department run under the fixed tokenizer stalled at dev
+R 64.5 / 69.5 / 67.2 (part-2 steps 6,000 / 7,000 / 8,000), 166 of its 197 dev-R errors first wrong where an option
+line copies the stem's entry: a copy by name from the context, the skill an induction head carries. A real 7B brings
+it from pretraining; the student's pretraining (knowledge lines only) never needs it, so it has to form inside part 2,
+and when it forms is a draw (the transition started anywhere from step ~1,500 to ~4,500 over sessions 13-17).
+`--pretrain-lookups 4800` (`Budget.pretrain_lookups`, student.lookup_records): 4,800 pretraining documents (~150
+tokens each), each 8 diseases outside the knowledge base with 3-4 random findings listed as a reading stem lists
+them, then each recited by name in a shuffled order; `--pretrain-steps 750` keeps the knowledge's windows seen about
+as often as at 400 steps without them (5,600 windows; 750 x 16 x 5,600 / 10,400 = 6,460 against 6,400). Otherwise
+the department arm under the fixed tokenizer, seeds 1 and 2 in parallel, 1 core each. This machine may draw other
+runs from the same commands than session 22's (session 17), so a seed here is paired with g_deptfix_s{1,2} by its
+data and tokenizer only, not by its float path. Measured beside the rule: lookup accuracy (student.lookup_accuracy,
+200 held-out documents, greedy) after pretraining, part 1 and part 2; the trace of dev R and dev T every 1,000 part-2
+steps (probe_stage1_trace.py). Rule: qualifies on both seeds -> the same command on seed 3, and the arm is adopted
+into Budget (pretrain_lookups 4800, pretrain_steps 750, the department arm's settings) iff that qualifies too; then
+the next run is one seed's full table with --gates. One of the two: not adopted, the candidate (`--department 500`)
+stays at 3 of 6 draws and this arm stands at 1 of 2, the other seed's miss recorded by kind as in the fixed-tokenizer
+rule. Neither: recorded by kind; with lookup accuracy after pretraining >= 90% and dev R under 85, a copy skill formed
+in pretraining does not carry into the reply's option lines, recorded; under 90%, 300 steps' worth of lookups do not
+form it in this student, recorded. The part-2 loss over steps 2,500-3,000 is read and committed before any
+evaluation. Predicted before it ran: lookup accuracy after pretraining >= 90% on both seeds; dev R >= 50 at part-2
+step 2,500 on both (an early transition: 17.7-29.5 at step 2,500 in session 17's reading runs); both qualify; entry
+recall after pretraining >= 23 of 24 for T and U as before.
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -230,6 +254,10 @@ before); dev T >= 97 where Stage 1 reads.
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_deptfix_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --seeds 1    # and --seeds 2 beside it, each under taskset
+    # session 23: the lookup arm
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_look_s1 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
+        --pretrain-lookups 4800 --pretrain-steps 750 --seeds 1    # and --seeds 2 beside it, each under taskset
 """
 import argparse
 import dataclasses
@@ -239,6 +267,8 @@ from pathlib import Path
 
 sys.path[:0] = ["miniature", "miniature/results", "."]
 import run as R  # noqa: E402
+import student  # noqa: E402
+from model import load_tokenizer  # noqa: E402
 from probe_reading_share import stage1_dev  # noqa: E402
 
 RECIPE = {"sft_steps": 8500, "part2_weight_decay": 0.1}
@@ -260,6 +290,8 @@ def main():
     parser.add_argument("--reading-g-names", type=float, default=0.0, help="Budget.reading_g_names")
     parser.add_argument("--reading-g-competing", type=float, default=None, help="Budget.reading_g_competing")
     parser.add_argument("--department", type=int, default=0, help="Budget.department_questions")
+    parser.add_argument("--pretrain-lookups", type=int, default=0, help="Budget.pretrain_lookups")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="Budget.pretrain_steps (None: its default)")
     parser.add_argument("--part2-save-every", type=int, default=0, help="Budget.part2_save_every")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
@@ -273,7 +305,8 @@ def main():
                             stage1_g_distractors=args.stage1_g_distractors,
                             reading_g_names=args.reading_g_names, reading_g_competing=args.reading_g_competing,
                             department_questions=args.department,
-                            part2_save_every=args.part2_save_every,
+                            part2_save_every=args.part2_save_every, pretrain_lookups=args.pretrain_lookups,
+                            **({"pretrain_steps": args.pretrain_steps} if args.pretrain_steps else {}),
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
@@ -283,6 +316,11 @@ def main():
         keys = ("pretrain", "sft_early", "sft_template")
         r["entry_recall"] = R.entry_recalls(work, stage, keys)
         r["entry_recall_sampled"] = R.entry_recalls(work, stage, keys, samples=8)
+        if b.pretrain_lookups:
+            kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+            r["lookup_accuracy"] = {k: student.lookup_accuracy(stage.done[k]["checkpoint"],
+                                                                load_tokenizer(work / "student"), kb, seed=seed)
+                                    for k in keys}
         r["qualifies"] = qualifies(r, b.pass_k)
         if args.longer:
             early = stage.done["sft_early"]["checkpoint"]
@@ -297,6 +335,7 @@ def main():
                                                          "reading_g_names": args.reading_g_names,
                                                          "reading_g_competing": args.reading_g_competing,
                                                          "department": args.department,
+                                                         "pretrain_lookups": args.pretrain_lookups,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 
