@@ -318,8 +318,8 @@ def main():
         r["entry_recall_sampled"] = R.entry_recalls(work, stage, keys, samples=8)
         if b.pretrain_lookups:
             kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-            r["lookup_accuracy"] = {k: student.lookup_accuracy(stage.done[k]["checkpoint"],
-                                                                load_tokenizer(work / "student"), kb, seed=seed)
+            tokenizer = load_tokenizer(work / "student")
+            r["lookup_accuracy"] = {k: student.lookup_accuracy(stage.done[k]["checkpoint"], tokenizer, kb, seed=seed)
                                     for k in keys}
         r["qualifies"] = qualifies(r, b.pass_k)
         if args.longer:
