@@ -193,7 +193,8 @@ def main(argv=None):
     (out / "config.json").write_text(json.dumps(cfg.to_hf(torch.float32), indent=2) + "\n")
     kb = json.loads((Path(args.data) / "kb.json").read_text(encoding="utf-8"))
     with open(out / "pretrain.jsonl", "w", encoding="utf-8") as f:
-        records = pretrain_records(kb, args.copies, args.seed, args.g_noise) + lookup_records(kb, args.lookups, args.seed)
+        records = pretrain_records(kb, args.copies, args.seed, args.g_noise)
+        records += lookup_records(kb, args.lookups, args.seed)
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     n = sum(p.numel() for p in Transformer(cfg).parameters())
