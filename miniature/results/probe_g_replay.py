@@ -223,6 +223,11 @@ form it in this student, recorded. The part-2 loss over steps 2,500-3,000 is rea
 evaluation. Predicted before it ran: lookup accuracy after pretraining >= 90% on both seeds; dev R >= 50 at part-2
 step 2,500 on both (an early transition: 17.7-29.5 at step 2,500 in session 17's reading runs); both qualify; entry
 recall after pretraining >= 23 of 24 for T and U as before.
+Stopped after pretraining (session 23, amended then, before any Stage 1 step had run): lookup accuracy after the
+750 pretraining steps was 0 of 200 on both seeds (the recital is generic findings, not the listed entry), so the
+lever's mechanism had failed and the arm could not tell whether a copy formed in pretraining carries into Stage 1.
+Its Stage 1 did not run; instead probe_lookup_calibration.py measured how fast this student learns the copy at all
+(README: session 23).
 
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1

@@ -1,0 +1,81 @@
+"""Calibration after the lookup arm stopped (session 23, a measurement, no rule): how fast does the miniature's
+student learn to copy an entry by its name from the context, and does the entry's format or the head size decide it?
+
+The lookup arm's pretraining (probe_g_replay.py, `--pretrain-lookups 4800 --pretrain-steps 750`) left the student
+reciting generic findings for a listed name (lookup accuracy 0 of 200 on seeds 1 and 2). Here, from that seed-1
+checkpoint or from scratch, sft.py trains on lookup documents alone (32,000 fresh ones, never repeated: 2,000 steps x
+16) and the held-out accuracy is read: "exact" (the first recital's whole entry) and "first finding" (its first
+finding only; with 2 names, copying either listed entry gets it right about half the time). Formats of a
+document with 2 names, e.g. "已知：胆炎：渴、汗、疹；胆瘤：痰、抽。\\n胆瘤：痰、抽\\n胆炎：渴、汗、疹\\n":
+colon_comma (that one, the exam's own format), colon (no 、), comma (no ：), none ("胆炎渴汗疹": the name's next
+token is the first finding, a plain induction-head copy).
+
+    python miniature/results/probe_lookup_calibration.py write W/seed_1 --out C          # C/f_<format>.jsonl
+    python sft.py --model W/seed_1/pretrain/step-000750 --tokenizer W/seed_1/student --data C/f_none.jsonl \\
+        --out C/f_none --max-len 256 --steps 2000 --lr 3e-3 --batch-size 16 --micro-batch-size 16 \\
+        --save-every 1000 --seed 1 --weight-decay 0.1     # or --init-config C/cfg_h4/config.json: from scratch
+    python miniature/results/probe_lookup_calibration.py eval W/seed_1 --format none --checkpoint C/f_none/step-002000
+
+(W: the lookup arm's folder, /work/runs/g_look_s1. The 8-name run trained on `student.lookup_records(kb, 32000, 1,
+salt="cal8")` and was read by student.lookup_accuracy; the 2-name colon_comma row's model trained on
+`lookup_records(kb, 32000, 1, names=2, salt="cal2")` and is read here. cfg_h<h>: the student's config.json with h
+heads of dimension 128 / h, h / 2 KV heads.)
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path[:0] = ["miniature", "."]
+import templates as T  # noqa: E402
+from exam import FINDINGS, ORGANS, PROCESSES  # noqa: E402
+
+FORMATS = {"colon_comma": ("：", "、"), "none": ("", ""), "colon": ("：", ""), "comma": ("", "、")}
+
+
+def documents(kb, n, fmt, salt, names=2):
+    """n (listed line, [(name, entry)] in recital order) of `names` diseases outside kb, entries in `fmt`."""
+    colon, comma = FORMATS[fmt]
+    outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
+    rng, out = random.Random(salt), []
+    for _ in range(n):
+        entries = {name: sorted(rng.sample(FINDINGS, rng.choice((3, 4))), key=FINDINGS.index)
+                   for name in rng.sample(outside, names)}
+        listed = "已知：" + "；".join(f"{k}{colon}{comma.join(v)}" for k, v in entries.items()) + "。"
+        out.append((listed, [(k, comma.join(entries[k])) for k in rng.sample(list(entries), names)]))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("write", "eval"))
+    parser.add_argument("work", help="the lookup arm's seed folder (its kb.json and tokenizer)")
+    parser.add_argument("--out", help="write: folder for f_<format>.jsonl")
+    parser.add_argument("--format", choices=list(FORMATS))
+    parser.add_argument("--checkpoint")
+    args = parser.parse_args()
+    work = Path(args.work)
+    kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+    if args.action == "write":
+        for fmt, (colon, _) in FORMATS.items():
+            T.write_jsonl(Path(args.out) / f"f_{fmt}.jsonl",
+                          [{"text": listed + "\n" + "".join(f"{k}{colon}{v}\n" for k, v in recited)}
+                           for listed, recited in documents(kb, 32000, fmt, "train-" + fmt)])
+        return
+    from model import generate, load, load_tokenizer
+    colon = FORMATS[args.format][0]
+    tokenizer, held_out = load_tokenizer(work / "student"), documents(kb, 200, args.format, "held-" + args.format)
+    prompts = [tokenizer.encode(f"{listed}\n{recited[0][0]}{colon}", add_special_tokens=False).ids
+               for listed, recited in held_out]
+    outputs = generate(load(args.checkpoint), prompts, 12, temperature=0.0)
+    got = [tokenizer.decode(ids).split("\n")[0] for ids in outputs]
+    truth = [recited[0][1] for _, recited in held_out]
+    print(json.dumps({"format": args.format, "checkpoint": args.checkpoint,
+                      "exact": sum(g == t for g, t in zip(got, truth)) / len(truth),
+                      "first finding": sum(g[:1] == t[:1] for g, t in zip(got, truth)) / len(truth)},
+                     ensure_ascii=False), flush=True)
+
+
+if __name__ == "__main__":
+    main()
