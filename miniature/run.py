@@ -67,8 +67,11 @@ class Budget:
     hidden: int = 128
     layers: int = 4
     pretrain_copies: int = 800  # copies of the knowledge text, each fact in two phrasings
-    # in-context lookup documents in pretraining (student.lookup_records; README: session 23). 0: none, as before
-    pretrain_lookups: int = 0
+    # > 0: a phase before pretraining, from scratch, this many steps on lookup documents alone (lookup_steps x 16 of
+    # them, each seen once; student.lookup_records with lookup_names names), so that the copy by name forms before
+    # Stage 1 (README: session 23). 0: no phase, as before
+    lookup_steps: int = 0
+    lookup_names: int = 2
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
@@ -469,8 +472,15 @@ def prepare(work, stage, b, seed):
                                 work / "student", "--hidden", b.hidden, "--layers", b.layers, "--seed", seed,
                                 "--copies", b.pretrain_copies,
                                 *(["--g-noise", b.g_fact_noise] if b.g_fact_noise else []),
-                                *(["--lookups", b.pretrain_lookups] if b.pretrain_lookups else [])))
-    pre = stage("pretrain", lambda: sft(work, "pretrain", ["--init-config", work / "student" / "config.json"],
+                                *(["--lookups", b.lookup_steps * 16, "--lookup-names", b.lookup_names]
+                                  if b.lookup_steps else [])))
+    scratch = init = ["--init-config", work / "student" / "config.json"]
+    if b.lookup_steps:  # the lookup phase, from scratch; pretraining starts from its checkpoint
+        lookups = stage("lookups", lambda: sft(work, "lookups", scratch, work / "student" / "lookups.jsonl",
+                                               b.lookup_steps, b.pretrain_lr, 16, b.pretrain_micro, seed,
+                                               max_len=256, extra=["--weight-decay", 0.1]))
+        init = ["--model", lookups["checkpoint"]]
+    pre = stage("pretrain", lambda: sft(work, "pretrain", init,
                                         work / "student" / "pretrain.jsonl", b.pretrain_steps, b.pretrain_lr, 16,
                                         b.pretrain_micro, seed, max_len=256,
                                         extra=["--weight-decay", 0.1]))["checkpoint"]

@@ -120,11 +120,11 @@ def replay_records(kb, n, seed=0, lines=24, g_share=1.0, g_noise=0.0):
 
 
 def lookup_records(kb, n, seed=0, names=8, salt="lookup"):
-    """n in-context lookup documents for pretraining: `names` diseases outside kb, each with 3-4 findings drawn at
-    random, listed in one line as a reading question's stem lists them ("已知：X：a、b、c；Y：…。"), then each recited
-    by name on its own line, in a shuffled order. Only the context holds an entry, so the recitals train the
-    copy-by-name a reading question's option line needs, an in-context skill (an induction head's) that a real model
-    brings from pretraining and that the student otherwise has to form inside Stage 1 (README: session 23)."""
+    """n in-context lookup documents: `names` diseases outside kb, each with 3-4 findings drawn at random, listed in
+    one line as a reading question's stem lists them ("已知：X：a、b、c；Y：…。"), then each recited by name on its own
+    line, in a shuffled order. Only the context holds an entry, so the recitals train the copy by name that a
+    reading question's reply needs, an in-context skill (an induction head's) that a real model brings from
+    pretraining and that the student otherwise has to form inside Stage 1 (README: session 23)."""
     rng = random.Random(f"{salt}-{seed}")
     outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
     records = []
@@ -137,11 +137,11 @@ def lookup_records(kb, n, seed=0, names=8, salt="lookup"):
     return records
 
 
-def lookup_accuracy(model_dir, tokenizer, kb, n=200, seed=0) -> float:
+def lookup_accuracy(model_dir, tokenizer, kb, n=200, seed=0, names=8) -> float:
     """Share of n held-out lookup documents (lookup_records, another salt) whose first recital the model completes
-    right, greedy, from the listed line and "<name>：": is the copy-by-name formed?"""
+    right, greedy, from the listed line and "<name>：": is the copy by name formed?"""
     from model import generate, load
-    docs = [r["text"].split("\n") for r in lookup_records(kb, n, seed, salt="lookup-held-out")]
+    docs = [r["text"].split("\n") for r in lookup_records(kb, n, seed, names, salt="lookup-held-out")]
     prompts = [tokenizer.encode(f"{d[0]}\n{d[1].split('：')[0]}：", add_special_tokens=False).ids for d in docs]
     outputs = generate(load(model_dir), prompts, 12, temperature=0.0)
     return sum(tokenizer.decode(ids).split("\n")[0] == d[1].split("：")[1] for ids, d in zip(outputs, docs)) / n
@@ -180,7 +180,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--copies", type=int, default=400, help="copies of the knowledge in pretrain.jsonl")
     parser.add_argument("--lookups", type=int, default=0,
-                        help="in-context lookup documents added to pretrain.jsonl (lookup_records)")
+                        help="in-context lookup documents for lookups.jsonl (lookup_records; 0: no file)")
+    parser.add_argument("--lookup-names", type=int, default=2, help="diseases listed in each lookup document")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--g-noise", type=float, default=0.0,
                         help="share of the G diseases' statements that give their competing (wrong) findings")
@@ -193,13 +194,13 @@ def main(argv=None):
     (out / "config.json").write_text(json.dumps(cfg.to_hf(torch.float32), indent=2) + "\n")
     kb = json.loads((Path(args.data) / "kb.json").read_text(encoding="utf-8"))
     with open(out / "pretrain.jsonl", "w", encoding="utf-8") as f:
-        records = pretrain_records(kb, args.copies, args.seed, args.g_noise)
-        records += lookup_records(kb, args.lookups, args.seed)
-        for record in records:
+        for record in pretrain_records(kb, args.copies, args.seed, args.g_noise):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if args.lookups:
+        templates.write_jsonl(out / "lookups.jsonl", lookup_records(kb, args.lookups, args.seed, args.lookup_names))
     n = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"vocab {tokenizer.get_vocab_size()}, {n:,} parameters, {args.copies} copies of the knowledge, "
-          f"{args.lookups} lookup documents -> {out}")
+          f"{args.lookups} lookup documents of {args.lookup_names} names -> {out}")
 
 
 if __name__ == "__main__":

@@ -368,6 +368,7 @@ def test_g_noise_states_the_competing_findings_in_that_share_of_g_statements(dat
 
 def test_lookup_documents_answer_each_recital_only_from_their_own_listed_line(data):
     _, kb = data
+    assert all(len(r["text"].split("\n")) == 2 + 2 for r in student.lookup_records(kb, 20, seed=5, names=2))
     docs = [r["text"] for r in student.lookup_records(kb, 300, seed=5)]
     entries_of, recited = {}, Counter()
     for text in docs:

@@ -259,7 +259,8 @@ Its Stage 1 did not run; instead probe_lookup_calibration.py measured how fast t
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_deptfix_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --seeds 1    # and --seeds 2 beside it, each under taskset
-    # session 23: the lookup arm
+    # session 23: the lookup arm, stopped after pretraining (its flags as at commit 56c058a; the lookup phase,
+    # --lookup-steps, replaced them)
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_look_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --pretrain-lookups 4800 --pretrain-steps 750 --seeds 1    # and --seeds 2 beside it, each under taskset
@@ -295,8 +296,8 @@ def main():
     parser.add_argument("--reading-g-names", type=float, default=0.0, help="Budget.reading_g_names")
     parser.add_argument("--reading-g-competing", type=float, default=None, help="Budget.reading_g_competing")
     parser.add_argument("--department", type=int, default=0, help="Budget.department_questions")
-    parser.add_argument("--pretrain-lookups", type=int, default=0, help="Budget.pretrain_lookups")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="Budget.pretrain_steps (None: its default)")
+    parser.add_argument("--lookup-steps", type=int, default=0, help="Budget.lookup_steps")
+    parser.add_argument("--lookup-names", type=int, default=2, help="Budget.lookup_names")
     parser.add_argument("--part2-save-every", type=int, default=0, help="Budget.part2_save_every")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
@@ -310,8 +311,8 @@ def main():
                             stage1_g_distractors=args.stage1_g_distractors,
                             reading_g_names=args.reading_g_names, reading_g_competing=args.reading_g_competing,
                             department_questions=args.department,
-                            part2_save_every=args.part2_save_every, pretrain_lookups=args.pretrain_lookups,
-                            **({"pretrain_steps": args.pretrain_steps} if args.pretrain_steps else {}),
+                            part2_save_every=args.part2_save_every, lookup_steps=args.lookup_steps,
+                            lookup_names=args.lookup_names,
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
@@ -321,11 +322,12 @@ def main():
         keys = ("pretrain", "sft_early", "sft_template")
         r["entry_recall"] = R.entry_recalls(work, stage, keys)
         r["entry_recall_sampled"] = R.entry_recalls(work, stage, keys, samples=8)
-        if b.pretrain_lookups:
+        if b.lookup_steps:  # the first recital of held-out documents of the phase's names and of 8
             kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
             tokenizer = load_tokenizer(work / "student")
-            r["lookup_accuracy"] = {k: student.lookup_accuracy(stage.done[k]["checkpoint"], tokenizer, kb, seed=seed)
-                                    for k in keys}
+            r["lookup_accuracy"] = {
+                f"{k}, {n} names": student.lookup_accuracy(stage.done[k]["checkpoint"], tokenizer, kb, seed, names=n)
+                for k in ("lookups",) + keys for n in (b.lookup_names, 8)}
         r["qualifies"] = qualifies(r, b.pass_k)
         if args.longer:
             early = stage.done["sft_early"]["checkpoint"]
@@ -340,7 +342,8 @@ def main():
                                                          "reading_g_names": args.reading_g_names,
                                                          "reading_g_competing": args.reading_g_competing,
                                                          "department": args.department,
-                                                         "pretrain_lookups": args.pretrain_lookups,
+                                                         "lookup_steps": args.lookup_steps,
+                                                         "lookup_names": args.lookup_names,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 

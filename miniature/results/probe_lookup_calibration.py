@@ -35,15 +35,17 @@ FORMATS = {"colon_comma": ("：", "、"), "none": ("", ""), "colon": ("：", "")
 
 
 def documents(kb, n, fmt, salt, names=2):
-    """n (listed line, [(name, entry)] in recital order) of `names` diseases outside kb, entries in `fmt`."""
+    """n (listed line, [(name, entry)] in recital order) of `names` diseases outside kb (an int, or (low, high):
+    drawn per document), entries in `fmt`."""
     colon, comma = FORMATS[fmt]
     outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
     rng, out = random.Random(salt), []
     for _ in range(n):
+        count = names if isinstance(names, int) else rng.randint(*names)
         entries = {name: sorted(rng.sample(FINDINGS, rng.choice((3, 4))), key=FINDINGS.index)
-                   for name in rng.sample(outside, names)}
+                   for name in rng.sample(outside, count)}
         listed = "已知：" + "；".join(f"{k}{colon}{comma.join(v)}" for k, v in entries.items()) + "。"
-        out.append((listed, [(k, comma.join(entries[k])) for k in rng.sample(list(entries), names)]))
+        out.append((listed, [(k, comma.join(entries[k])) for k in rng.sample(list(entries), count)]))
     return out
 
 
@@ -54,24 +56,29 @@ def main():
     parser.add_argument("--out", help="write: folder for f_<format>.jsonl")
     parser.add_argument("--format", choices=list(FORMATS))
     parser.add_argument("--checkpoint")
+    parser.add_argument("--names", default="2", help="names per document: N, or LOW-HIGH drawn per document")
+    parser.add_argument("--n", type=int, default=32000, help="write: documents per format")
     args = parser.parse_args()
     work = Path(args.work)
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
+    names = int(args.names) if "-" not in args.names else tuple(map(int, args.names.split("-")))
+    tag = "" if names == 2 else f"_{args.names}"  # the 2-name files keep their first names (and salts)
     if args.action == "write":
-        for fmt, (colon, _) in FORMATS.items():
-            T.write_jsonl(Path(args.out) / f"f_{fmt}.jsonl",
+        for fmt, (colon, _) in FORMATS.items() if not args.format else [(args.format, FORMATS[args.format])]:
+            T.write_jsonl(Path(args.out) / f"f_{fmt}{tag}.jsonl",
                           [{"text": listed + "\n" + "".join(f"{k}{colon}{v}\n" for k, v in recited)}
-                           for listed, recited in documents(kb, 32000, fmt, "train-" + fmt)])
+                           for listed, recited in documents(kb, args.n, fmt, f"train-{fmt}{tag}", names)])
         return
     from model import generate, load, load_tokenizer
     colon = FORMATS[args.format][0]
-    tokenizer, held_out = load_tokenizer(work / "student"), documents(kb, 200, args.format, "held-" + args.format)
+    tokenizer = load_tokenizer(work / "student")
+    held_out = documents(kb, 200, args.format, f"held-{args.format}{tag}", names)
     prompts = [tokenizer.encode(f"{listed}\n{recited[0][0]}{colon}", add_special_tokens=False).ids
                for listed, recited in held_out]
     outputs = generate(load(args.checkpoint), prompts, 12, temperature=0.0)
     got = [tokenizer.decode(ids).split("\n")[0] for ids in outputs]
     truth = [recited[0][1] for _, recited in held_out]
-    print(json.dumps({"format": args.format, "checkpoint": args.checkpoint,
+    print(json.dumps({"format": args.format, "names": args.names, "checkpoint": args.checkpoint,
                       "exact": sum(g == t for g, t in zip(got, truth)) / len(truth),
                       "first finding": sum(g[:1] == t[:1] for g, t in zip(got, truth)) / len(truth)},
                      ensure_ascii=False), flush=True)
