@@ -16,6 +16,20 @@ token is the first finding, a plain induction-head copy).
         --save-every 1000 --seed 1 --weight-decay 0.1     # or --init-config C/cfg_h4/config.json: from scratch
     python miniature/results/probe_lookup_calibration.py eval W/seed_1 --format none --checkpoint C/f_none/step-002000
 
+The merged-tokenizer pair (written before either ran, after the 2-name runs above: "none" selects by name by 12,000
+steps, the exam's colon_comma does not): is it the two-token key ("胆癌" then "：") that the exam's format asks a
+lookup to match? `merged` writes the seed's tokenizer with one added token per name and its "：" ("胆癌："), so the
+exam's own text has a one-token key. Both from scratch on the same 128,000 colon_comma documents (f_colon_comma.jsonl
++ 96,000 more), 12,000 steps, read every 3,000: the merged tokenizer, and the seed's own (the control). Predicted:
+merged >= 90% exact by 12,000 steps, the control's first finding <= 60%.
+
+    python miniature/results/probe_lookup_calibration.py merged W/seed_1 --out C/tok_merged
+    python sft.py --init-config C/tok_merged/config.json --tokenizer C/tok_merged --data C/f_colon_comma_128k.jsonl \
+        --out C/merged_scratch --max-len 256 --steps 12000 --lr 3e-3 --batch-size 16 --micro-batch-size 16 \
+        --save-every 3000 --keep 0 --seed 1 --weight-decay 0.1
+    python miniature/results/probe_lookup_calibration.py eval W/seed_1 --format colon_comma \
+        --tokenizer C/tok_merged --checkpoint C/merged_scratch/step-012000
+
 (W: the lookup arm's folder, /work/runs/g_look_s1. The 8-name run trained on `student.lookup_records(kb, 32000, 1,
 salt="cal8")` and was read by student.lookup_accuracy; the 2-name colon_comma row's model trained on
 `lookup_records(kb, 32000, 1, names=2, salt="cal2")` and is read here. cfg_h<h>: the student's config.json with h
@@ -28,6 +42,7 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = ["miniature", "."]
+import student  # noqa: E402
 import templates as T  # noqa: E402
 from exam import FINDINGS, ORGANS, PROCESSES  # noqa: E402
 
@@ -51,13 +66,14 @@ def documents(kb, n, fmt, salt, names=2):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("write", "eval"))
+    parser.add_argument("action", choices=("write", "eval", "merged"))
     parser.add_argument("work", help="the lookup arm's seed folder (its kb.json and tokenizer)")
     parser.add_argument("--out", help="write: folder for f_<format>.jsonl")
     parser.add_argument("--format", choices=list(FORMATS))
     parser.add_argument("--checkpoint")
     parser.add_argument("--names", default="2", help="names per document: N, or LOW-HIGH drawn per document")
     parser.add_argument("--n", type=int, default=32000, help="write: documents per format")
+    parser.add_argument("--tokenizer", help="eval: a tokenizer folder other than the seed's (merged's)")
     args = parser.parse_args()
     work = Path(args.work)
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
@@ -69,9 +85,18 @@ def main():
                           [{"text": listed + "\n" + "".join(f"{k}{colon}{v}\n" for k, v in recited)}
                            for listed, recited in documents(kb, args.n, fmt, f"train-{fmt}{tag}", names)])
         return
+    if args.action == "merged":  # the seed's tokenizer + one added token per name and its "：" ("胆癌：")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = student.train_tokenizer(student.corpus(work / "data", seed=kb["config"]["seed"]))
+        tokenizer.add_tokens([o + p + "：" for o in ORGANS for p in PROCESSES])
+        tokenizer.save(str(out / "tokenizer.json"))
+        config = json.loads((work / "student" / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, "vocab_size": tokenizer.get_vocab_size()}, indent=1))
+        return
     from model import generate, load, load_tokenizer
     colon = FORMATS[args.format][0]
-    tokenizer = load_tokenizer(work / "student")
+    tokenizer = load_tokenizer(args.tokenizer or work / "student")
     held_out = documents(kb, 200, args.format, f"held-{args.format}{tag}", names)
     prompts = [tokenizer.encode(f"{listed}\n{recited[0][0]}{colon}", add_special_tokens=False).ids
                for listed, recited in held_out]
