@@ -68,10 +68,12 @@ class Budget:
     layers: int = 4
     pretrain_copies: int = 800  # copies of the knowledge text, each fact in two phrasings
     # > 0: a phase before pretraining, from scratch, this many steps on lookup documents alone (lookup_steps x 16 of
-    # them, each seen once; student.lookup_records with lookup_names names), so that the copy by name forms before
-    # Stage 1 (README: session 23). 0: no phase, as before
+    # them, each seen once; student.lookup_records with lookup_names names, "N" or "LOW-HIGH"), so that the copy by
+    # name forms before Stage 1; lookup_mix more of them in pretraining, which without them erases it (README:
+    # session 23). 0: no phase, as before
     lookup_steps: int = 0
-    lookup_names: int = 2
+    lookup_names: str = "1-5"
+    lookup_mix: int = 0
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     replay_examples: int = 600  # knowledge snippets (~250 tokens) mixed into every SFT run
@@ -472,8 +474,8 @@ def prepare(work, stage, b, seed):
                                 work / "student", "--hidden", b.hidden, "--layers", b.layers, "--seed", seed,
                                 "--copies", b.pretrain_copies,
                                 *(["--g-noise", b.g_fact_noise] if b.g_fact_noise else []),
-                                *(["--lookups", b.lookup_steps * 16, "--lookup-names", b.lookup_names]
-                                  if b.lookup_steps else [])))
+                                *(["--lookups", b.lookup_steps * 16, "--lookup-names", b.lookup_names,
+                                   "--lookup-mix", b.lookup_mix] if b.lookup_steps else [])))
     scratch = init = ["--init-config", work / "student" / "config.json"]
     if b.lookup_steps:  # the lookup phase, from scratch; pretraining starts from its checkpoint
         lookups = stage("lookups", lambda: sft(work, "lookups", scratch, work / "student" / "lookups.jsonl",

@@ -120,21 +120,29 @@ def replay_records(kb, n, seed=0, lines=24, g_share=1.0, g_noise=0.0):
 
 
 def lookup_records(kb, n, seed=0, names=8, salt="lookup"):
-    """n in-context lookup documents: `names` diseases outside kb, each with 3-4 findings drawn at random, listed in
-    one line as a reading question's stem lists them ("已知：X：a、b、c；Y：…。"), then each recited by name on its own
-    line, in a shuffled order. Only the context holds an entry, so the recitals train the copy by name that a
-    reading question's reply needs, an in-context skill (an induction head's) that a real model brings from
-    pretraining and that the student otherwise has to form inside Stage 1 (README: session 23)."""
+    """n in-context lookup documents: `names` diseases outside kb (an int, or (low, high) drawn per document), each
+    with 3-4 findings drawn at random, listed in one line as a reading question's stem lists them ("已知：X：a、b、c；
+    Y：…。"), then each recited by name on its own line, in a shuffled order. Only the context holds an entry, so
+    the recitals train the copy by name that a reading question's reply needs, an in-context skill (an induction
+    head's) that a real model brings from pretraining and that the student otherwise has to form inside Stage 1.
+    1-5 names formed a lookup that holds for 2, 5 and 8; 2 names alone, one that holds for 2 (README: session 23)."""
     rng = random.Random(f"{salt}-{seed}")
     outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
     records = []
     for _ in range(n):
+        count = names if isinstance(names, int) else rng.randint(*names)
         entries = {name: "、".join(sorted(rng.sample(FINDINGS, rng.choice((3, 4))), key=FINDINGS.index))
-                   for name in rng.sample(outside, names)}
+                   for name in rng.sample(outside, count)}
         listed = "已知：" + "；".join(f"{name}：{entry}" for name, entry in entries.items()) + "。\n"
         records.append({"text": listed + "".join(f"{name}：{entries[name]}\n"
-                                                 for name in rng.sample(list(entries), names))})
+                                                 for name in rng.sample(list(entries), count))})
     return records
+
+
+def name_count(text):
+    """--lookup-names: "5" -> 5, "1-5" -> (1, 5)."""
+    low, _, high = text.partition("-")
+    return (int(low), int(high)) if high else int(low)
 
 
 def lookup_accuracy(model_dir, tokenizer, kb, n=200, seed=0, names=8) -> float:
@@ -181,7 +189,10 @@ def main(argv=None):
     parser.add_argument("--copies", type=int, default=400, help="copies of the knowledge in pretrain.jsonl")
     parser.add_argument("--lookups", type=int, default=0,
                         help="in-context lookup documents for lookups.jsonl (lookup_records; 0: no file)")
-    parser.add_argument("--lookup-names", type=int, default=2, help="diseases listed in each lookup document")
+    parser.add_argument("--lookup-names", type=name_count, default="1-5",
+                        help="diseases listed in each lookup document: N, or LOW-HIGH drawn per document")
+    parser.add_argument("--lookup-mix", type=int, default=0,
+                        help="lookup documents (another draw) added to pretrain.jsonl, to keep the lookup there")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--g-noise", type=float, default=0.0,
                         help="share of the G diseases' statements that give their competing (wrong) findings")
@@ -194,13 +205,14 @@ def main(argv=None):
     (out / "config.json").write_text(json.dumps(cfg.to_hf(torch.float32), indent=2) + "\n")
     kb = json.loads((Path(args.data) / "kb.json").read_text(encoding="utf-8"))
     with open(out / "pretrain.jsonl", "w", encoding="utf-8") as f:
-        for record in pretrain_records(kb, args.copies, args.seed, args.g_noise):
+        for record in pretrain_records(kb, args.copies, args.seed, args.g_noise) + lookup_records(
+                kb, args.lookup_mix, args.seed, args.lookup_names, salt="lookup-mix"):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     if args.lookups:
         templates.write_jsonl(out / "lookups.jsonl", lookup_records(kb, args.lookups, args.seed, args.lookup_names))
     n = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"vocab {tokenizer.get_vocab_size()}, {n:,} parameters, {args.copies} copies of the knowledge, "
-          f"{args.lookups} lookup documents of {args.lookup_names} names -> {out}")
+          f"{args.lookups} lookup documents (+ {args.lookup_mix} in pretrain.jsonl) -> {out}")
 
 
 if __name__ == "__main__":

@@ -366,9 +366,18 @@ def test_g_noise_states_the_competing_findings_in_that_share_of_g_statements(dat
     assert 0.45 <= wrong / (wrong + canonical(replay, lambda n, d: d["findings"] if d["split"] == "G" else "-")) <= 0.55
 
 
-def test_lookup_documents_answer_each_recital_only_from_their_own_listed_line(data):
-    _, kb = data
+def test_lookup_documents_answer_each_recital_only_from_their_own_listed_line(data, tmp_path):
+    out, kb = data
     assert all(len(r["text"].split("\n")) == 2 + 2 for r in student.lookup_records(kb, 20, seed=5, names=2))
+    counts = Counter(len(r["text"].split("\n")) - 2 for r in student.lookup_records(kb, 400, seed=5, names=(1, 5)))
+    assert sorted(counts) == [1, 2, 3, 4, 5] and min(counts.values()) > 50  # drawn per document, uniformly
+    # student.py: the phase's documents in lookups.jsonl; --lookup-mix others after pretrain.jsonl's knowledge
+    student.main(["--data", str(out), "--out", str(tmp_path), "--copies", "3", "--seed", "5", "--lookups", "30",
+                  "--lookup-names", "1-5", "--lookup-mix", "20"])
+    phase, pretrain = T.read_jsonl(tmp_path / "lookups.jsonl"), T.read_jsonl(tmp_path / "pretrain.jsonl")
+    assert len(phase) == 30 and len(pretrain) == 3 + 20 and all("已知" in r["text"] for r in phase + pretrain[3:])
+    assert not any("已知" in r["text"] for r in pretrain[:3]) and not {r["text"] for r in phase} & {
+        r["text"] for r in pretrain}
     docs = [r["text"] for r in student.lookup_records(kb, 300, seed=5)]
     entries_of, recited = {}, Counter()
     for text in docs:

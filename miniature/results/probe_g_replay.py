@@ -297,7 +297,9 @@ def main():
     parser.add_argument("--reading-g-competing", type=float, default=None, help="Budget.reading_g_competing")
     parser.add_argument("--department", type=int, default=0, help="Budget.department_questions")
     parser.add_argument("--lookup-steps", type=int, default=0, help="Budget.lookup_steps")
-    parser.add_argument("--lookup-names", type=int, default=2, help="Budget.lookup_names")
+    parser.add_argument("--lookup-names", default="1-5", help="Budget.lookup_names")
+    parser.add_argument("--lookup-mix", type=int, default=0, help="Budget.lookup_mix")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="Budget.pretrain_steps (None: its own)")
     parser.add_argument("--part2-save-every", type=int, default=0, help="Budget.part2_save_every")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--longer", action="store_true",
@@ -312,7 +314,8 @@ def main():
                             reading_g_names=args.reading_g_names, reading_g_competing=args.reading_g_competing,
                             department_questions=args.department,
                             part2_save_every=args.part2_save_every, lookup_steps=args.lookup_steps,
-                            lookup_names=args.lookup_names,
+                            lookup_names=args.lookup_names, lookup_mix=args.lookup_mix,
+                            **({"pretrain_steps": args.pretrain_steps} if args.pretrain_steps else {}),
                             g_type_weights=tuple(map(float, args.g_types.split(","))) if args.g_types else None,
                             **recipe)
     result = stage1_dev(b, out, [int(s) for s in args.seeds.split(",")])
@@ -322,12 +325,12 @@ def main():
         keys = ("pretrain", "sft_early", "sft_template")
         r["entry_recall"] = R.entry_recalls(work, stage, keys)
         r["entry_recall_sampled"] = R.entry_recalls(work, stage, keys, samples=8)
-        if b.lookup_steps:  # the first recital of held-out documents of the phase's names and of 8
+        if b.lookup_steps:  # the first recital of held-out documents of 2, 5 and 8 names
             kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
             tokenizer = load_tokenizer(work / "student")
             r["lookup_accuracy"] = {
                 f"{k}, {n} names": student.lookup_accuracy(stage.done[k]["checkpoint"], tokenizer, kb, seed, names=n)
-                for k in ("lookups",) + keys for n in (b.lookup_names, 8)}
+                for k in ("lookups",) + keys for n in (2, 5, 8)}
         r["qualifies"] = qualifies(r, b.pass_k)
         if args.longer:
             early = stage.done["sft_early"]["checkpoint"]
@@ -344,6 +347,7 @@ def main():
                                                          "department": args.department,
                                                          "lookup_steps": args.lookup_steps,
                                                          "lookup_names": args.lookup_names,
+                                                         "lookup_mix": args.lookup_mix,
                                                          "budget": dataclasses.asdict(b),
                                                          "seeds": result}, indent=1, ensure_ascii=False) + "\n")
 

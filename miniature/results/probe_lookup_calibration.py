@@ -30,6 +30,21 @@ merged >= 90% exact by 12,000 steps, the control's first finding <= 60%.
     python miniature/results/probe_lookup_calibration.py eval W/seed_1 --format colon_comma \
         --tokenizer C/tok_merged --checkpoint C/merged_scratch/step-012000
 
+The lookup-first pilot (session 23; written before it ran, after every calibration above). Does a student that
+has the lookup before Stage 1 read earlier in it? Seed 1, two folders that share the exam, the tokenizer and the
+teacher's trajectories (copied from W), 1 core each:
+- pilot_look: the control run above at step 6,000 (the exam's format, 88.5% exact), then 1,000 steps on pretraining's
+  800 knowledge copies + 5,600 fresh 1-5-name lookup documents (student.lookup_records, salt "lookup-mix"), as the
+  "pretrain" stage;
+- pilot_base: the candidate's own pretraining (400 steps on the knowledge copies).
+Both then run the candidate's Stage 1 (probe_g_replay.py's department-arm command, part-2 checkpoints every 1,000
+steps) and are stopped after part-2 step 3,000; probe_stage1_trace.py reads dev R / dev T at Stage 1 steps 500,
+1,500, 2,500, 3,500. This is a pilot on one draw each, to decide whether the full arm is worth a session; it
+qualifies nothing. Rule: pilot_look's dev R at step 3,500 >= pilot_base's + 20 -> the next session runs the full
+lookup-first arm on seeds 1 and 2 (its rule written then); less -> a pre-formed lookup does not bring the reading
+forward on this draw, recorded, and the arm does not run on this evidence. Predicted: pilot_look's dev R >= 50 at
+step 2,500; pilot_base's < 35 there (session 22's seed 1: 17.2 at 2,500, 35.8 at 3,500), and the rule's first branch.
+
 (W: the lookup arm's folder, /work/runs/g_look_s1. The 8-name run trained on `student.lookup_records(kb, 32000, 1,
 salt="cal8")` and was read by student.lookup_accuracy; the 2-name colon_comma row's model trained on
 `lookup_records(kb, 32000, 1, names=2, salt="cal2")` and is read here. cfg_h<h>: the student's config.json with h
