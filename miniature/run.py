@@ -128,6 +128,7 @@ QUICK = Budget(diseases=60, stage1_questions=100, reading_questions=30, stage2_q
                critique_questions=30, sft_steps=30, samples=2, corrections=1, max_new_tokens=96,
                critique_max_new_tokens=48, eval_max_new_tokens=96, dpo_lrs="5e-5", long_factor=2, pass_k=2,
                replay_in_stage2=True,  # off in the full budget; on here so CI runs dpo.py --replay on 2 ranks
+               lookup_steps=5, lookup_mix=10,  # off in the full budget; on here so CI runs the lookup phase
                dpo="--beta 0.3 --rpo-alpha 1.0 --lr 5e-5 --epochs 1 --batch-size 2 --precompute-ref "
                    "--truncate-rejected")
 

@@ -568,6 +568,7 @@ def test_quick_pipeline_runs_end_to_end_and_fills_every_row(tmp_path):
     assert (same["diff"], same["fixed"], same["broken"], same["mcnemar_p"]) == (0.0, 0, 0, 1.0)
     everything = json.loads((tmp_path / "table.json").read_text())
     assert set(everything["0"]) >= {"table", "gates", "mechanism", "seconds", "stage1_teacher_calls"}
+    assert {"lookups", "pretrain"} <= set(everything["0"]["seconds"])  # --quick runs the lookup phase too
     gates = everything["0"]["gates"]  # every gate measured, on dev only (the held-out reading questions included)
     assert set(gates) >= {"stage1_converged", "G_headroom", "positive_control", "entry_recall"}
     converged = gates["stage1_converged"]
