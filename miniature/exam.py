@@ -350,13 +350,18 @@ def make_split(kb, cfg, mix, n, keys, salt, g_distractors=1.0):
 # the stem ("已知：<name>：<findings>；...。"), so no memory can supply an entry or a check: the trajectory recites the
 # entry from the stem and every check has to read it.
 
+def outside_names(kb):
+    """The disease names ORGANS x PROCESSES can make that kb does not use: fresh diseases, with no entry to recall."""
+    return sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
+
+
 def reading_question(kb, rng, kind, g_names=0.0, g_competing=None):
     """One reading question: a CSV row like make_question's, its diseases fresh (not in `kb`), Disease Split R. With
     g_names > 0 each of its diseases is, with that chance, a G disease's name instead, with findings as fresh as the
     others' and never either finding its contested pair names (kb["contested"]): the reply writes the G name, while
     nothing it recites speaks to the fact G's questions hinge on. With g_competing a share p, a G name's findings are
     instead its competing version (competing_findings) with chance p and its true entry otherwise."""
-    outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
+    outside = outside_names(kb)
     names = rng.sample(outside, 8)
     if g_names > 0:  # extra draws only here, so that every split is the same without it
         g = sorted(n for n, d in kb["diseases"].items() if d["split"] == "G")

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import templates  # noqa: E402
-from exam import FINDINGS, ORGANS, PROCESSES, TREATMENTS, competing_findings, knowledge_lines  # noqa: E402
+from exam import (FINDINGS, ORGANS, PROCESSES, TREATMENTS, competing_findings, knowledge_lines,  # noqa: E402
+                  outside_names)
 from model import ModelConfig, Transformer  # noqa: E402
 from teacher import answer_text, corrupt, critique_text, parse_question, step_critique_text  # noqa: E402
 
@@ -127,7 +128,7 @@ def lookup_records(kb, n, seed=0, names=8, salt="lookup"):
     head's) that a real model brings from pretraining and that the student otherwise has to form inside Stage 1.
     1-5 names formed a lookup that holds for 2, 5 and 8; 2 names alone, one that holds for 2 (README: session 23)."""
     rng = random.Random(f"{salt}-{seed}")
-    outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
+    outside = outside_names(kb)
     records = []
     for _ in range(n):
         count = names if isinstance(names, int) else rng.randint(*names)

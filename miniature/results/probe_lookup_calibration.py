@@ -59,7 +59,7 @@ from pathlib import Path
 sys.path[:0] = ["miniature", "."]
 import student  # noqa: E402
 import templates as T  # noqa: E402
-from exam import FINDINGS, ORGANS, PROCESSES  # noqa: E402
+from exam import FINDINGS, ORGANS, PROCESSES, outside_names  # noqa: E402
 
 FORMATS = {"colon_comma": ("：", "、"), "none": ("", ""), "colon": ("：", ""), "comma": ("", "、")}
 
@@ -68,7 +68,7 @@ def documents(kb, n, fmt, salt, names=2):
     """n (listed line, [(name, entry)] in recital order) of `names` diseases outside kb (an int, or (low, high):
     drawn per document), entries in `fmt`."""
     colon, comma = FORMATS[fmt]
-    outside = sorted(set(o + p for o in ORGANS for p in PROCESSES) - set(kb["diseases"]))
+    outside = outside_names(kb)
     rng, out = random.Random(salt), []
     for _ in range(n):
         count = names if isinstance(names, int) else rng.randint(*names)
@@ -92,7 +92,7 @@ def main():
     args = parser.parse_args()
     work = Path(args.work)
     kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
-    names = int(args.names) if "-" not in args.names else tuple(map(int, args.names.split("-")))
+    names = student.name_count(args.names)
     tag = "" if names == 2 else f"_{args.names}"  # the 2-name files keep their first names (and salts)
     if args.action == "write":
         for fmt, (colon, _) in FORMATS.items() if not args.format else [(args.format, FORMATS[args.format])]:
