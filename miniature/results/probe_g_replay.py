@@ -229,6 +229,30 @@ lever's mechanism had failed and the arm could not tell whether a copy formed in
 Its Stage 1 did not run; instead probe_lookup_calibration.py measured how fast this student learns the copy at all
 (README: session 23).
 
+The lookup-first arm (session 24; written after the pilot's result and before it ran). Seed 1: the pilot's two
+folders (probe_lookup_calibration.py: pilot_look, pretrained lookup-first, and pilot_base, the candidate) continued
+from part-2 step 3,000 to part 2's end by the same command (run.py resumes sft.py from its last checkpoint, and a
+batch is a function of the step and the seed, so this is the unbroken run), then read as every arm here: a pair on
+one machine. Seed 2: the lookup phase through the Budget, from scratch, `--lookup-steps 9000 --lookup-names 1-5
+--lookup-mix 5600 --pretrain-steps 1000` (144,000 documents in the exam's format, each seen once, then pretraining
+on the 800 knowledge copies + 5,600 more lookups for 1,000 steps, the pilot's mix), otherwise the candidate's
+command. Its baseline is session 22's g_deptfix_s2 (qualified: dev R 92.5, dev G 31.3, pass@4 +15.4), from another
+machine, so seed 2 is judged by the gates alone, not as a pair: 2 cores hold these three runs (seed 1's two one
+after the other on one core, seed 2 on the other) and not a fourth. Read first, before seed 2's Stage 1: the
+lookup phase's accuracy on 2 names (student.lookup_accuracy); under 0.8 -> the phase did not form on this draw (the
+calibration's formed reads were 0.885-1.0, unformed ones 0.30-0.51), seed 2 stops and gives no verdict, recorded.
+Rule: pilot_look and seed 2 both qualify -> the next session runs seed 3 by seed 2's command, and the arm is adopted
+into Budget (lookup_steps 9000, lookup_names 1-5, lookup_mix 5600, pretrain_steps 1000, with the department arm's
+settings) iff it qualifies too; then one seed's full table with --gates. pilot_look qualifies and pilot_base does
+not -> the lookup-first pretraining rescues seed 1's reading on a paired draw, recorded whatever seed 2 gives. One
+of the two lookup runs qualifies -> not adopted, the other's miss recorded by kind as in the fixed-tokenizer rule.
+Neither -> recorded by kind; with dev R >= 85 on both, the lookup costs G its headroom or T, recorded. Measured
+beside the rule: lookup accuracy on 2 / 5 / 8 names after each stage; seed 2's part-2 loss over steps 2,500-3,000,
+committed before any evaluation; pilot_look's dev R minus pilot_base's. Predicted before it ran: seed 2's phase
+forms (>= 0.9 on 2 names); pilot_look dev R >= 85 and pilot_base's under 85; both lookup runs qualify; dev G in
+[30, 75] on all three; lookup accuracy on 2 names after part 2 under 0.5 (the reply's option lines are not the
+documents' format, and 400 knowledge-only steps erased the lookup).
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -264,6 +288,12 @@ Its Stage 1 did not run; instead probe_lookup_calibration.py measured how fast t
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_look_s1 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --pretrain-lookups 4800 --pretrain-steps 750 --seeds 1    # and --seeds 2 beside it, each under taskset
+    # session 24: the lookup-first arm; seed 1 is the pilot's two folders continued, the same command in each
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/pilot_look --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 --seeds 1
+    PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_lookfirst_s2 --share 1 --noise 0.5 \
+        --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
+        --lookup-steps 9000 --lookup-names 1-5 --lookup-mix 5600 --pretrain-steps 1000 --seeds 2
 """
 import argparse
 import dataclasses
