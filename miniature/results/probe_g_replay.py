@@ -252,6 +252,9 @@ committed before any evaluation; pilot_look's dev R minus pilot_base's. Predicte
 forms (>= 0.9 on 2 names); pilot_look dev R >= 85 and pilot_base's under 85; both lookup runs qualify; dev G in
 [30, 75] on all three; lookup accuracy on 2 names after part 2 under 0.5 (the reply's option lines are not the
 documents' format, and 400 knowledge-only steps erased the lookup).
+Amended before any result (session 24, a minute after launch): the candidate runs on seed 2 as well
+(g_deptcand_s2, the candidate's command unchanged), all four runs sharing the 2 cores, so that seed 2 has a pair on
+this machine too; the rule is unchanged, and the pair's difference is measured beside it.
 
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
@@ -294,6 +297,7 @@ documents' format, and 400 knowledge-only steps erased the lookup).
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_lookfirst_s2 --share 1 --noise 0.5 \
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --lookup-steps 9000 --lookup-names 1-5 --lookup-mix 5600 --pretrain-steps 1000 --seeds 2
+    # and the candidate's own command with --out /work/runs/g_deptcand_s2 --seeds 2 beside them
 """
 import argparse
 import dataclasses
