@@ -256,6 +256,16 @@ Amended before any result (session 24, a minute after launch): the candidate run
 (g_deptcand_s2, the candidate's command unchanged), all four runs sharing the 2 cores, so that seed 2 has a pair on
 this machine too; the rule is unchanged, and the pair's difference is measured beside it.
 
+The candidate on seed 3 (session 24; written after the lookup-first arm's seed-1 pair and g_deptcand_s2, before
+it ran). On this machine the candidate (`--department 500`, the fixed-tokenizer rule's command) qualified on seed 1
+(pilot_base: dev R 92.2, dev G 37.0, pass@4 +20.3) and seed 2 (g_deptcand_s2: 94.0, 34.7, +26.3); session 22's
+machine drew seed 1 failing (dev R 67.2). So the fixed-tokenizer rule's first branch is read on this machine's
+pair: the same command on seed 3 (g_deptcand_s3, 1 core), and the candidate is adopted into Budget (g_fact_noise
+0.5, g_contested, g_type_weights (0, 0, 1), stage1_g_distractors 0, department_questions 500, part2_weight_decay
+0.1 and sft_steps 8,500 as the probe's recipe) iff it qualifies; then the next run is one seed's full table with
+--gates. If not, the candidate stands at 4 of 7 draws and the miss is recorded by kind, as in that rule. Predicted:
+it qualifies, with dev G in [30, 40] (the gate's floor is the tightest margin: 31.3-37.0 on the last four draws).
+
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_noise05 --share 1 --noise 0.5 --seeds 1
@@ -298,6 +308,7 @@ this machine too; the rule is unchanged, and the pair's difference is measured b
         --contested --g-types 0,0,1 --stage1-g-distractors 0 --department 500 --part2-save-every 1000 \
         --lookup-steps 9000 --lookup-names 1-5 --lookup-mix 5600 --pretrain-steps 1000 --seeds 2
     # and the candidate's own command with --out /work/runs/g_deptcand_s2 --seeds 2 beside them
+    # then the candidate's command with --out /work/runs/g_deptcand_s3 --seeds 3
 """
 import argparse
 import dataclasses
