@@ -265,6 +265,8 @@ pair: the same command on seed 3 (g_deptcand_s3, 1 core), and the candidate is a
 0.1 and sft_steps 8,500 as the probe's recipe) iff it qualifies; then the next run is one seed's full table with
 --gates. If not, the candidate stands at 4 of 7 draws and the miss is recorded by kind, as in that rule. Predicted:
 it qualifies, with dev G in [30, 40] (the gate's floor is the tightest margin: 31.3-37.0 on the last four draws).
+Result (recorded after it ran, README: session 24): dev R 80.8, not qualified, so not adopted. "4 of 7" above is a
+miscount: the candidate stands at 5 of 9 draws (3 of 5 under the fixed tokenizer).
 
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share1 --share 1 --seeds 1 --longer
     PYTHONPATH=. python miniature/results/probe_g_replay.py --out /work/runs/g_share0 --share 0 --seeds 1
