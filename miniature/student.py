@@ -146,7 +146,7 @@ def name_count(text):
     return (int(low), int(high)) if high else int(low)
 
 
-def lookup_accuracy(model_dir, tokenizer, kb, n=200, seed=0, names=8) -> float:
+def lookup_accuracy(model_dir, tokenizer, kb, *, n=200, seed=0, names=8) -> float:
     """Share of n held-out lookup documents (lookup_records, another salt) whose first recital the model completes
     right, greedy, from the listed line and "<name>：": is the copy by name formed?"""
     from model import generate, load

@@ -375,7 +375,7 @@ def main():
         if b.lookup_steps:  # the first recital of held-out documents of 2, 5 and 8 names
             kb = json.loads((work / "data" / "kb.json").read_text(encoding="utf-8"))
             tokenizer = load_tokenizer(work / "student")
-            r["lookup_accuracy"] = {  # keywords: lookup_accuracy's 4th parameter is n, the document count
+            r["lookup_accuracy"] = {
                 f"{k}, {n} names": student.lookup_accuracy(stage.done[k]["checkpoint"], tokenizer, kb, seed=seed,
                                                            names=n)
                 for k in ("lookups",) + keys for n in (2, 5, 8)}
